@@ -116,9 +116,7 @@ class ManifestBuilder:
         layout = self.manifest.layout
         view = memoryview(data)
         if self._received + len(view) > layout.total_size:
-            raise ManifestError(
-                f"blob longer than its declared {layout.total_size} bytes"
-            )
+            raise ManifestError(f"blob longer than its declared {layout.total_size} bytes")
         self._sha.update(view)
         self._received += len(view)
         done = bytearray()

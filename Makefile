@@ -1,0 +1,13 @@
+.PHONY: install test bench-micro
+
+# Create .venv and install the project with its test extras.
+install:
+	bash scripts/install.sh
+
+# Install everything, then run lint, strict type checks and the test suite.
+test:
+	bash scripts/test.sh
+
+# Core microbenchmarks: prints JSON and writes bench-out/micro.json.
+bench-micro: install
+	.venv/bin/p2p-bench micro --out bench-out/micro.json

@@ -1,0 +1,1 @@
+"""Benchmarks: core microbenchmarks now; the storm simulator and real-host runs later."""

@@ -1,0 +1,1 @@
+"""supernode: tracker and first seed of the container-layer swarm."""
