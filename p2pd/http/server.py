@@ -1,0 +1,365 @@
+"""A small HTTP/1.1 server: h11 on trio, one handler coroutine, bodies that may be files.
+
+Why not a framework: every listening port of the system (the mirror, the piece server, the
+supernode API) wants the same three things a framework makes awkward -- repeated request
+headers passed through untouched, file bodies sent with ``os.sendfile`` (h11's
+``send_with_data_passthrough`` lets a placeholder object stand in for the bytes), and a hard
+guarantee that a malformed or hostile request costs one 4xx and a log line, never the process.
+
+Rules:
+- A handler receives a `Request` and returns a `Response`. It raises `HTTPError` for a
+  deliberate error answer; any other exception is logged with its traceback and answered 500.
+- Request heads are bounded (`ServerLimits.max_head`), bodies are read only on demand and
+  bounded by the caller (`Request.read_body(limit)` raises 413 past it), and a client that is
+  slow to send a head is dropped after `head_timeout`.
+- Keep-alive is honoured; after an error the connection is closed.
+- Response bodies: ``bytes``, an async iterator of byte chunks, or a `FileRegion` (sent with
+  ``os.sendfile`` from the caller's open file descriptor).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, str]]
+
+
+class HTTPError(Exception):
+    """Answer with `status` and a short plain-text reason."""
+
+    def __init__(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class ResponseAborted(Exception):
+    """Raised by a streaming body to cut the response off mid-way (the connection is closed
+    without completing the message, so the client sees a truncated body and retries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """`length` bytes of the open file `fd` from `offset`, to be sent with sendfile.
+
+    The handler owns `fd`; `on_done` (if given) is called once the region is sent or the send
+    failed, which is where the owner closes it or drops a read lease.
+    """
+
+    fd: int
+    offset: int
+    length: int
+    on_done: Callable[[], None] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+
+Body = bytes | AsyncIterator[bytes] | FileRegion
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: Headers = field(default_factory=list)
+    body: Body = b""
+    # For an iterator body: the length when known (Content-Length), else chunked.
+    content_length: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_head: int = 64 * 1024
+    head_timeout: float = 30.0  # also how long an idle keep-alive connection is kept
+    send_timeout: float = 300.0  # a stuck receiver of a response body
+
+
+class Request:
+    __slots__ = (
+        "_conn",
+        "_receive",
+        "_stream",
+        "client",
+        "headers",
+        "method",
+        "path",
+        "query",
+        "target",
+    )
+
+    def __init__(
+        self,
+        event: h11.Request,
+        conn: h11.Connection,
+        receive: Callable[[], Awaitable[h11.Event]],
+        client: str,
+    ) -> None:
+        self.method = event.method.decode("ascii", "replace")
+        self.target = event.target.decode("ascii", "replace")
+        parts = urlsplit(self.target)
+        self.path = parts.path
+        self.query = parse_qs(parts.query, keep_blank_values=True)
+        self.headers: Headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
+        ]
+        self.client = client
+        self._conn = conn
+        self._receive = receive
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (case-insensitive), or None."""
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def query_one(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole request body; 413 if it is longer than `limit` bytes."""
+        declared = self.header("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPError(413, f"request body over the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._receive()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise HTTPError(413, f"request body over the {limit}-byte limit")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise HTTPError(400, "unexpected event in request body")
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Connection:
+    """One client connection: read a request, run the handler, send the response, repeat."""
+
+    def __init__(self, stream: trio.SocketStream, handler: Handler, limits: ServerLimits) -> None:
+        self.stream = stream
+        self.handler = handler
+        self.limits = limits
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        try:
+            peer = stream.socket.getpeername()
+            self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        except OSError:
+            self.client = "?"
+
+    async def _receive(self) -> h11.Event:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self.stream.receive_some(65536)
+            self.conn.receive_data(data)
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                event: h11.Event | None = None
+                with trio.move_on_after(self.limits.head_timeout):
+                    event = await self._receive()
+                if not isinstance(event, h11.Request):
+                    return  # closed by the client, or too slow to send a request head
+                await self._serve(event)
+                if not self._can_reuse():
+                    return
+                self.conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            log.info("bad request from %s: %s", self.client, exc)
+            await self._send_error_if_possible(exc.error_status_hint, f"malformed request: {exc}")
+            await self._linger()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        except ResponseAborted as exc:
+            log.warning("response to %s aborted: %s", self.client, exc)
+        except trio.TooSlowError:
+            log.info("response to %s timed out", self.client)
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await self.stream.aclose()
+
+    async def _linger(self) -> None:
+        """Half-close and discard what the client still sends, briefly: closing a socket with
+        unread input makes the kernel send a reset that can destroy our error response."""
+        with trio.move_on_after(1):
+            await self.stream.send_eof()
+            budget = 1 << 20
+            while budget > 0 and (data := await self.stream.receive_some(65536)):
+                budget -= len(data)
+
+    def _can_reuse(self) -> bool:
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    async def _serve(self, event: h11.Request) -> None:
+        request = Request(event, self.conn, self._receive, self.client)
+        try:
+            response = await self.handler(request)
+        except HTTPError as exc:
+            log.info(
+                "%s %s %s -> %d %s",
+                self.client,
+                request.method,
+                request.target,
+                exc.status,
+                exc.reason,
+            )
+            response = error_response(exc.status, exc.reason, exc.headers)
+        except h11.RemoteProtocolError:
+            raise  # a malformed request body: answered 4xx by run()
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.target)
+            response = error_response(500, "internal error")
+        await self._respond(request, response)
+        await self._drain_or_close()
+
+    async def _drain_or_close(self) -> None:
+        """Discard an unread request body so the connection can be reused (bounded)."""
+        budget = 1 << 20
+        while self.conn.their_state is h11.SEND_BODY and budget > 0:
+            event = await self._receive()
+            if isinstance(event, h11.Data):
+                budget -= len(event.data)
+        if self.conn.their_state is h11.SEND_BODY:
+            raise trio.BrokenResourceError("request body too large to drain")
+
+    async def _respond(self, request: Request, response: Response) -> None:
+        body = response.body
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+        names = {k.lower() for k, _ in headers}
+        head_only = request.method == "HEAD"
+        try:
+            if isinstance(body, bytes):
+                if b"content-length" not in names:
+                    headers.append((b"content-length", str(len(body)).encode()))
+            elif isinstance(body, FileRegion):
+                if b"content-length" not in names:
+                    headers.append((b"content-length", str(body.length).encode()))
+            elif response.content_length is not None and b"content-length" not in names:
+                headers.append((b"content-length", str(response.content_length).encode()))
+            elif response.content_length is None and b"content-length" not in names:
+                headers.append((b"transfer-encoding", b"chunked"))
+            with trio.fail_after(self.limits.send_timeout):
+                await self._send(h11.Response(status_code=response.status, headers=headers))
+                if head_only:
+                    pass
+                elif isinstance(body, bytes):
+                    if body:
+                        await self._send(h11.Data(data=body))
+                elif isinstance(body, FileRegion):
+                    await self._send_file(body)
+                else:
+                    async for chunk in body:
+                        if chunk:
+                            await self._send(h11.Data(data=chunk))
+                await self._send(h11.EndOfMessage())
+        finally:
+            if isinstance(body, FileRegion) and body.on_done is not None:
+                body.on_done()
+            if not isinstance(body, bytes | FileRegion):
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True):
+                        await aclose()
+
+    async def _send_file(self, region: FileRegion) -> None:
+        parts = self.conn.send_with_data_passthrough(h11.Data(data=region))  # type: ignore[arg-type]
+        for part in parts or ():
+            if cast(object, part) is region:
+                await sendfile(self.stream, region.fd, region.offset, region.length)
+            else:
+                await self.stream.send_all(part)
+
+    async def _send_error_if_possible(self, status: int, reason: str) -> None:
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        response = error_response(status, reason)
+        headers = [(k.encode(), v.encode()) for k, v in response.headers]
+        headers.append((b"content-length", str(len(response.body)).encode()))  # type: ignore[arg-type]
+        try:
+            await self._send(h11.Response(status_code=status, headers=headers))
+            await self._send(h11.Data(data=response.body))  # type: ignore[arg-type]
+            await self._send(h11.EndOfMessage())
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def sendfile(stream: trio.SocketStream, fd: int, offset: int, length: int) -> None:
+    """Send `length` bytes of `fd` from `offset` on `stream` with ``os.sendfile``."""
+    sock = stream.socket
+    end = offset + length
+    while offset < end:
+        try:
+            sent = os.sendfile(sock.fileno(), fd, offset, end - offset)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                raise trio.BrokenResourceError(str(exc)) from exc
+            raise
+        if sent == 0:
+            raise trio.BrokenResourceError(f"file ended {end - offset} bytes early")
+        offset += sent
+        await trio.lowlevel.checkpoint()
+
+
+def error_response(status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    body = (reason.rstrip() + "\n").encode("utf-8", "replace")
+    return Response(status, [("content-type", "text/plain; charset=utf-8"), *headers], body)
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    limits: ServerLimits | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `handler` on host:port until cancelled; `task_status` gets the listeners."""
+    limits = limits or ServerLimits()
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        await _Connection(stream, handler, limits).run()
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        await trio.serve_listeners(on_connection, listeners, handler_nursery=nursery)
+
+
+def bound_port(listeners: Sequence[trio.SocketListener]) -> int:
+    port = listeners[0].socket.getsockname()[1]
+    assert isinstance(port, int)
+    return port
