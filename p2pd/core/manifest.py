@@ -30,7 +30,7 @@ class ManifestError(ValueError):
 
 
 def piece_hash(data: bytes | bytearray | memoryview) -> bytes:
-    return xxhash.xxh3_128_digest(data)  # type: ignore[no-any-return]
+    return xxhash.xxh3_128_digest(data)
 
 
 class PieceManifest:

@@ -1,0 +1,143 @@
+"""The blob cache: partial downloads, resume after restart, commit, quota with leases."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
+from p2pd.core.manifest import ManifestBuilder, PieceManifest
+from p2pd.store import BlobStore, StorageError, StorageFull
+
+
+def blob(n: int, seed: int = 0) -> tuple[Digest, bytes]:
+    data = random.Random(seed).randbytes(n)
+    return Digest.from_bytes(hashlib.sha256(data).digest()), data
+
+
+def manifest_for(digest: Digest, data: bytes, layout: PieceLayout) -> PieceManifest:
+    m = PieceManifest(digest, layout)
+    b = ManifestBuilder(m)
+    b.feed(data)
+    assert b.finish()
+    return m
+
+
+def fill(store: BlobStore, seed: int, size: int = 1000) -> Digest:
+    digest, data = blob(size, seed)
+    layout = PieceLayout(size, 256)
+    part = store.open_partial(digest, layout)
+    for i in range(layout.count):
+        off, n = layout.span(i)
+        part.write_piece(i, data[off : off + n])
+    part.commit()
+    part.close()
+    return digest
+
+
+def test_write_commit_and_read_back(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    digest, data = blob(1000)
+    layout = PieceLayout(1000, 256)
+    part = store.open_partial(digest, layout)
+    for i in reversed(range(layout.count)):
+        off, n = layout.span(i)
+        part.write_piece(i, data[off : off + n])
+    assert part.have.is_full()
+    assert not store.has(digest)
+    path = part.commit()
+    assert store.has(digest) and path.read_bytes() == data
+    assert part.read(0, 10) == data[:10]  # the fd survives the rename
+    part.close()
+    assert not list((tmp_path / "partial").iterdir())
+
+
+def test_wrong_piece_length_is_refused(tmp_path: Path) -> None:
+    digest, _ = blob(1000)
+    part = BlobStore(tmp_path).open_partial(digest, PieceLayout(1000, 256))
+    with pytest.raises(StorageError, match="256 bytes"):
+        part.write_piece(0, b"x" * 10)
+    part.close()
+
+
+def test_resume_after_restart_rechecks_claimed_pieces(tmp_path: Path) -> None:
+    digest, data = blob(1000)
+    layout = PieceLayout(1000, 256)
+    part = BlobStore(tmp_path).open_partial(digest, layout)
+    part.write_piece(0, data[:256])
+    part.write_piece(2, data[512:768])
+    part.save_meta()
+    part.close()
+    # simulate a crash that lost the bytes of piece 2 but kept the meta
+    with open(tmp_path / "partial" / f"{digest.hex}.part", "r+b") as f:
+        f.seek(512)
+        f.write(b"\0" * 256)
+
+    store = BlobStore(tmp_path)
+    assert not store.has(digest)
+    part = store.open_partial(digest, layout)
+    assert list(part.have) == [0, 2]
+    assert part.recheck(manifest_for(digest, data, layout)) == [2]
+    assert list(part.have) == [0]
+    part.close()
+
+
+def test_corrupt_meta_starts_over(tmp_path: Path) -> None:
+    digest, data = blob(1000)
+    layout = PieceLayout(1000, 256)
+    part = BlobStore(tmp_path).open_partial(digest, layout)
+    part.write_piece(1, data[256:512])
+    part.save_meta()
+    part.close()
+    (tmp_path / "partial" / f"{digest.hex}.meta").write_bytes(b"\xc1garbage")
+    part = BlobStore(tmp_path).open_partial(digest, layout)
+    assert part.have.is_empty()
+    part.close()
+
+
+def test_half_written_blob_is_never_complete_after_restart(tmp_path: Path) -> None:
+    digest, data = blob(1000)
+    part = BlobStore(tmp_path).open_partial(digest, PieceLayout(1000, 256))
+    part.write_piece(0, data[:256])
+    part.close()  # crash: no commit
+    (tmp_path / "blobs" / "not-a-digest").write_bytes(b"x")  # stray file is ignored
+    store = BlobStore(tmp_path)
+    assert not store.has(digest)
+    with pytest.raises(StorageError, match="vanished"):
+        store.open_complete(digest)
+
+
+def test_complete_blobs_survive_restart(tmp_path: Path) -> None:
+    digest = fill(BlobStore(tmp_path), 1)
+    store = BlobStore(tmp_path)
+    assert store.has(digest) and store.size_of(digest) == 1000
+
+
+def test_quota_evicts_least_recently_used_but_never_leased(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, quota_bytes=3000)
+    a, b, c = (fill(store, s) for s in (1, 2, 3))
+    store.touch(a)  # b is now the least recently used
+    assert store.reserve(500) == [b]
+    assert store.has(a) and store.has(c) and not store.has(b)
+    with store.lease(c):
+        assert store.reserve(1500) == [a]
+        with pytest.raises(StorageFull, match="quota"):
+            store.reserve(2500)
+        assert store.has(c)
+    assert store.usage() == 1000
+
+
+def test_partial_bytes_count_against_the_quota(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, quota_bytes=1500)
+    digest, _ = blob(1000, 9)
+    part = store.open_partial(digest, PieceLayout(1000, 256))
+    with pytest.raises(StorageFull):
+        store.reserve(1000)
+    part.discard()
+    part.close()
+    assert store.usage() == 0
+    assert store.reserve(1000) == []
