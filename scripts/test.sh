@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 export VENV
 
+bash scripts/install-system.sh
 bash scripts/install.sh
 
 echo "== ruff"
