@@ -1,0 +1,591 @@
+"""The supernode's scheduling state: who takes part in each blob, who holds what, who feeds whom.
+
+Theory of operation
+-------------------
+A *task* is one blob (keyed by its `Digest`). The supernode fetches the blob from the registry
+once and is the task's *seeder*: a peer of every task with a fixed id that never expires and is
+never banned. Other peers (p2pd daemons) `register` with a task, `announce` the pieces they
+complete (batched), and `leave`. Every such call returns an `Assignment`: the task's state and
+the peer's current *parents* -- the peers it should download from -- with their bitfields.
+
+This module is the pure state. The supernode's HTTP server and the storm simulator both drive
+it; it reads no clock (``now`` is passed in) and draws randomness only from the seeded
+``random.Random`` it is given, so the same seed and the same event sequence give the same
+assignments. Nothing iterates a set where order matters: peers live in insertion-ordered dicts
+and every choice is a total order ending in the peer id.
+
+Assignments are *pulled*: a peer's parent set changes only inside its own `register`,
+`announce` or `report_bad_piece` call, except that a parent leaving, expiring or being banned
+removes the link at once (the child sees it gone at its next call). Nothing is pushed.
+
+Task life-cycle (`_TASK_TRANSITIONS`)::
+
+    FETCHING --seeder_done(ok=True)--> READY     seeder holds every piece, sha256 checked
+    FETCHING --seeder_done(ok=False)-> FAILED    fetch failed or sha256 mismatch
+
+While FETCHING the seeder holds the prefix ``[0, known)`` reported by `seeder_progress`, and
+peers may register and be fed from it. A FAILED task drops every link and hands out no parents
+(peers fall back to the registry); it stays until `remove_task`.
+
+Peer life-cycle, per task::
+
+    (absent) --register--> MEMBER --leave / expire--> (absent)
+    MEMBER --register--> MEMBER      re-register: address, zone, slots, pieces updated
+    MEMBER --blamed max_blame times--> MEMBER, banned: nobody's parent again in this task
+
+A ban outlives leave and re-register. A banned peer may still download.
+
+Parent selection (on register, and on announce with ``want_parents``):
+
+1. A complete peer (all pieces) has no parents: its slots go back to its parents at once, and it
+   keeps serving as a parent.
+2. Drop parents with nothing the child lacks right now (``parent.bits & ~child.bits == 0``),
+   whether they are complete or still downloading; their slot is freed for someone else.
+3. Refill to ``max_parents`` peer parents from the candidates: same task, not the child, not
+   banned, not shunned by the child (it reported them), a free upload slot, not already a parent,
+   and holding some piece the child lacks. Preference is a total order: same zone first, then
+   least loaded (children / upload_slots), then most useful pieces, then a random key drawn from
+   the rng when the peer first registered, then the peer id.
+4. The seeder is the parent of last resort, *in addition to* the ``max_parents`` peer parents:
+   the child gets it (if the seeder has a free slot) only when the seeder holds some piece the
+   child lacks that no peer parent holds, and is released from it as soon as the peer parents
+   cover everything the seeder could give.
+
+Blame: `report_bad_piece` drops the link and the reporter never gets that parent again in this
+task. The parent is banned once ``max_blame`` *distinct* reporters blamed it, so one lying peer
+cannot ban an honest one unless ``max_blame`` is 1. A report against the seeder is only counted
+(``stats()["seeder_reports"]``): its pieces are hashed by the supernode itself, so a bad one is
+a disk or network fault for the operator, not a reason to stop seeding.
+
+Liveness is per (task, peer): each call refreshes it, and a peer silent for ``peer_ttl`` is
+dropped by `expire`. ``now`` never goes backwards here (a smaller value is treated as the latest
+one seen), which keeps the deadline queue ordered and `next_deadline` O(1).
+
+Cost: a selection scans the task's *free* peers (those with a free slot and at least one piece,
+indexed per zone); the other zones are scanned only when the child's zone cannot fill its
+parents. Peers whose parent set is full and useful cost no scan. Measured (CPython 3.11): a
+scan costs about 0.4 ms per 1000 free peers in the child's zone; a 1000-peer, 256-piece swarm
+runs 50k-100k decisions/s because most announces need no scan.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import random
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from p2pd.core.bitfield import Bitfield, BitfieldError
+from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
+
+
+class SchedulerError(Exception):
+    """Misuse of the scheduler: unknown task or peer, bad argument, illegal transition."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_parents: int = 4
+    default_upload_slots: int = 8
+    seeder_upload_slots: int = 64
+    peer_ttl: float = 60.0
+    max_blame: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_parents", "default_upload_slots", "seeder_upload_slots"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise SchedulerError(f"{name} must be a non-negative int, got {value!r}")
+        if type(self.max_blame) is not int or self.max_blame < 1:
+            raise SchedulerError(f"max_blame must be an int >= 1, got {self.max_blame!r}")
+        if not self.peer_ttl > 0:
+            raise SchedulerError(f"peer_ttl must be positive, got {self.peer_ttl!r}")
+
+
+class TaskState(enum.Enum):
+    FETCHING = "fetching"
+    READY = "ready"
+    FAILED = "failed"
+
+
+_TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.FETCHING: frozenset({TaskState.READY, TaskState.FAILED}),
+    TaskState.READY: frozenset(),
+    TaskState.FAILED: frozenset(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ParentInfo:
+    peer_id: str
+    address: str
+    zone: str
+    pieces: Bitfield  # a copy taken when the assignment was made
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    state: TaskState
+    parents: tuple[ParentInfo, ...]
+
+
+class _Peer:
+    __slots__ = (
+        "address",
+        "children",
+        "is_seeder",
+        "last_seen",
+        "parents",
+        "peer_id",
+        "pieces",
+        "shunned",
+        "slots",
+        "tie",
+        "zone",
+    )
+
+    def __init__(
+        self, peer_id: str, address: str, zone: str, slots: int, *, pieces: Bitfield, tie: float
+    ) -> None:
+        self.peer_id = peer_id
+        self.address = address
+        self.zone = zone
+        self.slots = slots
+        self.pieces = pieces
+        self.tie = tie
+        self.last_seen = 0.0
+        self.is_seeder = False
+        # Both sides of every link, insertion-ordered so that reports and releases are stable.
+        self.parents: dict[str, _Peer] = {}
+        self.children: dict[str, _Peer] = {}
+        self.shunned: set[str] = set()  # membership only, never iterated
+
+
+class _Task:
+    __slots__ = ("banned", "blame", "digest", "free", "layout", "peers", "seeder", "state")
+
+    def __init__(self, digest: Digest, layout: PieceLayout, seeder: _Peer) -> None:
+        self.digest = digest
+        self.layout = layout
+        self.state = TaskState.FETCHING
+        self.seeder = seeder
+        self.peers: dict[str, _Peer] = {}
+        # zone -> peers that could take a child now: free slot, some piece, not banned.
+        self.free: dict[str, dict[str, _Peer]] = {}
+        self.banned: set[str] = set()  # membership only, never iterated
+        self.blame: dict[str, dict[str, None]] = {}  # parent id -> reporters, in report order
+
+
+_STAT_KEYS = (
+    "links",
+    "releases",
+    "decisions",
+    "bans",
+    "bad_reports",
+    "seeder_reports",
+    "ignored_reports",
+    "expired",
+)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        rng: random.Random,
+        config: SchedulerConfig = SchedulerConfig(),
+        seeder_id: str = "seeder",
+        seeder_address: str = "",
+        seeder_zone: str = "",
+    ) -> None:
+        _check_id(seeder_id)
+        self._rng = rng
+        self._config = config
+        self._seeder_id = seeder_id
+        self._seeder_address = seeder_address
+        self._seeder_zone = seeder_zone
+        self._tasks: dict[Digest, _Task] = {}
+        # Every refresh moves its entry to the end, and `now` never decreases, so the entries
+        # are in deadline order: the front is always the next one to expire.
+        self._alive: OrderedDict[tuple[Digest, str], _Peer] = OrderedDict()
+        self._now = float("-inf")
+        self._stats = dict.fromkeys(_STAT_KEYS, 0)
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    @property
+    def seeder_id(self) -> str:
+        return self._seeder_id
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def add_task(self, digest: Digest, layout: PieceLayout, now: float) -> None:
+        """The supernode starts fetching `digest`; the seeder holds nothing yet."""
+        if digest in self._tasks:
+            raise SchedulerError(f"task {digest} already exists")
+        self._clock(now)
+        seeder = _Peer(
+            self._seeder_id,
+            self._seeder_address,
+            self._seeder_zone,
+            self._config.seeder_upload_slots,
+            pieces=Bitfield(layout.count),
+            tie=0.0,
+        )
+        seeder.is_seeder = True
+        self._tasks[digest] = _Task(digest, layout, seeder)
+
+    def has_task(self, digest: Digest) -> bool:
+        return digest in self._tasks
+
+    def task_state(self, digest: Digest) -> TaskState:
+        return self._task(digest).state
+
+    def seeder_progress(self, digest: Digest, known: int) -> None:
+        """The seeder now holds pieces ``[0, known)``; `known` never decreases."""
+        task = self._task(digest)
+        if task.state is not TaskState.FETCHING:
+            raise SchedulerError(f"seeder progress on task {digest} in state {task.state.name}")
+        held = task.seeder.pieces.count()
+        if type(known) is not int or not held <= known <= task.layout.count:
+            raise SchedulerError(
+                f"seeder progress {known!r} for task {digest}: want {held}..{task.layout.count}"
+            )
+        task.seeder.pieces.update((1 << known) - 1)
+
+    def seeder_done(self, digest: Digest, ok: bool) -> None:
+        """The fetch ended: READY (every piece held, sha256 checked) or FAILED."""
+        task = self._task(digest)
+        new = TaskState.READY if ok else TaskState.FAILED
+        if new not in _TASK_TRANSITIONS[task.state]:
+            raise SchedulerError(
+                f"task {digest}: illegal transition {task.state.name} -> {new.name}"
+            )
+        task.state = new
+        if ok:
+            task.seeder.pieces.update((1 << task.layout.count) - 1)
+        else:
+            for peer in task.peers.values():
+                self._release_parents(task, peer)
+
+    def remove_task(self, digest: Digest) -> None:
+        task = self._task(digest)
+        for peer_id in task.peers:
+            del self._alive[digest, peer_id]
+        del self._tasks[digest]
+
+    # -- peers --------------------------------------------------------------------------------
+
+    def register(
+        self,
+        digest: Digest,
+        peer_id: str,
+        address: str,
+        zone: str,
+        now: float,
+        *,
+        upload_slots: int | None = None,
+        have: Bitfield | None = None,
+    ) -> Assignment:
+        """Join `peer_id` to the task, or update it if known; its parents are chosen afresh."""
+        task = self._task(digest)
+        _check_id(peer_id)
+        if peer_id == self._seeder_id:
+            raise SchedulerError(f"peer id {peer_id!r} is reserved for the seeder")
+        slots = self._config.default_upload_slots if upload_slots is None else upload_slots
+        if type(slots) is not int or slots < 0:
+            raise SchedulerError(f"upload_slots must be a non-negative int, got {upload_slots!r}")
+        if have is not None and have.length != task.layout.count:
+            raise SchedulerError(
+                f"bitfield of {have.length} pieces for task {digest} of {task.layout.count}"
+            )
+        now = self._clock(now)
+        peer = task.peers.get(peer_id)
+        if peer is None:
+            pieces = Bitfield(task.layout.count) if have is None else have.copy()
+            peer = _Peer(peer_id, address, zone, slots, pieces=pieces, tie=self._rng.random())
+            task.peers[peer_id] = peer
+        else:
+            self._unindex(task, peer)
+            peer.address, peer.zone, peer.slots = address, zone, slots
+            if have is not None:
+                peer.pieces = have.copy()  # the peer's word is final, e.g. after losing its cache
+            self._release_parents(task, peer)
+            # Shed the newest children first if the peer now offers fewer slots.
+            for child in list(peer.children.values())[slots:]:
+                self._unlink(task, peer, child)
+        self._touch(task, peer, now)
+        self._reindex(task, peer)
+        self._revise(task, peer)
+        self._stats["decisions"] += 1
+        return self._assignment(task, peer)
+
+    def announce(
+        self,
+        digest: Digest,
+        peer_id: str,
+        pieces: Iterable[int],
+        now: float,
+        want_parents: bool = True,
+    ) -> Assignment:
+        """Record completed pieces and refresh liveness; revise parents if `want_parents`."""
+        task = self._task(digest)
+        peer = self._peer(task, peer_id)
+        had_any = peer.pieces.bits != 0
+        try:
+            if isinstance(pieces, Bitfield):
+                if pieces.length != peer.pieces.length:
+                    raise BitfieldError(f"{pieces.length} pieces, task has {peer.pieces.length}")
+                peer.pieces.update(pieces.bits)
+            else:
+                for index in pieces:
+                    peer.pieces.add(index)
+        except BitfieldError as exc:
+            raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
+        self._touch(task, peer, self._clock(now))
+        if not had_any:
+            self._reindex(task, peer)
+        if want_parents:
+            self._revise(task, peer)
+        elif peer.pieces.is_full():
+            self._release_parents(task, peer)
+        self._stats["decisions"] += 1
+        return self._assignment(task, peer)
+
+    def report_bad_piece(
+        self, digest: Digest, reporter: str, parent_id: str, index: int, now: float
+    ) -> Assignment:
+        """`reporter` got a corrupt piece `index` from `parent_id`; returns its revised parents."""
+        task = self._task(digest)
+        peer = self._peer(task, reporter)
+        if type(index) is not int or not 0 <= index < task.layout.count:
+            raise SchedulerError(f"piece index {index!r} out of range for task {digest}")
+        if parent_id == reporter:
+            raise SchedulerError(f"peer {reporter!r} reported itself")
+        self._touch(task, peer, self._clock(now))
+        if parent_id == self._seeder_id:
+            self._stats["seeder_reports"] += 1
+        elif parent_id not in task.peers:
+            # Likely a race with its leave or expiry; an unknown id must not grow the ban state.
+            self._stats["ignored_reports"] += 1
+        else:
+            self._stats["bad_reports"] += 1
+            bad = task.peers[parent_id]
+            peer.shunned.add(parent_id)
+            if parent_id in peer.parents:
+                self._unlink(task, bad, peer)
+            reporters = task.blame.setdefault(parent_id, {})
+            reporters[reporter] = None
+            if len(reporters) >= self._config.max_blame and parent_id not in task.banned:
+                self._ban(task, bad)
+        self._revise(task, peer)
+        self._stats["decisions"] += 1
+        return self._assignment(task, peer)
+
+    def leave(self, digest: Digest, peer_id: str) -> None:
+        task = self._task(digest)
+        self._drop(task, self._peer(task, peer_id))
+
+    def expire(self, now: float) -> list[tuple[Digest, str]]:
+        """Drop every peer whose deadline (last call + ``peer_ttl``) is before `now`."""
+        now = self._clock(now)
+        ttl = self._config.peer_ttl
+        gone: list[tuple[Digest, str]] = []
+        while self._alive:
+            key, peer = next(iter(self._alive.items()))
+            if not now > peer.last_seen + ttl:
+                break
+            self._drop(self._tasks[key[0]], peer)
+            gone.append(key)
+        self._stats["expired"] += len(gone)
+        return gone
+
+    def next_deadline(self) -> float | None:
+        """When the next peer expires (call `expire` after it); None when nobody can."""
+        first = next(iter(self._alive.values()), None)
+        return None if first is None else first.last_seen + self._config.peer_ttl
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def peer_pieces(self, digest: Digest, peer_id: str) -> Bitfield:
+        return self._any_peer(self._task(digest), peer_id).pieces.copy()
+
+    def children(self, digest: Digest, peer_id: str) -> list[str]:
+        return list(self._any_peer(self._task(digest), peer_id).children)
+
+    def parents_of(self, digest: Digest, peer_id: str) -> list[str]:
+        return list(self._any_peer(self._task(digest), peer_id).parents)
+
+    def peers(self, digest: Digest) -> list[str]:
+        """The task's peers (not the seeder), in registration order."""
+        return list(self._task(digest).peers)
+
+    def is_banned(self, digest: Digest, peer_id: str) -> bool:
+        return peer_id in self._task(digest).banned
+
+    def stats(self) -> dict[str, int]:
+        """Counters for status pages and the simulator.
+
+        ``peers`` counts (task, peer) memberships; ``links``/``releases`` count parent links
+        made/undone since start, ``active_links`` the current ones; ``decisions`` counts
+        register, announce and report calls; ``seeder_reports`` deserve an operator's look.
+        """
+        out = {
+            "tasks": len(self._tasks),
+            "peers": sum(len(t.peers) for t in self._tasks.values()),
+            "active_links": sum(
+                len(p.parents) for t in self._tasks.values() for p in t.peers.values()
+            ),
+        }
+        out.update(self._stats)
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _clock(self, now: float) -> float:
+        self._now = max(self._now, now)
+        return self._now
+
+    def _task(self, digest: Digest) -> _Task:
+        task = self._tasks.get(digest)
+        if task is None:
+            raise SchedulerError(f"unknown task {digest}")
+        return task
+
+    def _peer(self, task: _Task, peer_id: str) -> _Peer:
+        peer = task.peers.get(peer_id)
+        if peer is None:
+            raise SchedulerError(f"unknown peer {peer_id!r} in task {task.digest}")
+        return peer
+
+    def _any_peer(self, task: _Task, peer_id: str) -> _Peer:
+        return task.seeder if peer_id == self._seeder_id else self._peer(task, peer_id)
+
+    def _touch(self, task: _Task, peer: _Peer, now: float) -> None:
+        peer.last_seen = now
+        key = (task.digest, peer.peer_id)
+        self._alive[key] = peer
+        self._alive.move_to_end(key)
+
+    def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
+        return Assignment(
+            task.state,
+            tuple(
+                ParentInfo(p.peer_id, p.address, p.zone, p.pieces.copy())
+                for p in peer.parents.values()
+            ),
+        )
+
+    def _unindex(self, task: _Task, peer: _Peer) -> None:
+        bucket = task.free.get(peer.zone)
+        if bucket is not None and bucket.pop(peer.peer_id, None) is not None and not bucket:
+            del task.free[peer.zone]
+
+    def _reindex(self, task: _Task, peer: _Peer) -> None:
+        """Keep `task.free` true for `peer` after its slots, pieces or standing changed."""
+        if peer.is_seeder:
+            return
+        if (
+            len(peer.children) < peer.slots
+            and peer.pieces.bits
+            and peer.peer_id not in task.banned
+            and task.peers.get(peer.peer_id) is peer
+        ):
+            task.free.setdefault(peer.zone, {})[peer.peer_id] = peer
+        else:
+            self._unindex(task, peer)
+
+    def _link(self, task: _Task, parent: _Peer, child: _Peer) -> None:
+        parent.children[child.peer_id] = child
+        child.parents[parent.peer_id] = parent
+        self._stats["links"] += 1
+        self._reindex(task, parent)
+
+    def _unlink(self, task: _Task, parent: _Peer, child: _Peer) -> None:
+        del parent.children[child.peer_id]
+        del child.parents[parent.peer_id]
+        self._stats["releases"] += 1
+        self._reindex(task, parent)
+
+    def _release_parents(self, task: _Task, peer: _Peer) -> None:
+        for parent in list(peer.parents.values()):
+            self._unlink(task, parent, peer)
+
+    def _release_children(self, task: _Task, peer: _Peer) -> None:
+        for child in list(peer.children.values()):
+            self._unlink(task, peer, child)
+
+    def _drop(self, task: _Task, peer: _Peer) -> None:
+        self._release_parents(task, peer)
+        self._release_children(task, peer)
+        self._unindex(task, peer)
+        del task.peers[peer.peer_id]
+        del self._alive[task.digest, peer.peer_id]
+
+    def _ban(self, task: _Task, peer: _Peer) -> None:
+        task.banned.add(peer.peer_id)
+        self._stats["bans"] += 1
+        self._release_children(task, peer)
+        self._unindex(task, peer)
+
+    def _revise(self, task: _Task, child: _Peer) -> None:
+        """Apply the selection policy of the module docstring to `child`'s parents."""
+        if task.state is TaskState.FAILED:
+            return
+        if child.pieces.is_full():
+            self._release_parents(task, child)
+            return
+        lacking = ~child.pieces.bits
+        seeder = task.seeder
+        for parent in list(child.parents.values()):
+            if not parent.is_seeder and not parent.pieces.bits & lacking:
+                self._unlink(task, parent, child)
+        wanted = self._config.max_parents - len(child.parents) + (seeder.peer_id in child.parents)
+        if wanted > 0:
+            for parent in self._candidates(task, child, lacking, wanted):
+                self._link(task, parent, child)
+        cover = 0
+        for parent in child.parents.values():
+            if not parent.is_seeder:
+                cover |= parent.pieces.bits
+        only_seeder = seeder.pieces.bits & lacking & ~cover
+        if seeder.peer_id in child.parents:
+            if not only_seeder:
+                self._unlink(task, seeder, child)
+        elif only_seeder and len(seeder.children) < seeder.slots:
+            self._link(task, seeder, child)
+
+    def _candidates(self, task: _Task, child: _Peer, lacking: int, wanted: int) -> list[_Peer]:
+        """The `wanted` best new parents for `child`, best first (see the docstring)."""
+        zone = child.zone
+        picked = self._rank(task.free.get(zone, {}), child, lacking, wanted, False)
+        if len(picked) < wanted:
+            for other, bucket in task.free.items():
+                if other != zone:
+                    picked += self._rank(bucket, child, lacking, wanted, True)
+            # Same-zone picks keep their lead: their key starts with False.
+            picked = heapq.nsmallest(wanted, picked)
+        return [task.peers[key[-1]] for key in picked]
+
+    @staticmethod
+    def _rank(
+        peers: dict[str, _Peer], child: _Peer, lacking: int, wanted: int, foreign: bool
+    ) -> list[tuple[bool, float, int, float, str]]:
+        shunned = child.shunned
+        parents = child.parents
+        # The child itself needs no check: it never holds a piece it lacks.
+        keys = [
+            (foreign, len(p.children) / p.slots, -useful.bit_count(), p.tie, pid)
+            for pid, p in peers.items()
+            if (useful := p.pieces.bits & lacking) and pid not in parents and pid not in shunned
+        ]
+        return heapq.nsmallest(wanted, keys)
+
+
+def _check_id(peer_id: str) -> None:
+    if not isinstance(peer_id, str) or not peer_id:
+        raise SchedulerError(f"peer id must be a non-empty string, got {peer_id!r}")
