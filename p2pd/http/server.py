@@ -13,8 +13,8 @@ Rules:
   bounded by the caller (`Request.read_body(limit)` raises 413 past it), and a client that is
   slow to send a head is dropped after `head_timeout`.
 - Keep-alive is honoured; after an error the connection is closed.
-- Response bodies: ``bytes``, an async iterator of byte chunks, or a `FileRegion` (sent with
-  ``os.sendfile`` from the caller's open file descriptor).
+- Response bodies: ``bytes``, a `FileRegion` (sent with ``os.sendfile`` from the caller's open
+  file descriptor), or an async iterator of chunks that are bytes or FileRegions.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ class ResponseAborted(Exception):
 class FileRegion:
     """`length` bytes of the open file `fd` from `offset`, to be sent with sendfile.
 
-    The handler owns `fd`; `on_done` (if given) is called once the region is sent or the send
-    failed, which is where the owner closes it or drops a read lease.
+    The handler owns `fd`. For a region that is the whole body, `on_done` (if given) is called
+    once it is sent or the send failed: where the owner closes the fd or drops a read lease. A
+    region yielded by an iterator body is the iterator's to clean up (its ``finally``).
     """
 
     fd: int
@@ -67,7 +68,8 @@ class FileRegion:
         return self.length
 
 
-Body = bytes | AsyncIterator[bytes] | FileRegion
+# An iterator may mix bytes and FileRegions (a file that grows while it is being sent).
+Body = bytes | AsyncIterator[bytes] | AsyncIterator[bytes | FileRegion] | FileRegion
 
 
 @dataclass(slots=True)
@@ -280,7 +282,9 @@ class _Connection:
                     await self._send_file(body)
                 else:
                     async for chunk in body:
-                        if chunk:
+                        if isinstance(chunk, FileRegion):
+                            await self._send_file(chunk)
+                        elif chunk:
                             await self._send(h11.Data(data=chunk))
                 await self._send(h11.EndOfMessage())
         finally:
