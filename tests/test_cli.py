@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,10 +42,8 @@ def test_p2pd_layout(capsys: pytest.CaptureFixture[str]) -> None:
     assert "out of range" in capsys.readouterr().err
 
 
-def test_bench_micro_quick_writes_json(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
-    from pathlib import Path
-
-    out = Path(str(tmp_path)) / "micro.json"
+def test_bench_micro_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "micro.json"
     assert bench_cli.main(["micro", "--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report == json.loads(capsys.readouterr().out)
