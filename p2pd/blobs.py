@@ -1,18 +1,51 @@
-"""Blob downloads as the mirror sees them: where a blob comes from and how it is streamed.
+"""Blob downloads as the mirror sees them: one shared download per blob, streamed in order.
 
 `BlobSource` says where the runtime's request for a blob would have gone upstream (and with
-which credentials); `BlobService` turns a digest plus its source into the bytes of the blob,
-streamed in order from a byte offset, from the cache, the swarm or the registry.
+which credentials). `BlobManager` (the daemon's `BlobService`) turns a digest plus its source
+into the blob's bytes from a byte offset: from the cache when the blob is complete there, else
+from the one `Download` of that blob on this host, which any number of clients share.
+
+A `Download` owns the ``.part`` file. *Fillers* put pieces into it -- the swarm first, the
+registry (`BackSource`) when the swarm cannot help -- and readers stream the contiguous prefix
+as it grows. Rules:
+
+- Every byte a reader gets was written by a filler and, for swarm pieces, verified against the
+  piece manifest before it was written.
+- The whole-blob sha256 is computed incrementally over the contiguous prefix (in a worker
+  thread). The last piece is held back from readers until the sha256 matched, so a runtime
+  never receives a complete body that is wrong. On mismatch the download fails, the readers'
+  responses are aborted mid-way (the runtime retries) and nothing is cached.
+- Only then is the blob committed to the cache (`PartialBlob.commit`).
+- A download is not cancelled when a client goes away: other clients, and other hosts through
+  the piece server, may want it, and the runtime will usually retry.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import enum
+import hashlib
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
+import trio
+
+from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
-from p2pd.http.server import FileRegion
+from p2pd.core.layout import PieceLayout
+from p2pd.http.server import FileRegion, ResponseAborted
+from p2pd.store import BlobStore, PartialBlob, StorageError
+
+log = logging.getLogger(__name__)
+
+_HASH_CHUNK = 8 * 1024 * 1024
+_STREAM_CHUNK = 16 * 1024 * 1024
+_META_EVERY = 8  # pieces between saves of the resume state
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +73,325 @@ class BlobService(Protocol):
         final bytes are only released after the sha256 matched.
         """
         ...
+
+
+class DownloadFailed(Exception):
+    """The blob could not be fetched or did not verify; the message says why."""
+
+
+class FillerGaveUp(Exception):
+    """A filler stopped without completing the blob; the next filler may take over."""
+
+
+class DownloadState(enum.Enum):
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class Download:
+    """One blob being fetched to this host; fillers put pieces, readers stream the prefix."""
+
+    def __init__(self, digest: Digest, partial: PartialBlob) -> None:
+        self.digest = digest
+        self.partial = partial
+        self.layout: PieceLayout = partial.layout
+        self.state = DownloadState.RUNNING
+        self.error = ""
+        self.sources: dict[str, int] = {}  # bytes by where they came from ("peer:<id>", …)
+        self._hashed = 0
+        self._sha = hashlib.sha256()
+        self._changed = trio.Event()
+        self._prefix_pieces = partial.have.first_missing()
+
+    # -- what fillers use ---------------------------------------------------------------------
+
+    @property
+    def have(self) -> Bitfield:
+        return self.partial.have
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.layout.count) if i not in self.partial.have]
+
+    def pieces_complete(self) -> bool:
+        return self.partial.have.is_full()
+
+    def put_piece(self, index: int, data: bytes | bytearray | memoryview, source: str) -> None:
+        """Write a piece (already verified, if it can be) and wake readers and the hasher."""
+        if self.state is not DownloadState.RUNNING or index in self.partial.have:
+            return
+        self.partial.write_piece(index, data)
+        if self.partial.have.count() % _META_EVERY == 0:
+            self.partial.save_meta()  # progress a restart can resume from
+        self.sources[source] = self.sources.get(source, 0) + len(data)
+        self._prefix_pieces = self.partial.have.first_missing()
+        self._notify()
+
+    def drop_pieces(self, indexes: list[int]) -> None:
+        """Forget pieces found bad on resume (before anyone read past them)."""
+        for i in indexes:
+            self.partial.have.discard(i)
+        self._prefix_pieces = self.partial.have.first_missing()
+
+    # -- what readers use ---------------------------------------------------------------------
+
+    @property
+    def prefix_bytes(self) -> int:
+        """Bytes of the contiguous prefix written so far."""
+        if self._prefix_pieces >= self.layout.count:
+            return self.layout.total_size
+        return self._prefix_pieces * self.layout.piece_size
+
+    @property
+    def released(self) -> int:
+        """Bytes readers may have: the prefix, less the last piece until the sha256 matched."""
+        if self.state is DownloadState.COMPLETE:
+            return self.layout.total_size
+        if self.layout.count == 0:
+            return 0
+        return min(self.prefix_bytes, self.layout.offset(self.layout.count - 1))
+
+    async def wait_released(self, beyond: int) -> int:
+        """Wait until more than `beyond` bytes are released (or the blob is complete)."""
+        while True:
+            if self.state is DownloadState.FAILED:
+                raise ResponseAborted(f"download of {self.digest} failed: {self.error}")
+            released = self.released
+            if released > beyond or self.state is DownloadState.COMPLETE:
+                return released
+            await self._changed.wait()
+
+    # -- life-cycle ---------------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        if self.state is DownloadState.RUNNING:
+            self.state = DownloadState.FAILED
+            self.error = reason
+            log.warning("download of %s failed: %s", self.digest, reason)
+            self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def hash_and_commit(self) -> None:
+        """Follow the prefix with the sha256 until the blob is whole; commit or fail."""
+        size = self.layout.total_size
+        while self.state is DownloadState.RUNNING:
+            target = self.prefix_bytes
+            if self._hashed < target:
+                await trio.to_thread.run_sync(self._hash_range, self._hashed, target)
+                self._hashed = target
+                continue
+            if self._hashed == size:
+                break
+            await self._changed.wait()
+        if self.state is not DownloadState.RUNNING:
+            return
+        if self._sha.digest() != self.digest.raw:
+            self.fail(f"sha256 of the assembled blob is {self._sha.hexdigest()}")
+            return
+        try:
+            self.partial.commit()
+        except StorageError as exc:
+            self.fail(str(exc))
+            return
+        self.state = DownloadState.COMPLETE
+        self._notify()
+
+    def _hash_range(self, start: int, end: int) -> None:
+        fd = self.partial.fd
+        while start < end:
+            chunk = os.pread(fd, min(_HASH_CHUNK, end - start), start)
+            if not chunk:
+                raise StorageError(f"{self.digest}: file shorter than its prefix")
+            self._sha.update(chunk)
+            start += len(chunk)
+
+
+class Filler(Protocol):
+    """Something that puts pieces into a download: the swarm, or the registry directly."""
+
+    async def fill(self, download: Download, source: BlobSource) -> None:
+        """Put pieces until every piece is in; raise `FillerGaveUp` to hand over."""
+        ...
+
+
+class BackSource:
+    """Fetch a blob straight from the registry (with the runtime's credentials).
+
+    Used when no supernode answers or the swarm stalls. Resumes from the first missing piece
+    with a Range request; the registry's bytes are checked by the whole-blob sha256.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, attempts: int = 3) -> None:
+        self.client = client
+        self.attempts = attempts
+
+    async def fill(self, download: Download, source: BlobSource) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                await self._fetch(download, source)
+                return
+            except (httpx.TransportError, FillerGaveUp) as exc:
+                if attempt == self.attempts:
+                    raise DownloadFailed(f"registry fetch failed: {exc}") from exc
+                log.info("registry fetch of %s: %s; retrying", download.digest, exc)
+                await trio.sleep(0.5 * attempt)
+
+    async def _fetch(self, download: Download, source: BlobSource) -> None:
+        layout = download.layout
+        first = download.have.first_missing()
+        if first >= layout.count:
+            return
+        start = layout.offset(first)
+        url = f"{source.upstream}/v2/{source.repository}/blobs/{download.digest}"
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        if source.authorization:
+            headers["Authorization"] = source.authorization
+        async with self.client.stream(
+            "GET", url, headers=headers, follow_redirects=True
+        ) as response:
+            if start and response.status_code == 200:
+                start, first = 0, 0  # the registry ignored the range: take it from the top
+            elif response.status_code not in (200, 206):
+                if response.status_code >= 500:
+                    raise FillerGaveUp(f"registry answered {response.status_code}")
+                raise DownloadFailed(f"registry answered {response.status_code} for {url}")
+            index, offset = first, start
+            buf = bytearray()
+            async for chunk in response.aiter_raw():
+                buf += chunk
+                while index < layout.count and len(buf) >= layout.length(index):
+                    length = layout.length(index)
+                    download.put_piece(index, memoryview(buf)[:length], "registry")
+                    del buf[:length]
+                    index += 1
+                    offset += length
+                if index >= layout.count and buf:
+                    raise DownloadFailed("registry sent more bytes than the blob's size")
+            if index < layout.count:
+                raise FillerGaveUp(f"registry stream ended at byte {offset + len(buf)}")
+
+
+class BlobManager:
+    """The daemon's `BlobService`: cache first, else one shared download per blob."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        nursery: trio.Nursery,
+        fillers: list[Filler],
+        *,
+        rng: random.Random | None = None,
+        fallback_jitter: float = 0.0,
+    ) -> None:
+        self.store = store
+        self.nursery = nursery
+        self.fillers = fillers
+        self.rng = rng or random.Random()
+        self.fallback_jitter = fallback_jitter
+        self.downloads: dict[Digest, Download] = {}
+
+    def cached_size(self, digest: Digest) -> int | None:
+        return self.store.size_of(digest)
+
+    def active(self, digest: Digest) -> Download | None:
+        return self.downloads.get(digest)
+
+    async def stream(
+        self, digest: Digest, source: BlobSource, start: int
+    ) -> AsyncIterator[bytes | FileRegion]:
+        if self.store.has(digest):
+            async for region in self._stream_complete(digest, start):
+                yield region
+            return
+        download = self.downloads.get(digest)
+        if download is None:
+            download = self._start(digest, source)
+        fd = os.dup(download.partial.fd)
+        try:
+            with self.store.lease(digest):
+                position = start
+                while True:
+                    released = await download.wait_released(position)
+                    if released > position:
+                        end = min(released, position + _STREAM_CHUNK)
+                        yield FileRegion(fd, position, end - position)
+                        position = end
+                    elif download.state is DownloadState.COMPLETE:
+                        return
+        finally:
+            os.close(fd)
+
+    async def _stream_complete(self, digest: Digest, start: int) -> AsyncIterator[FileRegion]:
+        with self.store.lease(digest):
+            fd = self.store.open_complete(digest)
+            try:
+                size = os.fstat(fd).st_size
+                if start < size:
+                    yield FileRegion(fd, start, size - start)
+            finally:
+                os.close(fd)
+
+    def _start(self, digest: Digest, source: BlobSource) -> Download:
+        layout = PieceLayout.for_size(source.size)
+        try:
+            self.store.reserve(layout.total_size)
+            partial = self.store.open_partial(digest, layout)
+        except StorageError as exc:
+            raise ResponseAborted(f"cannot cache {digest}: {exc}") from exc
+        download = Download(digest, partial)
+        self.downloads[digest] = download
+        self.nursery.start_soon(self._run, download, source)
+        return download
+
+    async def _run(self, download: Download, source: BlobSource) -> None:
+        digest = download.digest
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guarded, download, download.hash_and_commit())
+                await self._guarded(download, self._fill(download, source))
+                if download.state is DownloadState.RUNNING and not download.pieces_complete():
+                    download.fail("no filler completed the blob")
+        finally:
+            self.downloads.pop(digest, None)
+            if download.state is DownloadState.RUNNING:
+                # cancelled (the daemon is stopping): keep the verified pieces for a resume
+                download.fail("the daemon is shutting down")
+                with contextlib.suppress(StorageError):
+                    download.partial.save_meta()
+            elif download.state is DownloadState.FAILED:
+                download.partial.discard()
+            download.partial.close()
+            log.info(
+                "download of %s %s: %s",
+                digest,
+                download.state.value,
+                ", ".join(f"{k}={v}" for k, v in sorted(download.sources.items())) or "-",
+            )
+
+    async def _guarded(self, download: Download, work: Awaitable[None]) -> None:
+        """Run `work`; any failure fails the download (and wakes its readers) instead of
+        tearing down the daemon."""
+        try:
+            await work
+        except DownloadFailed as exc:
+            download.fail(str(exc))
+        except StorageError as exc:
+            download.fail(f"cache: {exc}")
+        except Exception as exc:
+            log.exception("download of %s crashed", download.digest)
+            download.fail(f"internal error: {exc!r}")
+
+    async def _fill(self, download: Download, source: BlobSource) -> None:
+        for n, filler in enumerate(self.fillers):
+            if download.pieces_complete() or download.state is not DownloadState.RUNNING:
+                return
+            if n and self.fallback_jitter:
+                # spread a fleet's fallback over time instead of all hosts at once
+                await trio.sleep(self.rng.uniform(0, self.fallback_jitter))
+            try:
+                await filler.fill(download, source)
+            except FillerGaveUp as exc:
+                log.info("%s gave up on %s: %s", type(filler).__name__, download.digest, exc)

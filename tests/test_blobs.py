@@ -1,0 +1,153 @@
+"""Shared downloads: one download per blob, streamed in order, verified before the tail."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from p2pd.blobs import BackSource, BlobManager, BlobSource, Download, FillerGaveUp
+from p2pd.core.digest import Digest
+from p2pd.core.layout import MIN_PIECE_SIZE
+from p2pd.http.server import FileRegion, ResponseAborted
+from p2pd.store import BlobStore
+
+UPSTREAM = "http://registry.test"
+REPO = "library/app"
+
+
+def make_blob(size: int, seed: int = 0) -> tuple[Digest, bytes]:
+    data = random.Random(seed).randbytes(size)
+    return Digest.from_bytes(hashlib.sha256(data).digest()), data
+
+
+class FakeRegistry:
+    def __init__(self, blobs: dict[Digest, bytes], corrupt: bool = False) -> None:
+        self.blobs = blobs
+        self.corrupt = corrupt
+        self.gets: list[httpx.Request] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.gets.append(request)
+        digest = Digest.parse(request.url.path.rsplit("/", 1)[1])
+        data = self.blobs[digest]
+        if self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        if "range" in request.headers:
+            start = int(request.headers["range"].removeprefix("bytes=").rstrip("-"))
+            return httpx.Response(206, stream=Chunked(data[start:]))
+        return httpx.Response(200, stream=Chunked(data))
+
+
+class Chunked(httpx.AsyncByteStream):
+    """A response body that arrives in pieces, like one from the network."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(0, len(self.data), 65536):
+            yield self.data[i : i + 65536]
+            await trio.lowlevel.checkpoint()
+
+
+async def collect(chunks: AsyncIterator[bytes | FileRegion]) -> bytes:
+    out = bytearray()
+    async for chunk in chunks:
+        if isinstance(chunk, FileRegion):
+            out += os.pread(chunk.fd, chunk.length, chunk.offset)
+        else:
+            out += chunk
+    return bytes(out)
+
+
+def manager(
+    tmp_path: Path, nursery: trio.Nursery, registry: FakeRegistry
+) -> tuple[BlobManager, BlobStore]:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(registry.handler))
+    store = BlobStore(tmp_path)
+    return BlobManager(store, nursery, [BackSource(client, attempts=1)]), store
+
+
+async def test_two_clients_share_one_download_and_the_blob_is_cached(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    digest, data = make_blob(3 * MIN_PIECE_SIZE + 123)
+    registry = FakeRegistry({digest: data})
+    blobs, store = manager(tmp_path, nursery, registry)
+    source = BlobSource(UPSTREAM, REPO, "Bearer t", len(data))
+    results: list[bytes] = []
+
+    async def client(start: int) -> None:
+        results.append(await collect(blobs.stream(digest, source, start)))
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(client, 0)
+        clients.start_soon(client, 1000)
+    assert sorted(results, key=len) == [data[1000:], data]
+    assert len(registry.gets) == 1
+    assert registry.gets[0].headers["authorization"] == "Bearer t"
+    assert store.has(digest) and blobs.cached_size(digest) == len(data)
+    # served from the cache from now on
+    assert await collect(blobs.stream(digest, source, 5)) == data[5:]
+    assert len(registry.gets) == 1
+
+
+async def test_corrupt_blob_aborts_readers_and_is_not_cached(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    digest, data = make_blob(2 * MIN_PIECE_SIZE + 10, seed=3)
+    registry = FakeRegistry({digest: data}, corrupt=True)
+    blobs, store = manager(tmp_path, nursery, registry)
+    received = bytearray()
+    with pytest.raises(ResponseAborted, match="sha256"):
+        async for chunk in blobs.stream(digest, BlobSource(UPSTREAM, REPO, None, len(data)), 0):
+            assert isinstance(chunk, FileRegion)
+            received += os.pread(chunk.fd, chunk.length, chunk.offset)
+    # the reader never got the (corrupt) last piece
+    assert len(received) <= 2 * MIN_PIECE_SIZE
+    assert received == data[: len(received)]
+    assert not store.has(digest)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not list((tmp_path / "partial").iterdir())
+
+
+async def test_empty_blob(tmp_path: Path, nursery: trio.Nursery) -> None:
+    digest, data = make_blob(0)
+    blobs, store = manager(tmp_path, nursery, FakeRegistry({digest: data}))
+    assert await collect(blobs.stream(digest, BlobSource(UPSTREAM, REPO, None, 0), 0)) == b""
+    assert store.has(digest)
+
+
+class StallingFiller:
+    def __init__(self, pieces: list[int], data: bytes) -> None:
+        self.pieces = pieces
+        self.data = data
+
+    async def fill(self, download: Download, source: BlobSource) -> None:
+        for i in self.pieces:
+            off, n = download.layout.span(i)
+            download.put_piece(i, self.data[off : off + n], "peer:test")
+        raise FillerGaveUp("no progress")
+
+
+async def test_registry_fallback_resumes_after_the_swarm_gave_up(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    digest, data = make_blob(4 * MIN_PIECE_SIZE, seed=5)
+    registry = FakeRegistry({digest: data})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(registry.handler))
+    store = BlobStore(tmp_path)
+    blobs = BlobManager(
+        store, nursery, [StallingFiller([0, 1, 3], data), BackSource(client, attempts=1)]
+    )
+    got = await collect(blobs.stream(digest, BlobSource(UPSTREAM, REPO, None, len(data)), 0))
+    assert got == data
+    assert registry.gets[0].headers["range"] == f"bytes={2 * MIN_PIECE_SIZE}-"
+    assert store.has(digest)
