@@ -1,0 +1,247 @@
+"""The piece path between hosts: the piece server and the piece client.
+
+Wire: ``GET /pieces/<hex>/<index>`` answers 200 with exactly the piece's bytes, 404 when this
+host does not hold that piece (yet), 400 for a malformed digest or index, 503 when all upload
+slots are busy. The supernode's seeder serves the same route.
+
+Serving uses ``os.sendfile`` (through `FileRegion`); receiving reads the head with a small
+parser and the body with ``recv_into`` straight into the caller's buffer -- the two choices the
+measurements in DESIGN.md favour by an order of magnitude over a general HTTP client. Both
+ends are ours, so the client is strict: anything but a well-formed 200 with the expected
+Content-Length is an error and the connection is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+
+import trio
+
+from p2pd.blobs import BlobManager
+from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
+from p2pd.http.server import FileRegion, HTTPError, Request, Response
+
+log = logging.getLogger(__name__)
+
+PIECE_PATH = re.compile(r"/pieces/([0-9a-f]{64})/(0|[1-9][0-9]{0,8})")
+_MAX_HEAD = 8192
+
+
+class RateLimiter:
+    """A token bucket shared by all transfers in one direction; rate 0 means unlimited."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate / 4, 1 << 20)
+        self._tokens = self.burst
+        self._stamp: float | None = None
+        self._lock = trio.Lock()
+
+    async def consume(self, amount: int) -> None:
+        if self.rate <= 0:
+            return
+        async with self._lock:
+            now = trio.current_time()
+            if self._stamp is not None:
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= amount
+            if self._tokens < 0:
+                # pay the debt before anyone else goes: transfers larger than the burst work
+                await trio.sleep(-self._tokens / self.rate)
+                self._stamp = trio.current_time()
+                self._tokens = 0.0
+
+
+class PieceServer:
+    """Serves the pieces this host holds: from complete blobs and from running downloads."""
+
+    def __init__(
+        self, blobs: BlobManager, upload_slots: int, limiter: RateLimiter | None = None
+    ) -> None:
+        self.blobs = blobs
+        self.slots = upload_slots * 4  # each child may pipeline a few requests
+        self.busy = 0
+        self.limiter = limiter or RateLimiter(0)
+        self.bytes_served = 0
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == "/healthz":
+            return Response(200, [("content-type", "text/plain")], b"ok\n")
+        match = PIECE_PATH.fullmatch(request.path)
+        if match is None:
+            raise HTTPError(
+                404 if not request.path.startswith("/pieces/") else 400,
+                "not a piece path: want /pieces/<64 hex>/<index>",
+            )
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "pieces are read-only", [("allow", "GET, HEAD")])
+        digest = Digest(match.group(1))
+        index = int(match.group(2))
+        fd, layout = self._open(digest)
+        try:
+            if index >= layout.count:
+                raise HTTPError(400, f"piece {index} out of range (blob has {layout.count})")
+            download = self.blobs.active(digest)
+            if download is not None and index not in download.have:
+                raise HTTPError(404, f"piece {index} of {digest} not held yet")
+            if self.busy >= self.slots:
+                raise HTTPError(503, "all upload slots busy", [("retry-after", "1")])
+        except BaseException:
+            os.close(fd)
+            raise
+        offset, length = layout.span(index)
+        if request.method == "HEAD":
+            os.close(fd)
+            return Response(200, [("content-length", str(length))])
+        self.busy += 1
+        await self.limiter.consume(length)
+        self.bytes_served += length
+        return Response(
+            200,
+            [("content-type", "application/octet-stream")],
+            FileRegion(fd, offset, length, on_done=self._done(fd)),
+        )
+
+    def _done(self, fd: int) -> Callable[[], None]:
+        def done() -> None:
+            self.busy -= 1
+            os.close(fd)
+
+        return done
+
+    def _open(self, digest: Digest) -> tuple[int, PieceLayout]:
+        """A private fd on the blob (complete or in progress) and its layout."""
+        download = self.blobs.active(digest)
+        if download is not None:
+            return os.dup(download.partial.fd), download.layout
+        size = self.blobs.store.size_of(digest)
+        if size is None:
+            raise HTTPError(404, f"{digest} is not on this host")
+        return self.blobs.store.open_complete(digest), PieceLayout.for_size(size)
+
+
+class PieceFetchError(Exception):
+    """A parent did not deliver the piece (connection, protocol or status problem)."""
+
+    def __init__(self, message: str, *, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found
+
+
+class _Conn:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.sock = stream.socket
+
+
+class PieceClient:
+    """Fetches pieces from parents over kept-alive connections, one request per connection."""
+
+    def __init__(
+        self,
+        limiter: RateLimiter | None = None,
+        connect_timeout: float = 5.0,
+        idle_per_parent: int = 4,
+    ) -> None:
+        self.limiter = limiter or RateLimiter(0)
+        self.connect_timeout = connect_timeout
+        self.idle_per_parent = idle_per_parent
+        self._idle: dict[str, list[_Conn]] = {}
+        self.bytes_received = 0
+
+    async def fetch(self, address: str, digest: Digest, index: int, buffer: memoryview) -> None:
+        """Fill `buffer` (exactly the piece's length) with piece `index` from `address`."""
+        conn = await self._connect(address)
+        reusable = False
+        try:
+            reusable = await self._exchange(conn, address, digest, index, buffer)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PieceFetchError(f"{address}: {exc}") from exc
+        finally:
+            if reusable and len(self._idle.setdefault(address, [])) < self.idle_per_parent:
+                self._idle[address].append(conn)
+            else:
+                with trio.CancelScope(shield=True):
+                    await conn.stream.aclose()
+
+    async def aclose(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                await conn.stream.aclose()
+        self._idle.clear()
+
+    async def _connect(self, address: str) -> _Conn:
+        idle = self._idle.get(address)
+        if idle:
+            return idle.pop()
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await trio.open_tcp_stream(host, int(port))
+        except (OSError, trio.TooSlowError, ValueError) as exc:
+            raise PieceFetchError(f"cannot connect to {address}: {exc}") from exc
+        return _Conn(stream)
+
+    async def _exchange(
+        self, conn: _Conn, address: str, digest: Digest, index: int, buffer: memoryview
+    ) -> bool:
+        request = f"GET /pieces/{digest.hex}/{index} HTTP/1.1\r\nHost: {address}\r\n\r\n"
+        await conn.stream.send_all(request.encode("ascii"))
+        head = bytearray()
+        while b"\r\n\r\n" not in head:
+            if len(head) > _MAX_HEAD:
+                raise PieceFetchError(f"{address}: response head over {_MAX_HEAD} bytes")
+            chunk = await conn.stream.receive_some(65536)
+            if not chunk:
+                raise PieceFetchError(f"{address}: connection closed before a response")
+            head += chunk
+        end = head.index(b"\r\n\r\n")
+        status, length = _parse_head(bytes(head[:end]), address)
+        body = head[end + 4 :]
+        if status != 200:
+            raise PieceFetchError(
+                f"{address}: piece {index} answered {status}", not_found=status == 404
+            )
+        if length != len(buffer):
+            raise PieceFetchError(f"{address}: piece {index} is {length} bytes, want {len(buffer)}")
+        if len(body) > length:
+            raise PieceFetchError(f"{address}: more bytes than the Content-Length")
+        buffer[: len(body)] = body
+        got = len(body)
+        while got < length:
+            n = await conn.sock.recv_into(buffer[got:])
+            if n == 0:
+                raise PieceFetchError(f"{address}: connection closed at {got} of {length}")
+            got += n
+            await self.limiter.consume(n)
+        self.bytes_received += length
+        return True
+
+
+def _parse_head(head: bytes, address: str) -> tuple[int, int]:
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0] != b"HTTP/1.1" or not parts[1].isdigit():
+        raise PieceFetchError(f"{address}: malformed status line {lines[0][:80]!r}")
+    status = int(parts[1])
+    length = -1
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise PieceFetchError(f"{address}: malformed header line {line[:80]!r}")
+        if name.strip().lower() == b"content-length":
+            text = value.strip()
+            if not text.isdigit() or length != -1:
+                raise PieceFetchError(f"{address}: bad Content-Length {text[:20]!r}")
+            length = int(text)
+        elif name.strip().lower() == b"transfer-encoding":
+            raise PieceFetchError(f"{address}: chunked piece responses are not accepted")
+    if status == 200 and length < 0:
+        raise PieceFetchError(f"{address}: no Content-Length")
+    return status, max(length, 0)
