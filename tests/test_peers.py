@@ -1,0 +1,104 @@
+"""The piece path: the piece server (sendfile) and the strict recv_into client."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from p2pd.blobs import BlobManager
+from p2pd.core.digest import Digest
+from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
+from p2pd.http.server import bound_port, serve
+from p2pd.peers import PieceClient, PieceFetchError, PieceServer, RateLimiter
+from p2pd.store import BlobStore
+
+SIZE = 2 * MIN_PIECE_SIZE + 1000
+
+
+def put_complete(store: BlobStore, data: bytes) -> Digest:
+    digest = Digest.from_bytes(hashlib.sha256(data).digest())
+    layout = PieceLayout.for_size(len(data))
+    part = store.open_partial(digest, layout)
+    for i in range(layout.count):
+        off, n = layout.span(i)
+        part.write_piece(i, data[off : off + n])
+    part.commit()
+    part.close()
+    return digest
+
+
+async def start_server(nursery: trio.Nursery, tmp_path: Path) -> tuple[str, Digest, bytes]:
+    data = random.Random(1).randbytes(SIZE)
+    store = BlobStore(tmp_path)
+    digest = put_complete(store, data)
+    server = PieceServer(BlobManager(store, nursery, []), upload_slots=2)
+    listeners = await nursery.start(
+        lambda task_status: serve(server.handle, "127.0.0.1", 0, task_status=task_status)
+    )
+    return f"127.0.0.1:{bound_port(listeners)}", digest, data
+
+
+async def test_fetch_pieces_over_one_kept_alive_connection(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    address, digest, data = await start_server(nursery, tmp_path)
+    client = PieceClient()
+    layout = PieceLayout.for_size(SIZE)
+    for index in (2, 0, 1):
+        off, n = layout.span(index)
+        buf = bytearray(n)
+        await client.fetch(address, digest, index, memoryview(buf))
+        assert buf == data[off : off + n]
+    assert len(client._idle[address]) == 1  # the same connection served all three
+    assert client.bytes_received == SIZE
+    await client.aclose()
+
+
+async def test_fetch_errors(nursery: trio.Nursery, tmp_path: Path) -> None:
+    address, digest, _ = await start_server(nursery, tmp_path)
+    client = PieceClient()
+    other = Digest("ab" * 32)
+    with pytest.raises(PieceFetchError) as info:
+        await client.fetch(address, other, 0, memoryview(bytearray(10)))
+    assert info.value.not_found
+    with pytest.raises(PieceFetchError, match="want 10"):
+        await client.fetch(address, digest, 2, memoryview(bytearray(10)))
+    with pytest.raises(PieceFetchError, match="answered 400"):
+        await client.fetch(address, digest, 3, memoryview(bytearray(10)))
+    with pytest.raises(PieceFetchError, match="cannot connect"):
+        await client.fetch("127.0.0.1:1", digest, 0, memoryview(bytearray(10)))
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/pieces/" + "AB" * 32 + "/0", 400),
+        ("/pieces/" + "ab" * 32 + "/01", 400),
+        ("/pieces/" + "ab" * 32 + "/-1", 400),
+        ("/pieces/%2e%2e/%2e%2e/etc/passwd/0", 400),
+        ("/pieces/../../etc/passwd/0", 404),  # httpx folds the dots: /etc/passwd/0
+        ("/pieces/" + "ab" * 32 + "/0/extra", 400),
+        ("/other", 404),
+        ("/pieces/" + "ab" * 32 + "/0", 404),
+    ],
+)
+async def test_hostile_paths(nursery: trio.Nursery, tmp_path: Path, path: str, status: int) -> None:
+    address, _, _ = await start_server(nursery, tmp_path)
+    async with httpx.AsyncClient(base_url=f"http://{address}") as client:
+        assert (await client.get(path)).status_code == status
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_rate_limiter_paces_transfers(autojump_clock: trio.testing.MockClock) -> None:
+    limiter = RateLimiter(1_000_000, burst=100_000)
+    start = trio.current_time()
+    for _ in range(10):
+        await limiter.consume(100_000)
+    # 1 MB at 1 MB/s, less the initial burst
+    assert trio.current_time() - start == pytest.approx(0.9, abs=0.01)
