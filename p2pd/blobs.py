@@ -92,13 +92,16 @@ class DownloadState(enum.Enum):
 class Download:
     """One blob being fetched to this host; fillers put pieces, readers stream the prefix."""
 
-    def __init__(self, digest: Digest, partial: PartialBlob) -> None:
+    def __init__(
+        self, digest: Digest, partial: PartialBlob, totals: dict[str, int] | None = None
+    ) -> None:
         self.digest = digest
         self.partial = partial
         self.layout: PieceLayout = partial.layout
         self.state = DownloadState.RUNNING
         self.error = ""
         self.sources: dict[str, int] = {}  # bytes by where they came from ("peer:<id>", …)
+        self._totals = totals if totals is not None else {}  # the same, over all downloads
         self._hashed = 0
         self._sha = hashlib.sha256()
         self._changed = trio.Event()
@@ -124,6 +127,8 @@ class Download:
         if self.partial.have.count() % _META_EVERY == 0:
             self.partial.save_meta()  # progress a restart can resume from
         self.sources[source] = self.sources.get(source, 0) + len(data)
+        kind = source.partition(":")[0]
+        self._totals[kind] = self._totals.get(kind, 0) + len(data)
         self._prefix_pieces = self.partial.have.first_missing()
         self._notify()
 
@@ -292,6 +297,9 @@ class BlobManager:
         self.rng = rng or random.Random()
         self.fallback_jitter = fallback_jitter
         self.downloads: dict[Digest, Download] = {}
+        # bytes written into downloads by kind of source ("peer", "registry")
+        self.bytes_from: dict[str, int] = {}
+        self.bytes_to_clients = 0
 
     def cached_size(self, digest: Digest) -> int | None:
         return self.store.size_of(digest)
@@ -318,6 +326,7 @@ class BlobManager:
                     if released > position:
                         end = min(released, position + _STREAM_CHUNK)
                         yield FileRegion(fd, position, end - position)
+                        self.bytes_to_clients += end - position
                         position = end
                     elif download.state is DownloadState.COMPLETE:
                         return
@@ -331,6 +340,7 @@ class BlobManager:
                 size = os.fstat(fd).st_size
                 if start < size:
                     yield FileRegion(fd, start, size - start)
+                    self.bytes_to_clients += size - start
             finally:
                 os.close(fd)
 
@@ -341,7 +351,7 @@ class BlobManager:
             partial = self.store.open_partial(digest, layout)
         except StorageError as exc:
             raise ResponseAborted(f"cannot cache {digest}: {exc}") from exc
-        download = Download(digest, partial)
+        download = Download(digest, partial, self.bytes_from)
         self.downloads[digest] = download
         self.nursery.start_soon(self._run, download, source)
         return download

@@ -1,16 +1,15 @@
-"""The ``p2pd`` command: the per-host daemon (registry mirror, swarm downloader, piece server).
-
-This release ships the sans-IO scheduling core and the control-message wire format that the
-daemon is built on; the daemon itself (mirror, peer server, swarm download) is not in this
-release yet, and the command says so instead of pretending to run.
-"""
+"""The ``p2pd`` command: the per-host daemon (registry mirror, swarm downloader, piece server)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
+import trio
+
 from p2pd import __version__
+from p2pd.config import ConfigError, add_arguments, from_args
 from p2pd.core.layout import PieceLayout
 
 
@@ -18,13 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2pd",
         description=(
-            "Per-host daemon of the container-layer swarm. NOT YET RUNNABLE: this release "
-            "contains the scheduling core and wire protocol only; the registry mirror, peer "
-            "server and swarm download come in a later release."
+            "Per-host daemon of the container-layer swarm: a registry mirror on loopback for "
+            "containerd/podman/skopeo that downloads layers through the swarm (falling back to "
+            "the registry), verifies every piece and layer, and serves pieces to other hosts."
         ),
     )
     parser.add_argument("--version", action="version", version=f"p2pd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="run the daemon until SIGINT/SIGTERM")
+    add_arguments(run)
     layout = sub.add_parser(
         "layout", help="print how a blob of SIZE bytes is cut into pieces (the piece-size rule)"
     )
@@ -43,9 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         last = lay.length(lay.count - 1) if lay.count else 0
         print(f"size={lay.total_size} piece_size={lay.piece_size} pieces={lay.count} last={last}")
         return 0
-    parser.print_help(sys.stderr)
-    print("\np2pd: the daemon is not implemented in this release", file=sys.stderr)
-    return 2
+    try:
+        config = from_args(args)
+    except ConfigError as exc:
+        print(f"p2pd: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level_number,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from p2pd.daemon import main_async
+
+    trio.run(main_async, config)
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import pytest
 
 from benchmarks import cli as bench_cli
 from p2pd import cli as p2pd_cli
-from supernode import cli as supernode_cli
 
 
 @pytest.mark.parametrize("module", ["p2pd.cli", "supernode.cli", "benchmarks.cli"])
@@ -22,11 +21,16 @@ def test_help_runs(module: str) -> None:
     assert "usage:" in out.stdout
 
 
-def test_daemons_say_they_are_not_runnable_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert p2pd_cli.main([]) == 2
-    assert "not implemented" in capsys.readouterr().err
-    assert supernode_cli.main([]) == 2
-    assert "not implemented" in capsys.readouterr().err
+def test_p2pd_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        p2pd_cli.main([])
+    assert info.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_p2pd_refuses_a_bad_option_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert p2pd_cli.main(["run", "--mirror-listen", "nowhere"]) == 2
+    assert "mirror_listen" in capsys.readouterr().err
 
 
 def test_p2pd_layout(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,142 @@
+"""The p2pd daemon: wires the cache, the swarm, the registry fallback and the two listeners.
+
+    mirror listener (loopback)  ── Mirror ──▶ BlobManager ──▶ Swarm ──▶ parents' piece servers
+                                                   │            └──▶ supernode (control)
+                                                   └──▶ BackSource ──▶ registry
+    peer listener               ── PieceServer (pieces this host holds), /stats, /healthz
+
+Everything runs in one trio nursery; cancelling it (SIGINT/SIGTERM) stops the listeners, and
+running downloads keep their verified pieces on disk for a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from p2pd.blobs import BackSource, BlobManager, Filler
+from p2pd.config import P2pdConfig
+from p2pd.http.server import Handler, Request, Response, bound_port, serve
+from p2pd.mirror import Mirror
+from p2pd.peers import PieceClient, PieceServer, RateLimiter
+from p2pd.store import BlobStore
+from p2pd.swarm import Swarm, SwarmConfig
+
+log = logging.getLogger(__name__)
+
+# Upper bound of the random wait before falling back to the registry: a fleet that loses its
+# supernode at once does not hit the registry at the same instant.
+FALLBACK_JITTER = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    mirror: int
+    peer: int
+
+
+class Daemon:
+    def __init__(self, config: P2pdConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.store = BlobStore(config.data_dir, config.quota_bytes or None)
+        self.upstream = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
+        self.control = httpx.AsyncClient(timeout=10.0)
+        self.pieces = PieceClient(RateLimiter(config.download_rate))
+        self.swarm = Swarm(
+            SwarmConfig(
+                peer_id=config.peer_id,
+                advertise=str(config.advertise),
+                zone=config.zone,
+                upload_slots=config.upload_slots,
+                stall_timeout=config.back_to_source_after,
+            ),
+            self.control,
+            self.pieces,
+            list(config.supernodes),
+            nursery,
+        )
+        fillers: list[Filler] = [self.swarm, BackSource(self.upstream)]
+        self.blobs = BlobManager(
+            self.store, nursery, fillers, rng=random.Random(), fallback_jitter=FALLBACK_JITTER
+        )
+        self.mirror = Mirror(config, self.upstream, self.blobs)
+        self.piece_server = PieceServer(
+            self.blobs, config.upload_slots, RateLimiter(config.upload_rate)
+        )
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "peer_id": self.config.peer_id,
+            "bytes_to_peers": self.piece_server.bytes_served,
+            "bytes_from_peers": self.blobs.bytes_from.get("peer", 0),
+            "bytes_from_registry": self.blobs.bytes_from.get("registry", 0),
+            "bytes_to_clients": self.blobs.bytes_to_clients,
+            "bad_pieces": self.swarm.bad_pieces,
+            "downloads_active": len(self.blobs.downloads),
+            "cache_bytes": self.store.usage(),
+        }
+
+    async def handle_peer(self, request: Request) -> Response:
+        if request.path == "/stats" and request.method == "GET":
+            body = json.dumps(self.stats()).encode()
+            return Response(200, [("content-type", "application/json")], body)
+        return await self.piece_server.handle(request)
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
+        await self.control.aclose()
+        await self.pieces.aclose()
+
+
+async def run_daemon(
+    config: P2pdConfig, *, task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run until cancelled; `task_status` receives the bound ports once both listen."""
+    async with trio.open_nursery() as nursery:
+        daemon = Daemon(config, nursery)
+        try:
+            mirror = await nursery.start(
+                _serve, daemon.mirror.handle, config.mirror_listen.host, config.mirror_listen.port
+            )
+            peer = await nursery.start(
+                _serve, daemon.handle_peer, config.peer_listen.host, config.peer_listen.port
+            )
+            log.info(
+                "p2pd %s: mirror on %s:%d, pieces on %s:%d, supernodes %s",
+                config.peer_id,
+                config.mirror_listen.host,
+                mirror,
+                config.peer_listen.host,
+                peer,
+                ", ".join(config.supernodes) or "none (registry only)",
+            )
+            task_status.started(Ports(mirror, peer))
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await daemon.aclose()
+
+
+async def _serve(
+    handler: Handler, host: str, port: int, *, task_status: trio.TaskStatus[int]
+) -> None:
+    """`serve`, reporting the bound port instead of the listeners."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve, handler, host, port)
+        task_status.started(bound_port(listeners))
+
+
+async def main_async(config: P2pdConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_daemon, config)
+            async for signum in signals:
+                log.info("received %s; stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
