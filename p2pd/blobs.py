@@ -80,7 +80,15 @@ class DownloadFailed(Exception):
 
 
 class FillerGaveUp(Exception):
-    """A filler stopped without completing the blob; the next filler may take over."""
+    """A filler stopped without completing the blob; the next filler may take over.
+
+    `fleetwide` says the cause may hit every host at once (a supernode down, a stalled swarm),
+    so the next filler starts after a random delay instead of with the whole fleet.
+    """
+
+    def __init__(self, reason: str, *, fleetwide: bool = True) -> None:
+        super().__init__(reason)
+        self.fleetwide = fleetwide
 
 
 class DownloadState(enum.Enum):
@@ -395,13 +403,15 @@ class BlobManager:
             download.fail(f"internal error: {exc!r}")
 
     async def _fill(self, download: Download, source: BlobSource) -> None:
-        for n, filler in enumerate(self.fillers):
+        jitter = False
+        for filler in self.fillers:
             if download.pieces_complete() or download.state is not DownloadState.RUNNING:
                 return
-            if n and self.fallback_jitter:
+            if jitter and self.fallback_jitter:
                 # spread a fleet's fallback over time instead of all hosts at once
                 await trio.sleep(self.rng.uniform(0, self.fallback_jitter))
             try:
                 await filler.fill(download, source)
             except FillerGaveUp as exc:
                 log.info("%s gave up on %s: %s", type(filler).__name__, download.digest, exc)
+                jitter = exc.fleetwide

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, config.log_level_number))
     from p2pd.daemon import main_async
 
     trio.run(main_async, config)

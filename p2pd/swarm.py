@@ -82,7 +82,7 @@ class Swarm:
 
     async def fill(self, download: Download, source: BlobSource) -> None:
         if not self.supernodes:
-            raise FillerGaveUp("no supernode configured")
+            raise FillerGaveUp("no supernode configured", fleetwide=False)
         register = wire.Register(
             digest=download.digest,
             size=download.layout.total_size,
