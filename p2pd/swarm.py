@@ -46,7 +46,7 @@ class SwarmConfig:
     zone: str = ""
     upload_slots: int = 8
     announce_interval: float = 1.0
-    min_announce_gap: float = 0.1
+    min_announce_gap: float = 0.05
     stall_timeout: float = 15.0
     seed_time: float = 600.0
     picker: PickerConfig = field(default_factory=PickerConfig)
@@ -168,10 +168,14 @@ class _Run:
         self._apply(assignment, now)
         last_progress = now
         next_announce = now + self.config.announce_interval
-        last_announce = now
+        # While nothing is in flight (parents not yet assigned, the seeder still reading), ask
+        # again soon, backing off towards the regular interval so idle hosts stay cheap.
+        idle_gap = self.config.min_announce_gap
         async with trio.open_nursery() as nursery:
             self._launch(nursery, now)
             while not self.picker.is_complete():
+                if not self.live:
+                    next_announce = min(next_announce, now + idle_gap)
                 wake = min(next_announce, last_progress + self.config.stall_timeout)
                 deadline = self.picker.next_deadline()
                 if deadline is not None:
@@ -182,14 +186,13 @@ class _Run:
                 now = trio.current_time()
                 if result is not None and await self._handle(result, now):
                     last_progress = now
+                    idle_gap = self.config.min_announce_gap
                 for request in self.picker.expire(now):
                     self._cancel(request)
-                idle = not self.live
-                if now >= next_announce or (
-                    idle and now - last_announce >= self.config.min_announce_gap
-                ):
+                if now >= next_announce:
+                    if not self.live:
+                        idle_gap = min(2 * idle_gap, self.config.announce_interval)
                     await self._announce(now)
-                    last_announce = now
                     next_announce = now + self.config.announce_interval
                 if now - last_progress >= self.config.stall_timeout:
                     raise FillerGaveUp(
