@@ -19,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -214,7 +215,10 @@ class _Connection:
     async def _linger(self) -> None:
         """Half-close and discard what the client still sends, briefly: closing a socket with
         unread input makes the kernel send a reset that can destroy our error response."""
-        with trio.move_on_after(1):
+        with (
+            trio.move_on_after(1),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
             await self.stream.send_eof()
             budget = 1 << 20
             while budget > 0 and (data := await self.stream.receive_some(65536)):
@@ -355,7 +359,11 @@ async def serve(
     limits = limits or ServerLimits()
 
     async def on_connection(stream: trio.SocketStream) -> None:
-        await _Connection(stream, handler, limits).run()
+        # Last line of defence: one connection's failure must never take the listener down.
+        try:
+            await _Connection(stream, handler, limits).run()
+        except Exception:
+            log.exception("connection handler failed")
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     async with trio.open_nursery() as nursery:

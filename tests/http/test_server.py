@@ -161,3 +161,21 @@ async def test_slow_client_is_dropped(nursery: trio.Nursery) -> None:
     with trio.fail_after(3):
         assert await stream.receive_some(100) == b""
     await stream.aclose()
+
+
+async def test_client_that_resets_after_garbage_does_not_kill_the_server(
+    nursery: trio.Nursery,
+) -> None:
+    import socket
+    import struct
+
+    port = await start(nursery)
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", port))
+        # a TLS ClientHello-like start, then an abortive close (RST), as skopeo does
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    await trio.sleep(0.2)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        assert (await client.post("/echo", content=b"alive")).content == b"alive"
