@@ -128,9 +128,10 @@ class PieceServer:
 class PieceFetchError(Exception):
     """A parent did not deliver the piece (connection, protocol or status problem)."""
 
-    def __init__(self, message: str, *, not_found: bool = False) -> None:
+    def __init__(self, message: str, *, not_found: bool = False, unreachable: bool = False) -> None:
         super().__init__(message)
-        self.not_found = not_found
+        self.not_found = not_found  # it answered 404: it does not hold the piece (yet)
+        self.unreachable = unreachable  # refused, reset or closed: it may be gone
 
 
 class _Conn:
@@ -161,7 +162,7 @@ class PieceClient:
         try:
             reusable = await self._exchange(conn, address, digest, index, buffer)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise PieceFetchError(f"{address}: {exc}") from exc
+            raise PieceFetchError(f"{address}: {exc}", unreachable=True) from exc
         finally:
             if reusable and len(self._idle.setdefault(address, [])) < self.idle_per_parent:
                 self._idle[address].append(conn)
@@ -185,7 +186,7 @@ class PieceClient:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(host, int(port))
         except (OSError, trio.TooSlowError, ValueError) as exc:
-            raise PieceFetchError(f"cannot connect to {address}: {exc}") from exc
+            raise PieceFetchError(f"cannot connect to {address}: {exc}", unreachable=True) from exc
         return _Conn(stream)
 
     async def _exchange(
@@ -199,7 +200,9 @@ class PieceClient:
                 raise PieceFetchError(f"{address}: response head over {_MAX_HEAD} bytes")
             chunk = await conn.stream.receive_some(65536)
             if not chunk:
-                raise PieceFetchError(f"{address}: connection closed before a response")
+                raise PieceFetchError(
+                    f"{address}: connection closed before a response", unreachable=True
+                )
             head += chunk
         end = head.index(b"\r\n\r\n")
         status, length = _parse_head(bytes(head[:end]), address)
@@ -217,7 +220,9 @@ class PieceClient:
         while got < length:
             n = await conn.sock.recv_into(buffer[got:])
             if n == 0:
-                raise PieceFetchError(f"{address}: connection closed at {got} of {length}")
+                raise PieceFetchError(
+                    f"{address}: connection closed at {got} of {length}", unreachable=True
+                )
             got += n
             await self.limiter.consume(n)
         self.bytes_received += length

@@ -48,6 +48,7 @@ class SwarmConfig:
     announce_interval: float = 1.0
     min_announce_gap: float = 0.05
     stall_timeout: float = 15.0
+    max_connect_failures: int = 2
     seed_time: float = 600.0
     picker: PickerConfig = field(default_factory=PickerConfig)
 
@@ -143,7 +144,8 @@ class _Run:
         self.addresses: dict[str, str] = {}
         self.live: dict[Request, trio.CancelScope] = {}
         self.completed: list[int] = []
-        self.shunned: set[str] = set()  # parents that served a bad piece: never again
+        self.shunned: set[str] = set()  # parents that served a bad piece or are gone
+        self.failures: dict[str, int] = {}  # consecutive connection failures per parent
         self.send, self.receive = trio.open_memory_channel[_Result](math.inf)
 
     async def run(self, assignment: wire.Assignment) -> None:
@@ -166,42 +168,54 @@ class _Run:
         )
         now = trio.current_time()
         self._apply(assignment, now)
+        # The loop runs inside a nursery (the transfers), so a give-up inside it would come out
+        # wrapped in an exception group: carry it out as a value and raise it plainly here.
+        gave_up: FillerGaveUp | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._loop(nursery, now)
+            except FillerGaveUp as exc:
+                gave_up = exc
+            nursery.cancel_scope.cancel()
+        if gave_up is not None:
+            raise gave_up
+        await self._announce(trio.current_time(), want_parents=False)
+
+    async def _loop(self, nursery: trio.Nursery, now: float) -> None:
+        assert self.picker is not None
         last_progress = now
         next_announce = now + self.config.announce_interval
         # While nothing is in flight (parents not yet assigned, the seeder still reading), ask
         # again soon, backing off towards the regular interval so idle hosts stay cheap.
         idle_gap = self.config.min_announce_gap
-        async with trio.open_nursery() as nursery:
-            self._launch(nursery, now)
-            while not self.picker.is_complete():
+        self._launch(nursery, now)
+        while not self.picker.is_complete():
+            if not self.live:
+                next_announce = min(next_announce, now + idle_gap)
+            wake = min(next_announce, last_progress + self.config.stall_timeout)
+            deadline = self.picker.next_deadline()
+            if deadline is not None:
+                wake = min(wake, deadline)
+            result: _Result | None = None
+            with trio.move_on_at(wake):
+                result = await self.receive.receive()
+            now = trio.current_time()
+            if result is not None and await self._handle(result, now):
+                last_progress = now
+                idle_gap = self.config.min_announce_gap
+            for request in self.picker.expire(now):
+                self._cancel(request)
+            if now >= next_announce:
                 if not self.live:
-                    next_announce = min(next_announce, now + idle_gap)
-                wake = min(next_announce, last_progress + self.config.stall_timeout)
-                deadline = self.picker.next_deadline()
-                if deadline is not None:
-                    wake = min(wake, deadline)
-                result: _Result | None = None
-                with trio.move_on_at(wake):
-                    result = await self.receive.receive()
-                now = trio.current_time()
-                if result is not None and await self._handle(result, now):
-                    last_progress = now
-                    idle_gap = self.config.min_announce_gap
-                for request in self.picker.expire(now):
-                    self._cancel(request)
-                if now >= next_announce:
-                    if not self.live:
-                        idle_gap = min(2 * idle_gap, self.config.announce_interval)
-                    await self._announce(now)
-                    next_announce = now + self.config.announce_interval
-                if now - last_progress >= self.config.stall_timeout:
-                    raise FillerGaveUp(
-                        f"no piece arrived for {self.config.stall_timeout:.0f} s "
-                        f"({self.picker.have.count()}/{self.layout.count} pieces)"
-                    )
-                self._launch(nursery, now)
-            nursery.cancel_scope.cancel()
-        await self._announce(trio.current_time(), want_parents=False)
+                    idle_gap = min(2 * idle_gap, self.config.announce_interval)
+                await self._announce(now)
+                next_announce = now + self.config.announce_interval
+            if now - last_progress >= self.config.stall_timeout:
+                raise FillerGaveUp(
+                    f"no piece arrived for {self.config.stall_timeout:.0f} s "
+                    f"({self.picker.have.count()}/{self.layout.count} pieces)"
+                )
+            self._launch(nursery, now)
 
     # -- assignments --------------------------------------------------------------------------
 
@@ -280,6 +294,24 @@ class _Run:
         if not delivered:
             self.swarm.give_buffer(buffer)
 
+    async def _unreachable(self, request: Request, now: float) -> None:
+        """Count connection failures; a parent that keeps failing is dropped and reported,
+        so the supernode stops handing it out (a killed host looks alive until its TTL)."""
+        assert self.picker is not None
+        parent = request.parent
+        self.failures[parent] = self.failures.get(parent, 0) + 1
+        if self.failures[parent] < self.config.max_connect_failures:
+            return
+        log.info("parent %s of %s is unreachable; dropping it", parent, self.download.digest)
+        self.shunned.add(parent)
+        if parent in self.picker.parents():
+            self.picker.remove_parent(parent)
+        for live in [r for r in self.live if r.parent == parent]:
+            self._cancel(live)
+        reply = await self.session.report(parent, request.index, wire.REPORT_UNREACHABLE)
+        if reply is not None:
+            self._apply(reply, now)
+
     async def _handle(self, result: _Result, now: float) -> bool:
         """Take one transfer's outcome; True when it brought a new verified piece."""
         assert self.picker is not None
@@ -289,12 +321,14 @@ class _Run:
                 self.swarm.give_buffer(result.buffer)
             return False  # cancelled meanwhile: the picker has already moved on
         if result.buffer is None:
-            assert result.error is not None
-            log.debug("piece %d from %s: %s", request.index, request.parent, result.error)
-            self.picker.on_failure(
-                request.parent, request.index, lacks_piece=result.error.not_found
-            )
+            error = result.error
+            assert error is not None
+            log.debug("piece %d from %s: %s", request.index, request.parent, error)
+            self.picker.on_failure(request.parent, request.index, lacks_piece=error.not_found)
+            if error.unreachable:
+                await self._unreachable(request, now)
             return False
+        self.failures.pop(request.parent, None)
         buffer = result.buffer
         try:
             ok = self.manifest.verify(request.index, buffer)
@@ -316,7 +350,9 @@ class _Run:
                 self._cancel(Request(action.parent, action.index))
             elif isinstance(action, BadParent):
                 self.shunned.add(action.parent)
-                reply = await self.session.report(action.parent, action.index, "hash mismatch")
+                reply = await self.session.report(
+                    action.parent, action.index, wire.REPORT_BAD_PIECE
+                )
                 if reply is not None:
                     self._apply(reply, now)
         return ok

@@ -73,6 +73,10 @@ MAX_UPSTREAM: Final = 2048
 MAX_REPOSITORY: Final = 255
 MAX_REASON: Final = 200
 MAX_ERROR_MESSAGE: Final = 1000
+# Report reasons the supernode acts on: a bad piece blames the parent; "unreachable" only says
+# the reporter could not connect (see Scheduler.report_unreachable). Other text is a bad piece.
+REPORT_BAD_PIECE: Final = "hash mismatch"
+REPORT_UNREACHABLE: Final = "unreachable"
 
 # Limits handed to msgpack so a hostile body cannot make it allocate much before our checks
 # run. The longest string field is the authorization (ASCII: chars == bytes); the longest

@@ -93,12 +93,17 @@ class SchedulerConfig:
     seeder_upload_slots: int = 64
     peer_ttl: float = 60.0
     max_blame: int = 1
+    max_unreachable: int = 2  # distinct peers that must fail to reach a parent to drop it
 
     def __post_init__(self) -> None:
         for name in ("max_parents", "default_upload_slots", "seeder_upload_slots"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise SchedulerError(f"{name} must be a non-negative int, got {value!r}")
+        if type(self.max_unreachable) is not int or self.max_unreachable < 1:
+            raise SchedulerError(
+                f"max_unreachable must be an int >= 1, got {self.max_unreachable!r}"
+            )
         if type(self.max_blame) is not int or self.max_blame < 1:
             raise SchedulerError(f"max_blame must be an int >= 1, got {self.max_blame!r}")
         if not self.peer_ttl > 0:
@@ -165,7 +170,17 @@ class _Peer:
 
 
 class _Task:
-    __slots__ = ("banned", "blame", "digest", "free", "layout", "peers", "seeder", "state")
+    __slots__ = (
+        "banned",
+        "blame",
+        "digest",
+        "free",
+        "layout",
+        "peers",
+        "seeder",
+        "state",
+        "unreachable",
+    )
 
     def __init__(self, digest: Digest, layout: PieceLayout, seeder: _Peer) -> None:
         self.digest = digest
@@ -177,6 +192,7 @@ class _Task:
         self.free: dict[str, dict[str, _Peer]] = {}
         self.banned: set[str] = set()  # membership only, never iterated
         self.blame: dict[str, dict[str, None]] = {}  # parent id -> reporters, in report order
+        self.unreachable: dict[str, dict[str, None]] = {}  # the same, for "cannot reach"
 
 
 _STAT_KEYS = (
@@ -186,6 +202,9 @@ _STAT_KEYS = (
     "bans",
     "bad_reports",
     "seeder_reports",
+    "seeder_unreachable",
+    "unreachable_reports",
+    "dropped_unreachable",
     "ignored_reports",
     "expired",
 )
@@ -382,6 +401,41 @@ class Scheduler:
             reporters[reporter] = None
             if len(reporters) >= self._config.max_blame and parent_id not in task.banned:
                 self._ban(task, bad)
+        self._revise(task, peer)
+        self._stats["decisions"] += 1
+        return self._assignment(task, peer)
+
+    def report_unreachable(
+        self, digest: Digest, reporter: str, parent_id: str, now: float
+    ) -> Assignment:
+        """`reporter` cannot reach `parent_id` (refused, reset, timed out).
+
+        The reporter never gets that parent again in this task; no blame, since a network
+        fault is not misbehaviour. Once ``max_unreachable`` distinct peers said so, the parent
+        is dropped from the task as if it had expired, without waiting out ``peer_ttl``: a
+        killed host would otherwise keep looking like the best parent for a minute.
+        """
+        task = self._task(digest)
+        peer = self._peer(task, reporter)
+        if parent_id == reporter:
+            raise SchedulerError(f"peer {reporter!r} reported itself")
+        self._touch(task, peer, self._clock(now))
+        if parent_id == self._seeder_id:
+            self._stats["seeder_unreachable"] += 1
+        elif parent_id not in task.peers:
+            self._stats["ignored_reports"] += 1
+        else:
+            self._stats["unreachable_reports"] += 1
+            gone = task.peers[parent_id]
+            peer.shunned.add(parent_id)
+            if parent_id in peer.parents:
+                self._unlink(task, gone, peer)
+            reporters = task.unreachable.setdefault(parent_id, {})
+            reporters[reporter] = None
+            if len(reporters) >= self._config.max_unreachable:
+                self._drop(task, gone)
+                del task.unreachable[parent_id]
+                self._stats["dropped_unreachable"] += 1
         self._revise(task, peer)
         self._stats["decisions"] += 1
         return self._assignment(task, peer)

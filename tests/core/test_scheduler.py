@@ -735,3 +735,33 @@ def test_same_assignments_under_any_string_hash_seed() -> None:
         assert out.returncode == 0, out.stderr
         outs.add(out.stdout.strip())
     assert outs == {assignment_fingerprint(5)}
+
+
+def test_unreachable_parent_is_shunned_then_dropped() -> None:
+    s = sched(max_unreachable=2)
+    s.register(D, "dead", "", "", 0.0, have=bf("1111"))
+    for child in ("a", "b"):
+        assert names(s.register(D, child, "", "", 0.0)) == ["dead"]
+    # a's report: a never gets it again and, nobody else covering, gets the seeder; no ban
+    assert names(s.report_unreachable(D, "a", "dead", 1.0)) == [SEEDER]
+    assert not s.is_banned(D, "dead")
+    assert "dead" in s.peers(D) and s.parents_of(D, "b") == ["dead"]
+    # a second reporter: the parent is dropped at once, its children's links with it
+    assert names(s.report_unreachable(D, "b", "dead", 2.0)) == [SEEDER]
+    assert "dead" not in s.peers(D)
+    assert s.stats()["dropped_unreachable"] == 1 and s.stats()["bans"] == 0
+    # it may come back: registering again is allowed and it is not banned
+    s.register(D, "dead", "", "", 3.0, have=bf("1111"))
+    assert not s.is_banned(D, "dead")
+    assert "dead" not in s.parents_of(D, "a")  # a still shuns it
+
+
+def test_unreachable_reports_against_the_seeder_or_strangers_are_only_counted() -> None:
+    s = sched()
+    s.register(D, "k", "", "", 0.0)
+    assert names(s.report_unreachable(D, "k", SEEDER, 1.0)) == [SEEDER]
+    s.report_unreachable(D, "k", "ghost", 1.0)
+    stats = s.stats()
+    assert stats["seeder_unreachable"] == 1 and stats["ignored_reports"] == 1
+    with pytest.raises(SchedulerError, match="reported itself"):
+        s.report_unreachable(D, "k", "k", 1.0)
