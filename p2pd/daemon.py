@@ -23,7 +23,7 @@ import trio
 from p2pd.blobs import BackSource, BlobManager, Filler
 from p2pd.config import P2pdConfig
 from p2pd.http.server import Handler, Request, Response, bound_port, serve
-from p2pd.mirror import Mirror
+from p2pd.mirror import Mirror, upstream_client
 from p2pd.peers import PieceClient, PieceServer, RateLimiter
 from p2pd.store import BlobStore
 from p2pd.swarm import Swarm, SwarmConfig
@@ -45,7 +45,7 @@ class Daemon:
     def __init__(self, config: P2pdConfig, nursery: trio.Nursery) -> None:
         self.config = config
         self.store = BlobStore(config.data_dir, config.quota_bytes or None)
-        self.upstream = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
+        self.upstream = upstream_client()
         self.control = httpx.AsyncClient(timeout=10.0)
         self.pieces = PieceClient(RateLimiter(config.download_rate))
         self.swarm = Swarm(
