@@ -1,0 +1,378 @@
+"""The seeder: bring one blob into the supernode's store, publishing pieces as they land.
+
+A `Task` is the supernode's record of one blob beside the scheduler's state: where to fetch it
+(`Source`), the *public* manifest peers are told about, the partial file while fetching, and
+why it failed. `Seeder.run` drives one task to READY or FAILED and never raises (except
+cancellation): a bad upstream is the task's failure, not the daemon's.
+
+Two sources, tried in order:
+
+1. the store: a blob already complete on disk (a restart) is hashed once, piece by piece in a
+   worker thread, and becomes READY when its sha256 still equals the digest; otherwise it is
+   removed and fetched again;
+2. the upstream registry: ``GET {upstream}/v2/{repository}/blobs/{digest}`` with the
+   registrant's ``Authorization``, following redirects (httpx drops the header when a redirect
+   leaves the registry's origin, as storage back-ends require).
+
+Data path of a fetch: network chunks are copied into one reused piece-sized buffer; when a
+piece is complete one worker-thread call hashes it (xxh3 + the running sha256, in a private
+`ManifestBuilder`) and writes it to the ``.part`` file; back on the trio thread its hash joins
+the public manifest and `Scheduler.seeder_progress` lets peers fetch it. So peers start long
+before the blob is complete, the event loop never hashes, and only the trio thread touches the
+scheduler, the store's bookkeeping and the public manifest.
+
+Errors (`SeedError`, the one tree of this boundary) decide retries at one place, `_fetch`:
+
+* `UpstreamUnavailable` -- connection errors, timeouts, 5xx, 408, 429, a body cut short:
+  retried with capped exponential backoff up to ``fetch.retries`` times. A retry resumes at
+  the first piece not yet hashed (``Range: bytes=N-``; a 200 answer is skipped up to N).
+* `UpstreamRefused` -- any other non-2xx (401/403: the forwarded credentials; 404: no such
+  blob): the task fails at once.
+* `BlobMismatch` -- Content-Length or body length differs from the registered size, or the
+  sha256 differs from the digest: the task fails at once and its partial file is discarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import cast
+
+import httpx
+import trio
+
+from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
+from p2pd.core.manifest import ManifestBuilder, PieceManifest
+from p2pd.core.scheduler import Scheduler, TaskState
+from p2pd.store import BlobStore, PartialBlob, StorageError
+from supernode.config import FetchConfig
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_RETRY_STATUSES = frozenset({408, 429})
+
+
+class SeedError(Exception):
+    """Why a blob could not be seeded; the text becomes the task's failure reason."""
+
+    retryable = False
+
+
+class UpstreamUnavailable(SeedError):
+    """The registry could not be reached or failed transiently; worth another attempt."""
+
+    retryable = True
+
+
+class UpstreamRefused(SeedError):
+    """The registry refused the request (4xx): retrying with the same credentials won't help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def auth(self) -> bool:
+        """The forwarded credentials were refused (other credentials might work)."""
+        return self.status in (401, 403)
+
+
+class BlobMismatch(SeedError):
+    """The bytes are not the registered blob: wrong size or wrong sha256."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Source:
+    """Where the first registrant said the blob lives, and its credentials for it."""
+
+    upstream: str  # normalised allowlist entry, no trailing slash
+    repository: str
+    authorization: str | None
+
+    def blob_url(self, digest: Digest) -> str:
+        return f"{self.upstream}/v2/{self.repository}/blobs/{digest}"
+
+
+class Task:
+    """One blob as the supernode sees it; the scheduler holds its swarm state."""
+
+    __slots__ = (
+        "digest",
+        "done",
+        "failure",
+        "finished_at",
+        "layout",
+        "manifest",
+        "partial",
+        "source",
+    )
+
+    def __init__(self, digest: Digest, layout: PieceLayout, source: Source) -> None:
+        self.digest = digest
+        self.layout = layout
+        self.source = source
+        # What peers are told: grows only on the trio thread, after the piece is on disk.
+        self.manifest = PieceManifest(digest, layout)
+        self.partial: PartialBlob | None = None  # while fetching: the file pieces are served from
+        self.failure: SeedError | None = None
+        self.finished_at: float | None = None  # trio time of READY or FAILED
+        self.done = trio.Event()
+
+
+class Seeder:
+    """Runs tasks to completion against one upstream client and one store."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        store: BlobStore,
+        scheduler: Scheduler,
+        fetch: FetchConfig,
+        reserve: Callable[[Digest, int], None],
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.scheduler = scheduler
+        self.fetch = fetch
+        # Makes room under the quota for a new partial file (raises StorageFull); the tracker
+        # owns it because it knows which blobs are in use.
+        self._reserve = reserve
+
+    async def run(self, task: Task) -> None:
+        """Seed `task` to READY or FAILED. Never raises, except on cancellation."""
+        digest = task.digest
+        try:
+            origin = "the store"
+            if not await self._from_store(task):
+                origin = task.source.upstream
+                await self._fetch(task)
+            log.info("%s ready from %s: %d bytes", digest, origin, task.layout.total_size)
+        except SeedError as exc:
+            self._fail(task, exc)
+        except StorageError as exc:
+            self._fail(task, SeedError(f"storage: {exc}"))
+        except Exception as exc:
+            # A bug here must cost this task, not the daemon.
+            log.exception("seeding %s crashed", digest)
+            self._fail(task, SeedError(f"internal error: {type(exc).__name__}"))
+        finally:
+            if task.partial is not None:
+                # Failed or cancelled: a fresh fetch starts from scratch, so nothing to keep.
+                # Pieces being served stay readable through their own duplicated fds.
+                task.partial.close()
+                task.partial.discard()
+                task.partial = None
+            task.done.set()
+
+    def _fail(self, task: Task, exc: SeedError) -> None:
+        log.warning("%s failed: %s", task.digest, exc)
+        task.failure = exc
+        task.finished_at = trio.current_time()
+        if self.scheduler.task_state(task.digest) is TaskState.FETCHING:
+            self.scheduler.seeder_done(task.digest, ok=False)
+
+    def _ready(self, task: Task) -> None:
+        task.manifest.seal()
+        # The registrant's credentials were needed for the fetch only; don't keep them.
+        task.source = dataclasses.replace(task.source, authorization=None)
+        task.finished_at = trio.current_time()
+        self.scheduler.seeder_done(task.digest, ok=True)
+
+    # -- from the store ---------------------------------------------------------------------
+
+    async def _from_store(self, task: Task) -> bool:
+        """READY from a complete blob on disk; False (and the file removed if bad) otherwise."""
+        digest, layout = task.digest, task.layout
+        if self.store.size_of(digest) != layout.total_size:
+            return False
+        builder = ManifestBuilder(PieceManifest(digest, layout))
+        buf = memoryview(bytearray(layout.piece_size if layout.count else 0))
+        with self.store.lease(digest):
+            fd = self.store.open_complete(digest)
+            try:
+                for index in range(layout.count):
+                    offset, length = layout.span(index)
+                    # One thread call per piece, so that shutdown is never stuck behind a
+                    # whole-blob hash.
+                    await trio.to_thread.run_sync(
+                        _hash_from_file, builder, fd, offset, buf[:length]
+                    )
+            finally:
+                os.close(fd)
+        if not builder.finish():
+            log.warning("%s in the store no longer matches its digest; fetching it again", digest)
+            self.store.remove(digest)
+            return False
+        task.manifest.extend(0, builder.manifest.hashes)
+        self._ready(task)
+        return True
+
+    # -- from the upstream ------------------------------------------------------------------
+
+    async def _fetch(self, task: Task) -> None:
+        digest, layout = task.digest, task.layout
+        self._reserve(digest, layout.total_size)
+        partial = self.store.open_partial(digest, layout)
+        if not partial.have.is_empty():
+            # Left by an earlier run. Its sha256 prefix state is lost and its .meta may claim
+            # pieces that never reached the disk, so start over.
+            partial.close()
+            partial.discard()
+            partial = self.store.open_partial(digest, layout)
+        task.partial = partial
+        builder = ManifestBuilder(PieceManifest(digest, layout))
+        buf = bytearray(layout.piece_size if layout.count else 0)
+        attempt = 0
+        while True:
+            try:
+                await self._stream(task, builder, buf)
+                break
+            except SeedError as exc:
+                if not exc.retryable or attempt >= self.fetch.retries:
+                    raise
+                attempt += 1
+                delay = self.fetch.delay(attempt)
+                log.warning(
+                    "%s: %s; retry %d/%d in %.2fs at byte %d",
+                    digest,
+                    exc,
+                    attempt,
+                    self.fetch.retries,
+                    delay,
+                    builder.received,
+                )
+                await trio.sleep(delay)
+        if not builder.finish():
+            raise BlobMismatch("sha256 mismatch: the upstream bytes do not hash to the digest")
+        # fsync may take a while for a big file; the rename and the store's books stay here.
+        await trio.to_thread.run_sync(os.fsync, partial.fd)
+        partial.commit()
+        partial.close()
+        task.partial = None
+        self._ready(task)
+
+    async def _stream(self, task: Task, builder: ManifestBuilder, buf: bytearray) -> None:
+        """One GET from the first unhashed byte to the end, feeding whole pieces."""
+        layout, url = task.layout, task.source.blob_url(task.digest)
+        start = builder.received
+        headers = {"Accept-Encoding": "identity"}  # the digest is over the stored bytes
+        if task.source.authorization is not None:
+            headers["Authorization"] = task.source.authorization
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        try:
+            async with self.client.stream("GET", url, headers=headers) as response:
+                skip = _check_response(response, url, start, layout.total_size)
+                # aclosing: leaving the loop early (a mismatch) must close the generator now,
+                # not at garbage collection.
+                raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())  # typed loosely
+                async with contextlib.aclosing(raw) as body:
+                    fill = await self._consume(task, builder, buf, body, skip)
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        except httpx.RequestError as exc:  # too many redirects, undecodable body, ...
+            raise UpstreamRefused(0, f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        if builder.received < layout.total_size:
+            raise UpstreamUnavailable(
+                f"GET {url}: body ended after {builder.received + fill} of "
+                f"{layout.total_size} bytes"
+            )
+
+    async def _consume(
+        self,
+        task: Task,
+        builder: ManifestBuilder,
+        buf: bytearray,
+        body: AsyncIterator[bytes],
+        skip: int,
+    ) -> int:
+        """Cut the body into pieces in `buf`; return the bytes of an unfinished last piece."""
+        layout, view = task.layout, memoryview(buf)
+        index, fill = builder.manifest.known, 0
+        async for raw in body:
+            chunk = memoryview(raw)
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            while chunk:
+                if index == layout.count:
+                    raise BlobMismatch(
+                        f"size mismatch: upstream sent more than the registered "
+                        f"{layout.total_size} bytes"
+                    )
+                length = layout.length(index)
+                n = min(length - fill, len(chunk))
+                view[fill : fill + n] = chunk[:n]
+                fill, chunk = fill + n, chunk[n:]
+                if fill == length:
+                    await self._absorb(task, builder, index, view[:length])
+                    index, fill = index + 1, 0
+        return fill
+
+    async def _absorb(
+        self, task: Task, builder: ManifestBuilder, index: int, data: memoryview
+    ) -> None:
+        """Hash and store piece `index`, then tell peers it exists."""
+        partial = task.partial
+        assert partial is not None
+
+        def work() -> None:
+            builder.feed(data)
+            partial.write_piece(index, data)
+
+        await trio.to_thread.run_sync(work)
+        task.manifest.extend(index, builder.manifest.hash_of(index))
+        self.scheduler.seeder_progress(task.digest, task.manifest.known)
+
+
+def _hash_from_file(builder: ManifestBuilder, fd: int, offset: int, buf: memoryview) -> None:
+    """Read `len(buf)` bytes at `offset` into `buf` and feed them (runs in a worker thread)."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            raise StorageError(f"blob file ended at byte {offset + got}")
+        got += n
+    builder.feed(buf)
+
+
+def _check_response(response: httpx.Response, url: str, start: int, size: int) -> int:
+    """Raise the `SeedError` an answer deserves; else how many leading body bytes to skip."""
+    status = response.status_code
+    if status >= 500 or status in _RETRY_STATUSES:
+        raise UpstreamUnavailable(f"GET {url}: upstream answered {status} {response.reason_phrase}")
+    if status not in (200, 206):
+        hint = {
+            401: " (the forwarded credentials were not accepted)",
+            403: " (the forwarded credentials may not read this repository)",
+            404: " (no such blob in this repository)",
+        }.get(status, "")
+        raise UpstreamRefused(
+            status, f"GET {url}: upstream answered {status} {response.reason_phrase}{hint}"
+        )
+    declared = response.headers.get("content-length")
+    if status == 206:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+        if not start or match is None:
+            raise UpstreamRefused(status, f"GET {url}: unexpected partial content")
+        first, last, total = match.groups()
+        if int(first) != start or int(last) != size - 1 or total not in ("*", str(size)):
+            raise BlobMismatch(
+                f"size mismatch: upstream sent range {first}-{last}/{total} for a resume at "
+                f"{start} of a {size}-byte blob"
+            )
+        expected, skip = size - start, 0
+    else:
+        expected, skip = size, start  # a resume the server did not honour: skip the prefix
+    if declared is not None and declared != str(expected):
+        raise BlobMismatch(
+            f"size mismatch: upstream Content-Length {declared}, expected {expected} "
+            f"(registered size {size})"
+        )
+    return skip

@@ -1,0 +1,166 @@
+"""The supernode's HTTP face, and `Supernode`, the object that wires the daemon together.
+
+Routes (one port for peers' control calls and piece downloads)::
+
+    POST /v1/register    wire.Register -> 200 wire.Assignment
+    POST /v1/announce    wire.Announce -> 200 wire.Assignment
+    POST /v1/report      wire.Report   -> 200 wire.Assignment
+    POST /v1/leave       wire.Leave    -> 200 wire.Ack
+    GET|HEAD /pieces/<64 lowercase hex>/<index>   -> 200 the piece's bytes (sendfile)
+    GET|HEAD /healthz    -> 200 "ok"
+
+Control replies are MessagePack (``application/msgpack``); a refused control call gets a 4xx
+with a ``wire.Error`` body and one log line: 400 ``bad_request`` (undecodable or invalid
+message, index out of range, size mismatch), 403 ``upstream_not_allowed``, 404
+``unknown_task`` / ``unknown_peer``, 405 ``method_not_allowed``, 413 ``too_large`` (bodies are
+capped at ``wire.MAX_MESSAGE_SIZE``), or 503 ``unavailable`` (a register during shutdown).
+Piece and other routes answer errors in plain text: 400 for a malformed path or an index out
+of range, 404 for an unknown task or a piece not held yet, 405 for another method. The piece
+path is matched whole against a strict pattern on the undecoded path, so ``..``,
+percent-encoded slashes or upper-case hex never reach a file name.
+
+`_refusal` is the one place where an exception becomes a status and an error code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+
+import httpx
+import trio
+
+from p2pd import __version__, wire
+from p2pd.core.digest import Digest
+from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port, serve
+from p2pd.store import BlobStore
+from supernode.config import SupernodeConfig
+from supernode.tracker import ApiError, Tracker
+
+log = logging.getLogger(__name__)
+
+MSGPACK = "application/msgpack"
+_CONTROL: dict[str, type[wire.Message]] = {
+    "/v1/register": wire.Register,
+    "/v1/announce": wire.Announce,
+    "/v1/report": wire.Report,
+    "/v1/leave": wire.Leave,
+}
+# Six digits cover every legal index (< 65536) and keep absurd numbers out of int().
+_PIECE_PATH = re.compile(r"/pieces/([0-9a-f]{64})/(0|[1-9][0-9]{0,5})")
+_ERROR_CODES = {405: "method_not_allowed", 413: "too_large"}
+
+
+class Supernode:
+    """Store, upstream client, tracker and HTTP server of one supernode.
+
+    `transport` replaces the network for the upstream client (tests pass an
+    ``httpx.MockTransport``); everything else comes from `config`.
+    """
+
+    def __init__(
+        self,
+        config: SupernodeConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.store = BlobStore(config.data_dir, config.quota_bytes)
+        fetch = config.fetch
+        self.client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(fetch.read_timeout, connect=fetch.connect_timeout),
+            follow_redirects=True,
+            trust_env=fetch.trust_env,
+            headers={"User-Agent": f"p2p-supernode/{__version__}"},
+        )
+        self.tracker = Tracker(config, self.store, self.client)
+        self.port: int | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `task_status` gets the bound port."""
+        async with self.client, trio.open_nursery() as nursery:
+            await nursery.start(self.tracker.run)
+            listeners = await nursery.start(
+                functools.partial(
+                    serve,
+                    self.handle,
+                    self.config.listen_host,
+                    self.config.listen_port,
+                    limits=self.limits,
+                )
+            )
+            self.port = bound_port(listeners)
+            self.tracker.advertise = self.config.advertise_for(self.port)
+            log.info(
+                "supernode listening on port %d, advertised as %s, fetching from %s",
+                self.port,
+                self.tracker.advertise,
+                ", ".join(self.config.allowed_upstreams),
+            )
+            task_status.started(self.port)
+
+    async def handle(self, request: Request) -> Response:
+        path = request.path
+        message_type = _CONTROL.get(path)
+        if message_type is not None:
+            return await self._control(request, message_type)
+        if path.startswith("/pieces/"):
+            return self._piece(request)
+        if path == "/healthz":
+            _allow(request, "GET", "HEAD")
+            return Response(200, [("content-type", "text/plain; charset=utf-8")], b"ok\n")
+        raise HTTPError(404, f"no route {path[:100]!r}")
+
+    async def _control(self, request: Request, message_type: type[wire.Message]) -> Response:
+        try:
+            if request.method != "POST":
+                raise HTTPError(405, f"{request.path} takes POST", [("allow", "POST")])
+            body = await request.read_body(wire.MAX_MESSAGE_SIZE)
+            reply = self.tracker.call(wire.decode(body, expect=message_type))
+        except (ApiError, HTTPError, wire.ProtocolError) as exc:
+            status, code, message = _refusal(exc)
+            log.info(
+                "%s %s %s -> %d %s: %s",
+                request.client,
+                request.method,
+                request.path,
+                status,
+                code,
+                message,
+            )
+            headers = [("content-type", MSGPACK)]
+            if isinstance(exc, HTTPError):
+                headers += exc.headers
+            return Response(status, headers, wire.encode(wire.Error.safe(code, message)))
+        return Response(200, [("content-type", MSGPACK)], wire.encode(reply))
+
+    def _piece(self, request: Request) -> Response:
+        _allow(request, "GET", "HEAD")
+        match = _PIECE_PATH.fullmatch(request.path)
+        if match is None:
+            raise HTTPError(400, "malformed piece path: want /pieces/<64 lowercase hex>/<index>")
+        try:
+            region = self.tracker.open_piece(Digest.parse(f"sha256:{match[1]}"), int(match[2]))
+        except ApiError as exc:
+            status, _, message = _refusal(exc)
+            raise HTTPError(status, message) from None
+        return Response(200, [("content-type", "application/octet-stream")], region)
+
+
+def _allow(request: Request, *methods: str) -> None:
+    if request.method not in methods:
+        allowed = ", ".join(methods)
+        raise HTTPError(405, f"{request.path[:100]} takes {allowed}", [("allow", allowed)])
+
+
+def _refusal(exc: ApiError | HTTPError | wire.ProtocolError) -> tuple[int, str, str]:
+    """(HTTP status, wire error code, message) for a refused request."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.message
+    if isinstance(exc, HTTPError):  # from the HTTP layer: body too large, bad framing, method
+        return exc.status, _ERROR_CODES.get(exc.status, "bad_request"), exc.reason
+    return 400, "bad_request", str(exc)

@@ -1,0 +1,349 @@
+"""The supernode's control plane: the task table, the scheduler, and the four control calls.
+
+`Tracker` turns decoded control messages (`p2pd.wire`) into scheduler events and builds the
+`wire.Assignment` replies; it starts a `Seeder` for every new task and expires silent peers.
+
+Rules:
+
+* Only the trio thread touches the `Scheduler`, the `Task` records and their public manifests.
+  Every public method here is synchronous, so each control call is atomic with respect to the
+  others and to the seeders' progress reports.
+* ``now`` is always `trio.current_time()` (tests drive it with trio's MockClock).
+* A refusal is an `ApiError` (HTTP status, wire error code, message), raised where the problem
+  is found; the server renders it (`server._refusal` is the one place that maps exceptions to
+  statuses). A `SchedulerError` that slips past the checks here becomes 400 ``bad_request``.
+* Seeders run in the tracker's nursery (`run`), so a shutdown cancels them.
+
+Task table life-cycle (the scheduler's FETCHING -> READY | FAILED, plus when a record goes)::
+
+    (absent) --first register--> FETCHING (seeder started)
+    READY    --its blob evicted from the store (quota) or found missing--> (absent)
+    FAILED   --register, failed_task_ttl after the failure--> (absent) -> FETCHING again
+    FAILED   --register with other credentials, after a 401/403 upstream--> FETCHING again
+    FAILED   --failed_task_ttl passed, when another task starts--> (absent)
+
+Removing a task drops its peers; their next call gets 404 ``unknown_task`` or ``unknown_peer``
+and they register again, which is the p2pd protocol's recovery path anyway.
+
+Quota: before a fetch the tracker asks the store for room while it holds a lease on every blob
+in use (fetching, or with peers), so eviction only takes blobs nobody is downloading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+
+import httpx
+import trio
+
+from p2pd import wire
+from p2pd.core.digest import Digest
+from p2pd.core.layout import LayoutError, PieceLayout
+from p2pd.core.scheduler import Assignment, ParentInfo, Scheduler, SchedulerError, TaskState
+from p2pd.http.server import FileRegion
+from p2pd.store import BlobStore, StorageError
+from supernode.config import SupernodeConfig
+from supernode.seeder import Seeder, Source, Task, UpstreamRefused
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A refused request: HTTP `status`, wire error `code`, human `message`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+class Tracker:
+    def __init__(
+        self, config: SupernodeConfig, store: BlobStore, client: httpx.AsyncClient
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.scheduler = Scheduler(
+            random.Random(config.seed),
+            config.scheduler,
+            seeder_id=config.seeder_id,
+            seeder_zone=config.zone,
+        )
+        # The seeder's address in assignments; set by the server once its port is bound.
+        self.advertise = config.advertise or ""
+        self._tasks: dict[Digest, Task] = {}
+        self._seeder = Seeder(client, store, self.scheduler, config.fetch, self._reserve)
+        self._nursery: trio.Nursery | None = None
+        self._peer_joined = trio.Event()
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the seeders and expire silent peers until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await self._expire_loop()
+            finally:
+                self._nursery = None
+
+    async def _expire_loop(self) -> None:
+        while True:
+            deadline = self.scheduler.next_deadline()
+            if deadline is None:
+                # Nobody can expire; a register is the only thing that creates a deadline.
+                self._peer_joined = trio.Event()
+                await self._peer_joined.wait()
+                continue
+            # `expire` drops peers strictly past their deadline: wake just after it.
+            await trio.sleep_until(math.nextafter(deadline, math.inf))
+            gone = self.scheduler.expire(trio.current_time())
+            for digest, peer_id in gone:
+                log.info("peer %s of %s expired (silent too long)", peer_id, digest)
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def task(self, digest: Digest) -> Task | None:
+        return self._tasks.get(digest)
+
+    # -- control calls ----------------------------------------------------------------------
+
+    def call(self, msg: wire.Message) -> wire.Message:
+        """Answer one decoded control message (register, announce, report, leave)."""
+        if isinstance(msg, wire.Register):
+            return self.register(msg)
+        if isinstance(msg, wire.Announce):
+            return self.announce(msg)
+        if isinstance(msg, wire.Report):
+            return self.report(msg)
+        if isinstance(msg, wire.Leave):
+            self.leave(msg)
+            return wire.Ack()
+        raise _bad_request(f"not a request: {msg.TYPE}")
+
+    def register(self, msg: wire.Register) -> wire.Assignment:
+        upstream = self.config.upstream_allowed(msg.upstream)
+        if upstream is None:
+            raise ApiError(
+                403,
+                "upstream_not_allowed",
+                f"upstream {msg.upstream!r} is not on this supernode's allowlist",
+            )
+        digest, now = msg.digest, trio.current_time()
+        task = self._tasks.get(digest)
+        if task is not None and self._should_restart(task, msg, now):
+            self._forget(digest, "restarted by a new register")
+            task = None
+        if task is not None:
+            layout = task.layout
+            if layout.total_size != msg.size:
+                raise _bad_request(
+                    f"size mismatch: {digest} is registered as {layout.total_size} bytes, "
+                    f"not {msg.size}"
+                )
+        else:
+            try:
+                layout = PieceLayout.for_size(msg.size)
+            except LayoutError as exc:
+                raise _bad_request(str(exc)) from None
+        if msg.have is not None and msg.have.length != layout.count:
+            raise _bad_request(
+                f"have is a bitfield of {msg.have.length} pieces, the blob has {layout.count}"
+            )
+        if task is None:
+            source = Source(upstream, msg.repository, msg.authorization)
+            task = self._start(digest, layout, source, now)
+        try:
+            assignment = self.scheduler.register(
+                digest,
+                msg.peer_id,
+                msg.address,
+                msg.zone,
+                now,
+                upload_slots=msg.upload_slots,
+                have=msg.have,
+            )
+        except SchedulerError as exc:  # e.g. the seeder's reserved peer id
+            raise _bad_request(str(exc)) from None
+        self._peer_joined.set()
+        return self._reply(task, assignment, 0)
+
+    def announce(self, msg: wire.Announce) -> wire.Assignment:
+        task = self._task(msg.digest)
+        count = task.layout.count
+        for index in msg.pieces:
+            if index >= count:
+                raise _bad_request(f"piece index {index} out of range 0..{count - 1}")
+        if msg.manifest_known > count:
+            raise _bad_request(f"manifest_known {msg.manifest_known} past the {count} pieces")
+        try:
+            assignment = self.scheduler.announce(
+                msg.digest, msg.peer_id, msg.pieces, trio.current_time(), msg.want_parents
+            )
+        except SchedulerError as exc:
+            raise self._peer_error(task, msg.peer_id, exc) from None
+        return self._reply(task, assignment, min(msg.manifest_known, task.manifest.known))
+
+    def report(self, msg: wire.Report) -> wire.Assignment:
+        task = self._task(msg.digest)
+        if msg.index >= task.layout.count:
+            raise _bad_request(f"piece index {msg.index} out of range 0..{task.layout.count - 1}")
+        try:
+            assignment = self.scheduler.report_bad_piece(
+                msg.digest, msg.peer_id, msg.parent_id, msg.index, trio.current_time()
+            )
+        except SchedulerError as exc:
+            raise self._peer_error(task, msg.peer_id, exc) from None
+        log.warning(
+            "peer %s reports bad piece %d of %s from %s: %s",
+            msg.peer_id,
+            msg.index,
+            msg.digest,
+            msg.parent_id,
+            msg.reason,
+        )
+        # A report carries no manifest position: new hashes come with the next announce.
+        return self._reply(task, assignment, task.manifest.known)
+
+    def leave(self, msg: wire.Leave) -> None:
+        task = self._task(msg.digest)
+        try:
+            self.scheduler.leave(msg.digest, msg.peer_id)
+        except SchedulerError as exc:
+            raise self._peer_error(task, msg.peer_id, exc) from None
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def open_piece(self, digest: Digest, index: int) -> FileRegion:
+        """The region of piece `index` to send; the fd and lease go with its ``on_done``."""
+        task = self._tasks.get(digest)
+        if task is None:
+            raise ApiError(404, "unknown_task", f"no task for {digest}")
+        if not 0 <= index < task.layout.count:
+            raise _bad_request(f"piece index {index} out of range 0..{task.layout.count - 1}")
+        state = self.scheduler.task_state(digest)
+        if state is TaskState.FAILED or index >= task.manifest.known:
+            raise ApiError(404, "piece_not_held", f"piece {index} of {digest} is not held")
+        offset, length = task.layout.span(index)
+        # The fd is our own (a dup, or a fresh open under a lease), so a commit, a failure's
+        # discard or an eviction while the piece is being sent cannot pull it away.
+        cleanup = contextlib.ExitStack()
+        try:
+            if task.partial is not None:
+                fd = os.dup(task.partial.fd)
+            else:
+                cleanup.enter_context(self.store.lease(digest))
+                fd = self.store.open_complete(digest)
+            cleanup.callback(os.close, fd)
+        except (OSError, StorageError) as exc:
+            cleanup.close()
+            log.warning("cannot open %s for piece %d: %s", digest, index, exc)
+            if state is TaskState.READY and not self.store.has(digest):
+                self._forget(digest, "its blob is gone from the store")
+            raise ApiError(
+                404, "piece_not_held", f"piece {index} of {digest} is unavailable"
+            ) from None
+        return FileRegion(fd, offset, length, on_done=cleanup.close)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _task(self, digest: Digest) -> Task:
+        task = self._tasks.get(digest)
+        if task is None:
+            raise ApiError(404, "unknown_task", f"no task for {digest}: register first")
+        return task
+
+    def _peer_error(self, task: Task, peer_id: str, exc: SchedulerError) -> ApiError:
+        if peer_id not in self.scheduler.peers(task.digest):
+            return ApiError(
+                404, "unknown_peer", f"peer {peer_id!r} is not registered for {task.digest}"
+            )
+        return _bad_request(str(exc))
+
+    def _should_restart(self, task: Task, msg: wire.Register, now: float) -> bool:
+        state = self.scheduler.task_state(task.digest)
+        if state is TaskState.READY:
+            return not self.store.has(task.digest)
+        if state is not TaskState.FAILED or task.finished_at is None:
+            return False
+        if now - task.finished_at >= self.config.failed_task_ttl:
+            return True
+        # Refused credentials are the registrant's, not the blob's: other ones may work.
+        failure = task.failure
+        return (
+            isinstance(failure, UpstreamRefused)
+            and failure.auth
+            and msg.authorization != task.source.authorization
+        )
+
+    def _start(self, digest: Digest, layout: PieceLayout, source: Source, now: float) -> Task:
+        if self._nursery is None:
+            raise ApiError(503, "unavailable", "the supernode is not running")
+        self._sweep_failed(now)
+        self.scheduler.add_task(digest, layout, now)
+        task = Task(digest, layout, source)
+        self._tasks[digest] = task
+        log.info(
+            "new task %s: %d bytes from %s", digest, layout.total_size, source.blob_url(digest)
+        )
+        self._nursery.start_soon(self._seeder.run, task, name=f"seed {digest}")
+        return task
+
+    def _forget(self, digest: Digest, why: str) -> None:
+        del self._tasks[digest]
+        self.scheduler.remove_task(digest)
+        log.info("forgot task %s: %s", digest, why)
+
+    def _sweep_failed(self, now: float) -> None:
+        """Drop FAILED tasks past their TTL, so failures do not accumulate forever."""
+        ttl = self.config.failed_task_ttl
+        stale = [
+            d
+            for d, t in self._tasks.items()
+            if t.failure is not None and t.finished_at is not None and now - t.finished_at >= ttl
+        ]
+        for digest in stale:
+            self._forget(digest, "failed task expired")
+
+    def _reserve(self, digest: Digest, size: int) -> None:
+        """Room for a new partial file of `size` bytes; evicts only blobs nobody uses."""
+        if self.store.quota is None:
+            return
+        with contextlib.ExitStack() as in_use:
+            for other, task in self._tasks.items():
+                busy = not task.done.is_set() or self.scheduler.peers(other)
+                if other != digest and busy:
+                    in_use.enter_context(self.store.lease(other))
+            evicted = self.store.reserve(size)
+        for gone in evicted:
+            if gone in self._tasks:
+                self._forget(gone, "evicted from the store (quota)")
+
+    def _reply(self, task: Task, assignment: Assignment, start: int) -> wire.Assignment:
+        state = assignment.state
+        # A failed task's hashes may describe bad bytes: peers fall back to the registry.
+        hashes = b"" if state is TaskState.FAILED else task.manifest.hashes_from(start)
+        return wire.Assignment(
+            digest=task.digest,
+            state=state.value,
+            size=task.layout.total_size,
+            piece_size=task.layout.piece_size,
+            manifest_start=start,
+            hashes=hashes,
+            sealed=state is TaskState.READY,
+            parents=tuple(self._parent(p) for p in assignment.parents),
+        )
+
+    def _parent(self, p: ParentInfo) -> wire.ParentInfo:
+        address = self.advertise if p.peer_id == self.scheduler.seeder_id else p.address
+        return wire.ParentInfo(peer_id=p.peer_id, address=address, zone=p.zone, pieces=p.pieces)

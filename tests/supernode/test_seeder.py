@@ -1,0 +1,172 @@
+"""The seeder against a misbehaving registry: auth, missing blobs, 5xx, redirects, lies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pd import wire
+from supernode.seeder import BlobMismatch, UpstreamRefused, UpstreamUnavailable
+from tests.supernode.helpers import (
+    BLOB,
+    DIGEST,
+    LAYOUT,
+    PIECE,
+    SIZE,
+    FakeRegistry,
+    make_blob,
+    manifest_of,
+    running,
+)
+
+
+def registry(**settings: Any) -> FakeRegistry:
+    return FakeRegistry(**{"blobs": {str(DIGEST): BLOB}, **settings})
+
+
+def leftovers(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in (data_dir / "partial").iterdir())
+
+
+async def test_refused_credentials_fail_at_once_and_other_credentials_retry(
+    tmp_path: Path,
+) -> None:
+    upstream = registry(token="Bearer good")
+    async with running(tmp_path, upstream) as h:
+        await h.register("a", authorization="Bearer stale")
+        task = await h.wait_done()
+        assert isinstance(task.failure, UpstreamRefused) and task.failure.status == 401
+        assert "401" in str(task.failure) and "credentials" in str(task.failure)
+        assert len(upstream.blob_gets()) == 1  # no retries for a 401
+        got = await h.announce("a")
+        assert (got.state, got.hashes, got.parents) == ("failed", b"", ())
+        # The same credentials again: still failed, no new fetch (failed_task_ttl).
+        assert (await h.register("b", authorization="Bearer stale")).state == "failed"
+        assert len(upstream.blob_gets()) == 1
+        # Different credentials may read it: the task starts over at once.
+        await h.register("c", authorization="Bearer good")
+        task = await h.wait_done()
+        assert task.failure is None
+        assert (await h.announce("c")).state == "ready"
+    assert leftovers(tmp_path) == []
+
+
+async def test_missing_blob_fails_without_retries(tmp_path: Path) -> None:
+    upstream = FakeRegistry()
+    async with running(tmp_path, upstream) as h:
+        await h.register("a")
+        task = await h.wait_done()
+        assert isinstance(task.failure, UpstreamRefused) and task.failure.status == 404
+        assert len(upstream.blob_gets()) == 1
+        assert (await h.piece(0)).status_code == 404
+
+
+async def test_failed_task_is_retried_after_its_ttl(tmp_path: Path) -> None:
+    upstream = FakeRegistry()
+    async with running(tmp_path, upstream, failed_task_ttl=0) as h:
+        await h.register("a")
+        await h.wait_done()
+        assert (await h.announce("a")).state == "failed"
+        upstream.blobs[str(DIGEST)] = BLOB  # the blob appears upstream
+        await h.register("b")
+        task = await h.wait_done()
+        assert task.failure is None
+        # The restart dropped the old task's peers; they learn it on their next call.
+        status, error = await h.refused("/v1/leave", wire.Leave(DIGEST, "a"))
+        assert (status, error.code) == (404, "unknown_peer")
+    assert len(upstream.blob_gets()) == 2
+
+
+async def test_server_errors_are_retried_with_backoff(tmp_path: Path) -> None:
+    upstream = registry(faults=[500, 503, 429])
+    async with running(tmp_path, upstream) as h:
+        await h.register("a")
+        task = await h.wait_done()
+        assert task.failure is None
+    assert len(upstream.blob_gets()) == 4
+
+
+async def test_retries_are_bounded(tmp_path: Path) -> None:
+    upstream = registry(faults=[502] * 10)
+    async with running(tmp_path, upstream, fetch={"retries": 2}) as h:
+        await h.register("a")
+        task = await h.wait_done()
+        assert isinstance(task.failure, UpstreamUnavailable) and "502" in str(task.failure)
+    assert len(upstream.blob_gets()) == 3
+    assert leftovers(tmp_path) == []
+
+
+async def test_redirect_to_storage_drops_the_credentials(tmp_path: Path) -> None:
+    upstream = registry(token="Bearer good", redirect=True)
+    async with running(tmp_path, upstream) as h:
+        await h.register("a", authorization="Bearer good")
+        task = await h.wait_done()
+        assert task.failure is None
+    to_registry, to_storage = upstream.requests
+    assert to_registry.headers["authorization"] == "Bearer good"
+    assert to_storage.url.host == "storage.test"
+    assert "authorization" not in to_storage.headers
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+async def test_broken_body_resumes_at_the_first_unhashed_piece(
+    tmp_path: Path, honour_range: bool
+) -> None:
+    # Breaks half-way through piece 1: piece 0 is kept, piece 1 is fetched again.
+    upstream = registry(cut_after=PIECE + PIECE // 2, honour_range=honour_range)
+    async with running(tmp_path, upstream) as h:
+        await h.register("a")
+        task = await h.wait_done()
+        assert task.failure is None
+        manifest = manifest_of(await h.announce("a"))
+        for index in range(LAYOUT.count):
+            assert manifest.verify(index, (await h.piece(index)).content)
+    first, second = upstream.blob_gets()
+    assert "range" not in first.headers
+    assert second.headers["range"] == f"bytes={PIECE}-"
+    assert (tmp_path / "blobs" / DIGEST.hex).read_bytes() == BLOB
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ({"content_length": SIZE + 1}, "size mismatch"),
+        ({"content_length": SIZE - 1}, "size mismatch"),
+        pytest.param(
+            {"send_length": False, "blobs": {str(DIGEST): BLOB + b"x"}},
+            "size mismatch",
+            # The seeder stops reading an over-long body, and httpx's nested async generators
+            # (BoundAsyncStream.__aiter__ ...) cannot be closed from outside: trio warns when
+            # they are collected. Harmless; httpx issue #3686 (PR #3777).
+            marks=pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+            id="longer-body",
+        ),
+        ({"blobs": {str(DIGEST): make_blob(SIZE, seed=123)[1]}}, "sha256 mismatch"),
+    ],
+)
+async def test_wrong_bytes_fail_the_task(
+    tmp_path: Path, setup: dict[str, Any], reason: str
+) -> None:
+    upstream = registry(**setup)
+    async with running(tmp_path, upstream) as h:
+        await h.register("a")
+        task = await h.wait_done()
+        assert isinstance(task.failure, BlobMismatch) and reason in str(task.failure)
+        got = await h.announce("a")
+        assert (got.state, got.sealed, got.hashes, got.parents) == ("failed", False, b"", ())
+        assert (await h.piece(0)).status_code == 404
+    assert len(upstream.blob_gets()) == 1  # a lie is not retried
+    assert leftovers(tmp_path) == []
+    assert list((tmp_path / "blobs").iterdir()) == []
+
+
+async def test_short_chunked_body_is_retried_then_fails(tmp_path: Path) -> None:
+    upstream = registry(send_length=False, honour_range=False, blobs={str(DIGEST): BLOB[:-10]})
+    async with running(tmp_path, upstream, fetch={"retries": 1}) as h:
+        await h.register("a")
+        task = await h.wait_done()
+        assert isinstance(task.failure, UpstreamUnavailable)
+        assert f"{SIZE - 10} of {SIZE}" in str(task.failure)
+    assert len(upstream.blob_gets()) == 2
