@@ -145,7 +145,7 @@ class _Run:
         self.live: dict[Request, trio.CancelScope] = {}
         self.completed: list[int] = []
         self.shunned: set[str] = set()  # parents that served a bad piece or are gone
-        self.failures: dict[str, int] = {}  # consecutive connection failures per parent
+        self.failures: dict[str, int] = {}  # consecutive failed transfers per parent
         self.send, self.receive = trio.open_memory_channel[_Result](math.inf)
 
     async def run(self, assignment: wire.Assignment) -> None:
@@ -294,15 +294,16 @@ class _Run:
         if not delivered:
             self.swarm.give_buffer(buffer)
 
-    async def _unreachable(self, request: Request, now: float) -> None:
-        """Count connection failures; a parent that keeps failing is dropped and reported,
-        so the supernode stops handing it out (a killed host looks alive until its TTL)."""
+    async def _failing(self, request: Request, now: float) -> None:
+        """Count failed transfers (refused, reset, garbled); a parent that keeps failing is
+        dropped and reported, so the supernode stops handing it out (a killed host would
+        look alive until its TTL)."""
         assert self.picker is not None
         parent = request.parent
         self.failures[parent] = self.failures.get(parent, 0) + 1
         if self.failures[parent] < self.config.max_connect_failures:
             return
-        log.info("parent %s of %s is unreachable; dropping it", parent, self.download.digest)
+        log.info("parent %s of %s keeps failing; dropping it", parent, self.download.digest)
         self.shunned.add(parent)
         if parent in self.picker.parents():
             self.picker.remove_parent(parent)
@@ -325,8 +326,8 @@ class _Run:
             assert error is not None
             log.debug("piece %d from %s: %s", request.index, request.parent, error)
             self.picker.on_failure(request.parent, request.index, lacks_piece=error.not_found)
-            if error.unreachable:
-                await self._unreachable(request, now)
+            if not error.not_found:
+                await self._failing(request, now)
             return False
         self.failures.pop(request.parent, None)
         buffer = result.buffer

@@ -198,15 +198,23 @@ class Tracker:
         task = self._task(msg.digest)
         if msg.index >= task.layout.count:
             raise _bad_request(f"piece index {msg.index} out of range 0..{task.layout.count - 1}")
+        unreachable = msg.reason == wire.REPORT_UNREACHABLE
+        now = trio.current_time()
         try:
-            assignment = self.scheduler.report_bad_piece(
-                msg.digest, msg.peer_id, msg.parent_id, msg.index, trio.current_time()
-            )
+            if unreachable:
+                assignment = self.scheduler.report_unreachable(
+                    msg.digest, msg.peer_id, msg.parent_id, now
+                )
+            else:
+                assignment = self.scheduler.report_bad_piece(
+                    msg.digest, msg.peer_id, msg.parent_id, msg.index, now
+                )
         except SchedulerError as exc:
             raise self._peer_error(task, msg.peer_id, exc) from None
         log.warning(
-            "peer %s reports bad piece %d of %s from %s: %s",
+            "peer %s reports %s %d of %s from %s: %s",
             msg.peer_id,
+            "unreachable parent for piece" if unreachable else "bad piece",
             msg.index,
             msg.digest,
             msg.parent_id,

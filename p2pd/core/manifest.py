@@ -69,6 +69,8 @@ class PieceManifest:
         if len(hashes) % HASH_SIZE:
             raise ManifestError(f"hash bytes not a multiple of {HASH_SIZE}: {len(hashes)}")
         n = len(hashes) // HASH_SIZE
+        if n == 0 and 0 <= start <= self.layout.count:
+            return 0  # nothing new, whatever the sender's position
         if start < 0 or start > self.known:
             raise ManifestError(f"hashes start at piece {start}, known prefix ends at {self.known}")
         if start + n > self.layout.count:

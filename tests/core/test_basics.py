@@ -275,8 +275,9 @@ def test_manifest_extend_rules() -> None:
     assert m.known == 3 and m.hashes == h[0] + h[1] + h[2] and m.hashes_from(2) == h[2]
     with pytest.raises(ManifestError, match="contradict"):
         m.extend(2, h[3])
+    assert m.extend(4, b"") == 0  # an empty update from further on says nothing
     with pytest.raises(ManifestError, match="known prefix ends at 3"):
-        m.extend(4, b"")
+        m.extend(4, h[3])
     with pytest.raises(ManifestError, match="multiple of 16"):
         m.extend(3, b"x")
     with pytest.raises(ManifestError, match="blob has 4"):
