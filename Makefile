@@ -1,4 +1,4 @@
-.PHONY: install test bench-micro
+.PHONY: install test demo bench-micro
 
 # Create .venv and install the project with its test extras.
 install:
@@ -7,6 +7,10 @@ install:
 # Install everything, then run lint, strict type checks and the test suite.
 test:
 	bash scripts/test.sh
+
+# A real pull storm in miniature on loopback (installs what it needs first).
+demo:
+	bash scripts/demo.sh
 
 # Core microbenchmarks: prints JSON and writes bench-out/micro.json.
 bench-micro: install

@@ -25,10 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
     micro.add_argument(
         "--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)"
     )
+    demo = sub.add_parser(
+        "demo",
+        help="real registry + supernode + N p2pd daemons on loopback; containerd pulls a "
+        "generated image through each at once, then straight from the registry",
+        add_help=False,
+    )
+    del demo  # parsed by benchmarks.demo itself
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        # the demo has its own parser (and --help)
+        from benchmarks.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "micro":
         from benchmarks.micro import run_all
