@@ -68,7 +68,7 @@ def bench_manifest(repeat: int) -> dict[str, Any]:
     hashes = rng.randbytes(pieces * HASH_SIZE)
     parents = tuple(
         wire.ParentInfo(
-            f"peer-{i}", f"10.0.0.{i + 1}:65003", "z0", Bitfield(pieces, rng.getrandbits(pieces))
+            f"peer-{i}", f"peer{i}.test:65003", "z0", Bitfield(pieces, rng.getrandbits(pieces))
         )
         for i in range(4)
     )

@@ -347,3 +347,23 @@ def test_corrupt_peer_is_detected_avoided_and_the_layer_is_correct(
         assert "sha256:" + hashlib.sha256(body).hexdigest() == layer
         # after its first bad piece the liar was banned: not asked for every piece
         assert len(liar.served) < layout.count
+
+
+def test_a_dead_supernode_fails_over_to_the_next_in_the_ranking(
+    workdir: Path, registry: Registry, image: Image
+) -> None:
+    from p2pd.tracker import rank_supernodes
+
+    with ExitStack() as stack:
+        first = stack.enter_context(SupernodeProcess(workdir / "sn7a", [registry.url]))
+        second = stack.enter_context(SupernodeProcess(workdir / "sn7b", [registry.url]))
+        urls = [first.url, second.url]
+        # stop the supernode that the largest layer ranks first
+        largest = max(image.blobs, key=lambda d: image.blobs[d].size)
+        in_charge = rank_supernodes(urls, Digest.parse(largest))[0]
+        (first if in_charge == first.url else second).stop()
+        (host,) = start_hosts(stack, workdir / "failover", registry, 1, urls)
+        assert isinstance(pull_all([host])["h0"], float)
+        stats = host[0].stats()
+        assert stats["bytes_from_registry"] == 0  # the swarm served it, not the fallback
+        assert stats["bytes_from_peers"] == image.total_size
