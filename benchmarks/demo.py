@@ -14,13 +14,12 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness.clients import Containerd, write_hosts_toml
+from benchmarks.harness.clients import Containerd, pull_concurrently, write_hosts_toml
 from benchmarks.harness.fleet import P2pdProcess, SupernodeProcess
 from benchmarks.harness.image import make_image, push_image
 from benchmarks.harness.procs import HarnessError
@@ -58,51 +57,28 @@ def run(hosts: int, layers_mb: list[int], workdir: Path) -> dict[str, Any]:
             fleet.append((p2pd, hosts_dir, containerd))
 
         print(f"pulling {REF} on {hosts} hosts at once through p2pd …", flush=True)
-        times: dict[str, float] = {}
-        errors: dict[str, str] = {}
-
-        def pull(p2pd: P2pdProcess, hosts_dir: Path, containerd: Containerd) -> None:
-            try:
-                times[p2pd.name] = containerd.pull(REF, hosts_dir=hosts_dir).seconds
-            except HarnessError as exc:
-                errors[p2pd.name] = str(exc)
-
         started = time.monotonic()
-        threads = [threading.Thread(target=pull, args=host) for host in fleet]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
+        times = pull_concurrently({p.name: (c, d) for p, d, c in fleet}, REF)
         storm_seconds = time.monotonic() - started
-        if errors:
-            raise HarnessError(f"pulls failed: {errors}")
+        _check(times)
         swarm_bytes = registry.blob_bytes_served() - baseline
         stats = {p2pd.name: p2pd.stats() for p2pd, _, _ in fleet}
 
         print(f"pulling it on {hosts} hosts at once straight from the registry …", flush=True)
-        direct_times: dict[str, float] = {}
         direct_dir = workdir / "direct-hosts.d"
         write_hosts_toml(direct_dir, "example.test", registry.url)
-        direct_fleet = [
-            stack.enter_context(Containerd(workdir / "direct" / f"ctd{i}")) for i in range(hosts)
-        ]
-
-        def pull_direct(i: int) -> None:
-            try:
-                direct_times[f"host{i}"] = direct_fleet[i].pull(REF, hosts_dir=direct_dir).seconds
-            except HarnessError as exc:
-                errors[f"direct{i}"] = str(exc)
-
+        direct_fleet = {
+            f"host{i}": (
+                stack.enter_context(Containerd(workdir / "direct" / f"ctd{i}")),
+                direct_dir,
+            )
+            for i in range(hosts)
+        }
         before = registry.blob_bytes_served()
         started = time.monotonic()
-        threads = [threading.Thread(target=pull_direct, args=(i,)) for i in range(hosts)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
+        direct_times = pull_concurrently(direct_fleet, REF)
         direct_storm_seconds = time.monotonic() - started
-        if errors:
-            raise HarnessError(f"direct pulls failed: {errors}")
+        _check(direct_times)
         direct_bytes = registry.blob_bytes_served() - before
 
     return {
@@ -119,6 +95,12 @@ def run(hosts: int, layers_mb: list[int], workdir: Path) -> dict[str, Any]:
         "direct_storm_seconds": round(direct_storm_seconds, 3),
         "direct_registry_bytes": direct_bytes,
     }
+
+
+def _check(results: dict[str, float | str]) -> None:
+    failed = {name: r for name, r in results.items() if isinstance(r, str)}
+    if failed:
+        raise HarnessError(f"pulls failed: {failed}")
 
 
 def print_report(r: dict[str, Any]) -> None:

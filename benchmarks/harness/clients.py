@@ -42,9 +42,10 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -435,3 +436,30 @@ def podman_pull(
         started = time.monotonic()
         result = run(argv, timeout=timeout, what=f"podman pull {ref}", env=env)
     return PullResult("podman", ref, time.monotonic() - started, result.stdout + result.stderr)
+
+
+def pull_concurrently(
+    pulls: Mapping[str, tuple[Containerd, Path]],
+    ref: str,
+    *,
+    user: Credentials | None = None,
+    timeout: float = 600.0,
+) -> dict[str, float | str]:
+    """Pull ``ref`` with every (containerd, hosts dir) at once, one thread each.
+
+    Returns name -> seconds for a pull that worked, or the error text for one that failed.
+    """
+    results: dict[str, float | str] = {}
+
+    def pull(name: str, containerd: Containerd, hosts_dir: Path) -> None:
+        try:
+            results[name] = containerd.pull(ref, hosts_dir=hosts_dir, user=user).seconds
+        except HarnessError as exc:
+            results[name] = str(exc)
+
+    threads = [threading.Thread(target=pull, args=(name, c, d)) for name, (c, d) in pulls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return results

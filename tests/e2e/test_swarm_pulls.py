@@ -20,6 +20,7 @@ import pytest
 
 from benchmarks.harness.clients import (
     Containerd,
+    pull_concurrently,
     skopeo_copy,
     write_hosts_toml,
     write_registries_conf,
@@ -90,20 +91,7 @@ def pull_all(
     hosts: list[tuple[P2pdProcess, Path, Containerd]], user: tuple[str, str] | None = None
 ) -> dict[str, float | str]:
     """Pull REF on every host at once; host name -> seconds, or the error text."""
-    results: dict[str, float | str] = {}
-
-    def pull(p2pd: P2pdProcess, hosts_dir: Path, containerd: Containerd) -> None:
-        try:
-            results[p2pd.name] = containerd.pull(REF, hosts_dir=hosts_dir, user=user).seconds
-        except HarnessError as exc:
-            results[p2pd.name] = str(exc)
-
-    threads = [threading.Thread(target=pull, args=host) for host in hosts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return results
+    return pull_concurrently({p.name: (c, d) for p, d, c in hosts}, REF, user=user)
 
 
 def test_four_hosts_pull_and_each_blob_leaves_the_registry_once(
