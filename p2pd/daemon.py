@@ -22,6 +22,7 @@ import trio
 
 from p2pd.blobs import BackSource, BlobManager, Filler
 from p2pd.config import P2pdConfig
+from p2pd.core.session import SessionConfig
 from p2pd.http.server import Handler, Request, Response, bound_port, serve
 from p2pd.mirror import Mirror, upstream_client
 from p2pd.peers import PieceClient, PieceServer, RateLimiter
@@ -54,7 +55,7 @@ class Daemon:
                 advertise=str(config.advertise),
                 zone=config.zone,
                 upload_slots=config.upload_slots,
-                stall_timeout=config.back_to_source_after,
+                session=SessionConfig(stall_timeout=config.back_to_source_after),
             ),
             self.control,
             self.pieces,

@@ -55,6 +55,7 @@ from typing import Any, ClassVar, Final, NoReturn, TypeAlias, TypeVar, overload
 
 import msgpack
 
+from p2pd.core import session
 from p2pd.core.bitfield import Bitfield, BitfieldError
 from p2pd.core.digest import Digest, DigestError
 from p2pd.core.layout import MAX_BLOB_SIZE, MAX_PIECE_SIZE, MAX_PIECES, LayoutError, PieceLayout
@@ -73,10 +74,10 @@ MAX_UPSTREAM: Final = 2048
 MAX_REPOSITORY: Final = 255
 MAX_REASON: Final = 200
 MAX_ERROR_MESSAGE: Final = 1000
-# Report reasons the supernode acts on: a bad piece blames the parent; "unreachable" only says
-# the reporter could not connect (see Scheduler.report_unreachable). Other text is a bad piece.
-REPORT_BAD_PIECE: Final = "hash mismatch"
-REPORT_UNREACHABLE: Final = "unreachable"
+# Report reasons the supernode acts on (p2pd.core.session): a bad piece blames the parent;
+# "unreachable" only says the reporter could not connect. Other text counts as a bad piece.
+REPORT_BAD_PIECE: Final = session.REPORT_BAD_PIECE
+REPORT_UNREACHABLE: Final = session.REPORT_UNREACHABLE
 
 # Limits handed to msgpack so a hostile body cannot make it allocate much before our checks
 # run. The longest string field is the authorization (ASCII: chars == bytes); the longest

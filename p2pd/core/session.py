@@ -1,0 +1,221 @@
+"""One peer's download of one blob through the swarm: the policy around the piece picker.
+
+A `DownloadSession` decides everything about a swarm download that is not moving bytes: which
+pieces to fetch from which parent (through its `PiecePicker`), when to tell the supernode what
+arrived and ask for parents again, which parents to give up on, and when the swarm has failed
+this blob. The p2pd daemon (`p2pd/swarm.py`) drives it with real transfers and a real
+supernode; the storm simulator drives it with simulated ones. Same code, two drivers.
+
+Driving it::
+
+    session.apply(state, known, parents, now)  # each supernode reply: register, announce, report
+    loop:
+        out = session.poll(now)                    # advance timers, collect decisions
+        cancel out.cancel; start out.fetch         # transfers
+        send out.reports; apply each reply
+        if out.gave_up: fall back to the registry
+        if out.announce: pieces, want = session.take_announce(); send; apply the reply
+        if session.is_complete(): done
+        wait for a transfer result or session.next_wakeup()
+        session.on_piece(request, ok, now) / session.on_failure(request, not_found, now)
+
+Rules:
+- Pieces become fetchable only once their hash is known (``known`` of the manifest).
+- Announces are batched every ``announce_interval``; while nothing is in flight (no parents yet,
+  the seeder still reading) the session asks sooner, from ``min_announce_gap`` doubling back to
+  the interval, so idle peers stay cheap for the supernode.
+- A parent that served a bad piece, or failed ``max_connect_failures`` transfers in a row
+  (refused, reset, garbled), is dropped, reported (bad piece / unreachable) and never taken
+  back from an assignment.
+- No new verified piece for ``stall_timeout`` -- or a task the supernode reports as failed --
+  means the swarm gave up on this blob (`Outbox.gave_up`); the driver falls back.
+- Requests the session cancelled are off its books: a late result for one is ignored.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from p2pd.core.bitfield import Bitfield
+from p2pd.core.layout import PieceLayout
+from p2pd.core.picker import BadParent, Cancel, PickerConfig, PiecePicker, Request
+
+# Report reasons understood by the supernode (see Scheduler.report_bad_piece/_unreachable).
+REPORT_BAD_PIECE = "hash mismatch"
+REPORT_UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    announce_interval: float = 1.0
+    min_announce_gap: float = 0.05
+    stall_timeout: float = 15.0
+    max_connect_failures: int = 2
+    picker: PickerConfig = field(default_factory=PickerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ParentView:
+    """A parent as an assignment names it."""
+
+    peer_id: str
+    address: str
+    pieces: Bitfield
+
+
+@dataclass(slots=True)
+class Outbox:
+    """What the driver must do now, in this order: cancel, fetch, report, announce."""
+
+    cancel: list[Request] = field(default_factory=list)
+    fetch: list[Request] = field(default_factory=list)
+    reports: list[tuple[str, int, str]] = field(default_factory=list)  # parent, piece, reason
+    announce: bool = False
+    gave_up: str | None = None
+
+
+class DownloadSession:
+    def __init__(
+        self,
+        layout: PieceLayout,
+        peer_id: str,
+        rng: random.Random,
+        config: SessionConfig | None = None,
+        have: Bitfield | None = None,
+        now: float = 0.0,
+    ) -> None:
+        self.layout = layout
+        self.peer_id = peer_id
+        self.config = config or SessionConfig()
+        self.picker = PiecePicker(layout, rng, self.config.picker, have=have)
+        self.addresses: dict[str, str] = {}
+        self.live: set[Request] = set()
+        self.completed: list[int] = []
+        self.shunned: set[str] = set()
+        self.failures: dict[str, int] = {}
+        self.known = 0
+        self.failed_task = False
+        self.last_progress = now
+        self.next_announce = now + self.config.announce_interval
+        self.idle_gap = self.config.min_announce_gap
+        self._out = Outbox()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def have(self) -> Bitfield:
+        return self.picker.have
+
+    def is_complete(self) -> bool:
+        return self.picker.is_complete()
+
+    def next_wakeup(self) -> float:
+        """When `poll` has something to do even if no transfer finishes."""
+        wake = min(self.next_announce, self.last_progress + self.config.stall_timeout)
+        deadline = self.picker.next_deadline()
+        return wake if deadline is None else min(wake, deadline)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def apply(self, state: str, known: int, parents: Iterable[ParentView], now: float) -> None:
+        """A supernode reply: the task's state, how many hashes are known, the parents."""
+        if state == "failed":
+            self.failed_task = True
+            return
+        self.known = max(self.known, min(known, self.layout.count))
+        self.picker.set_verifiable(self.known)
+        wanted = {
+            p.peer_id: p
+            for p in parents
+            if p.peer_id != self.peer_id and p.peer_id not in self.shunned
+        }
+        for parent in self.picker.parents():
+            if parent not in wanted:
+                self._drop_parent(parent)
+        for parent_id, info in wanted.items():
+            self.addresses[parent_id] = info.address
+            self.picker.add_parent(parent_id, info.pieces)
+
+    def on_piece(self, request: Request, ok: bool, now: float) -> bool:
+        """A transfer delivered its bytes; `ok` says they matched the manifest (the driver
+        wrote them). Returns True when this was a new verified piece."""
+        if request not in self.live:
+            return False  # cancelled meanwhile: the picker has already moved on
+        self.live.discard(request)
+        self.failures.pop(request.parent, None)
+        for action in self.picker.on_piece(request.parent, request.index, ok, now):
+            if isinstance(action, Cancel):
+                self._cancel(Request(action.parent, action.index))
+            elif isinstance(action, BadParent):
+                self.shunned.add(action.parent)
+                self._out.reports.append((action.parent, action.index, REPORT_BAD_PIECE))
+                self._drop_parent(action.parent)
+        if ok:
+            self.completed.append(request.index)
+            self.last_progress = now
+            self.idle_gap = self.config.min_announce_gap
+        return ok
+
+    def on_failure(self, request: Request, not_found: bool, now: float) -> None:
+        """A transfer failed; `not_found` says the parent answered it lacks the piece."""
+        if request not in self.live:
+            return
+        self.live.discard(request)
+        self.picker.on_failure(request.parent, request.index, lacks_piece=not_found)
+        if not_found:
+            return
+        parent = request.parent
+        self.failures[parent] = self.failures.get(parent, 0) + 1
+        if self.failures[parent] >= self.config.max_connect_failures:
+            # a killed host looks alive to the supernode until its TTL: say so now
+            self.shunned.add(parent)
+            self._out.reports.append((parent, request.index, REPORT_UNREACHABLE))
+            self._drop_parent(parent)
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def poll(self, now: float) -> Outbox:
+        """Advance timers to `now` and hand over every decision made since the last poll."""
+        for request in self.picker.expire(now):
+            self.live.discard(request)
+            self._out.cancel.append(request)
+        if self.failed_task:
+            self._out.gave_up = "the supernode could not fetch the blob from the registry"
+        elif not self.is_complete() and now - self.last_progress >= self.config.stall_timeout:
+            self._out.gave_up = (
+                f"no piece arrived for {self.config.stall_timeout:g} s "
+                f"({self.picker.have.count()}/{self.layout.count} pieces)"
+            )
+        if self._out.gave_up is None and not self.is_complete():
+            fresh = self.picker.pick(now)
+            self.live.update(fresh)
+            self._out.fetch.extend(fresh)
+            if not self.live:
+                self.next_announce = min(self.next_announce, now + self.idle_gap)
+            if now >= self.next_announce:
+                self._out.announce = True
+        out, self._out = self._out, Outbox()
+        return out
+
+    def take_announce(self, now: float) -> tuple[list[int], bool]:
+        """The pieces completed since the last announce; restarts the announce timer."""
+        if not self.live:
+            self.idle_gap = min(2 * self.idle_gap, self.config.announce_interval)
+        self.next_announce = now + self.config.announce_interval
+        batch, self.completed = self.completed, []
+        return batch, not self.is_complete()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _cancel(self, request: Request) -> None:
+        if request in self.live:
+            self.live.discard(request)
+            self._out.cancel.append(request)
+
+    def _drop_parent(self, parent: str) -> None:
+        if parent in self.picker.parents():
+            self.picker.remove_parent(parent)
+        for request in [r for r in self.live if r.parent == parent]:
+            self._cancel(request)

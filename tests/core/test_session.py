@@ -1,0 +1,138 @@
+"""The peer-side download session: batching, idle back-off, failures, give-ups."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from p2pd.core.bitfield import Bitfield
+from p2pd.core.layout import PieceLayout
+from p2pd.core.picker import PickerConfig, Request
+from p2pd.core.session import (
+    REPORT_BAD_PIECE,
+    REPORT_UNREACHABLE,
+    DownloadSession,
+    ParentView,
+    SessionConfig,
+)
+
+LAYOUT = PieceLayout(8, 1)
+CONFIG = SessionConfig(
+    announce_interval=1.0,
+    min_announce_gap=0.1,
+    stall_timeout=10.0,
+    max_connect_failures=2,
+    picker=PickerConfig(max_in_flight_per_parent=2, prefix_window=0),
+)
+
+
+def parent(name: str, pieces: str = "11111111") -> ParentView:
+    bits = Bitfield.from_indexes(len(pieces), [i for i, c in enumerate(pieces) if c == "1"])
+    return ParentView(name, f"{name}:1", bits)
+
+
+def session(now: float = 0.0) -> DownloadSession:
+    return DownloadSession(LAYOUT, "me", random.Random(1), CONFIG, now=now)
+
+
+def test_fetches_only_known_pieces_and_batches_announces() -> None:
+    s = session()
+    s.apply("fetching", 3, [parent("a")], 0.0)
+    out = s.poll(0.0)
+    assert sorted(r.index for r in out.fetch) == [0, 1]  # 2 in flight, only hashed pieces
+    assert not out.announce
+    for r in out.fetch:
+        assert s.on_piece(r, True, 0.2)
+    out = s.poll(0.2)
+    assert [r.index for r in out.fetch] == [2]
+    assert not out.announce  # batched until the interval
+    assert s.poll(1.0).announce
+    pieces, want_parents = s.take_announce(1.0)
+    assert sorted(pieces) == [0, 1] and want_parents
+    assert not s.poll(1.5).announce
+
+
+def test_idle_session_asks_soon_then_backs_off() -> None:
+    s = session()
+    s.apply("fetching", 0, [], 0.0)
+    times = []
+    now = 0.0
+    for _ in range(6):
+        s.poll(now)
+        now = s.next_wakeup()
+        out = s.poll(now)
+        assert out.announce
+        s.take_announce(now)
+        times.append(round(now, 3))
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert gaps == [0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_bad_piece_reports_and_shuns_the_parent() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a"), parent("b", "00000000")], 0.0)
+    (first, *_rest) = s.poll(0.0).fetch
+    assert first.parent == "a"
+    assert not s.on_piece(first, False, 0.1)
+    out = s.poll(0.1)
+    assert out.reports == [("a", first.index, REPORT_BAD_PIECE)]
+    assert {r.parent for r in out.cancel} <= {"a"}
+    s.apply("ready", 8, [parent("a"), parent("b")], 0.2)  # the supernode still names it
+    assert "a" not in s.picker.parents()
+    assert {r.parent for r in s.poll(0.2).fetch} == {"b"}
+
+
+def test_repeated_transfer_failures_report_the_parent_unreachable() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a"), parent("b")], 0.0)
+    a_requests = [r for r in s.poll(0.0).fetch if r.parent == "a"]
+    s.on_failure(a_requests[0], False, 0.1)
+    assert s.poll(0.1).reports == []
+    s.on_failure(a_requests[1], False, 0.2)
+    out = s.poll(0.2)
+    assert out.reports == [("a", a_requests[1].index, REPORT_UNREACHABLE)]
+    assert s.picker.parents() == ["b"]
+
+
+def test_not_found_is_not_a_failure() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a")], 0.0)
+    for r in s.poll(0.0).fetch:
+        s.on_failure(r, True, 0.1)
+    assert s.poll(0.1).reports == []
+    assert s.picker.parents() == ["a"]
+
+
+def test_stall_and_failed_task_give_up() -> None:
+    s = session()
+    s.apply("fetching", 0, [], 0.0)
+    assert s.poll(9.9).gave_up is None
+    assert "no piece arrived for 10 s" in (s.poll(10.0).gave_up or "")
+    t = session()
+    t.apply("failed", 0, [], 0.0)
+    assert "could not fetch" in (t.poll(0.0).gave_up or "")
+
+
+def test_late_results_for_cancelled_requests_are_ignored() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a")], 0.0)
+    (r, *_rest) = s.poll(0.0).fetch
+    s.apply("ready", 8, [], 0.1)  # the supernode took parent a away
+    assert r in s.poll(0.1).cancel
+    assert not s.on_piece(r, True, 0.2)
+    s.on_failure(Request("a", 5), False, 0.3)  # never issued: ignored as well
+    assert s.have.is_empty()
+
+
+def test_completion_ends_the_session() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a"), parent("b")], 0.0)
+    now = 0.0
+    while not s.is_complete():
+        now += 0.1
+        for r in s.poll(now).fetch:
+            s.on_piece(r, True, now)
+        assert now < 5
+    pieces, want = s.take_announce(now)
+    assert sorted(pieces) == list(range(8)) and not want
+    assert s.poll(now + 100).gave_up is None
