@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,7 +113,13 @@ class Download:
         self._hashed = 0
         self._sha = hashlib.sha256()
         self._changed = trio.Event()
-        self._prefix_pieces = partial.have.first_missing()
+        self.finished = trio.Event()  # set once COMPLETE or FAILED
+        self.on_fail: list[Callable[[], None]] = []
+        # Pieces a previous run claimed to have written: not trusted (nor released to
+        # readers) until a filler that knows their hashes checks them (`adopt`).
+        self.claimed = partial.have.copy()
+        partial.have = Bitfield(self.layout.count)
+        self._prefix_pieces = 0
 
     # -- what fillers use ---------------------------------------------------------------------
 
@@ -140,11 +146,15 @@ class Download:
         self._prefix_pieces = self.partial.have.first_missing()
         self._notify()
 
-    def drop_pieces(self, indexes: list[int]) -> None:
-        """Forget pieces found bad on resume (before anyone read past them)."""
-        for i in indexes:
-            self.partial.have.discard(i)
+    def adopt(self, index: int, source: str) -> None:
+        """A claimed piece already on disk matched its hash: count it as written."""
+        if self.state is not DownloadState.RUNNING or index in self.partial.have:
+            return
+        self.claimed.discard(index)
+        self.partial.have.add(index)
+        self.sources[source] = self.sources.get(source, 0) + self.layout.length(index)
         self._prefix_pieces = self.partial.have.first_missing()
+        self._notify()
 
     # -- what readers use ---------------------------------------------------------------------
 
@@ -181,7 +191,10 @@ class Download:
             self.state = DownloadState.FAILED
             self.error = reason
             log.warning("download of %s failed: %s", self.digest, reason)
+            self.finished.set()
             self._notify()
+            for callback in self.on_fail:
+                callback()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -205,12 +218,15 @@ class Download:
             self.fail(f"sha256 of the assembled blob is {self._sha.hexdigest()}")
             return
         try:
-            self.partial.commit()
+            # fsync of a multi-GB file can take seconds: not on the event loop
+            await trio.to_thread.run_sync(self.partial.commit)
         except StorageError as exc:
             self.fail(str(exc))
             return
-        self.state = DownloadState.COMPLETE
-        self._notify()
+        if self.state is DownloadState.RUNNING:
+            self.state = DownloadState.COMPLETE
+            self.finished.set()
+            self._notify()
 
     def _hash_range(self, start: int, end: int) -> None:
         fd = self.partial.fd
@@ -369,11 +385,16 @@ class BlobManager:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guarded, download, download.hash_and_commit())
-                await self._guarded(download, self._fill(download, source))
+                with trio.CancelScope() as filling:
+                    # a failed download (say, a sha256 mismatch) stops its fillers at once,
+                    # and the next request for the blob starts afresh
+                    download.on_fail.append(filling.cancel)
+                    download.on_fail.append(lambda: self._forget(download))
+                    await self._guarded(download, self._fill(download, source))
                 if download.state is DownloadState.RUNNING and not download.pieces_complete():
                     download.fail("no filler completed the blob")
         finally:
-            self.downloads.pop(digest, None)
+            self._forget(download)
             if download.state is DownloadState.RUNNING:
                 # cancelled (the daemon is stopping): keep the verified pieces for a resume
                 download.fail("the daemon is shutting down")
@@ -388,6 +409,10 @@ class BlobManager:
                 download.state.value,
                 ", ".join(f"{k}={v}" for k, v in sorted(download.sources.items())) or "-",
             )
+
+    def _forget(self, download: Download) -> None:
+        if self.downloads.get(download.digest) is download:
+            del self.downloads[download.digest]
 
     async def _guarded(self, download: Download, work: Awaitable[None]) -> None:
         """Run `work`; any failure fails the download (and wakes its readers) instead of
@@ -404,7 +429,7 @@ class BlobManager:
 
     async def _fill(self, download: Download, source: BlobSource) -> None:
         jitter = False
-        for filler in self.fillers:
+        for n, filler in enumerate(self.fillers):
             if download.pieces_complete() or download.state is not DownloadState.RUNNING:
                 return
             if jitter and self.fallback_jitter:
@@ -415,3 +440,9 @@ class BlobManager:
             except FillerGaveUp as exc:
                 log.info("%s gave up on %s: %s", type(filler).__name__, download.digest, exc)
                 jitter = exc.fleetwide
+            except Exception:
+                if n == len(self.fillers) - 1:
+                    raise
+                # a bug or a surprise in one filler must not cost the download its fallback
+                log.exception("%s failed on %s", type(filler).__name__, download.digest)
+                jitter = True

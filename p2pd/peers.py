@@ -128,9 +128,17 @@ class PieceServer:
 class PieceFetchError(Exception):
     """A parent did not deliver the piece (connection, protocol or status problem)."""
 
-    def __init__(self, message: str, *, not_found: bool = False, unreachable: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        not_found: bool = False,
+        busy: bool = False,
+        unreachable: bool = False,
+    ) -> None:
         super().__init__(message)
         self.not_found = not_found  # it answered 404: it does not hold the piece (yet)
+        self.busy = busy  # it answered 503: all its upload slots are taken; try later
         self.unreachable = unreachable  # refused, reset or closed: it may be gone
 
 
@@ -138,48 +146,94 @@ class _Conn:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.sock = stream.socket
+        self.idle_since = 0.0
+
+
+class _Stale(Exception):
+    """A pooled connection turned out closed before any byte of the response."""
 
 
 class PieceClient:
-    """Fetches pieces from parents over kept-alive connections, one request per connection."""
+    """Fetches pieces from parents over kept-alive connections, one request per connection.
+
+    Idle connections are kept for `idle_seconds`, well under the server's keep-alive timeout
+    (30 s), and a pooled connection that fails before the first response byte is retried once
+    on a fresh one: a peer that closed an idle connection is not a peer that is gone.
+    """
 
     def __init__(
         self,
         limiter: RateLimiter | None = None,
         connect_timeout: float = 5.0,
         idle_per_parent: int = 4,
+        idle_seconds: float = 15.0,
     ) -> None:
         self.limiter = limiter or RateLimiter(0)
         self.connect_timeout = connect_timeout
         self.idle_per_parent = idle_per_parent
+        self.idle_seconds = idle_seconds
         self._idle: dict[str, list[_Conn]] = {}
         self.bytes_received = 0
 
     async def fetch(self, address: str, digest: Digest, index: int, buffer: memoryview) -> None:
         """Fill `buffer` (exactly the piece's length) with piece `index` from `address`."""
+        conn = self._pooled(address)
+        if conn is not None:
+            try:
+                await self._attempt(conn, address, digest, index, buffer, pooled=True)
+                return
+            except _Stale:
+                pass
         conn = await self._connect(address)
+        try:
+            await self._attempt(conn, address, digest, index, buffer, pooled=False)
+        except _Stale as exc:
+            raise PieceFetchError(
+                f"{address}: connection closed before a response", unreachable=True
+            ) from exc
+
+    async def _attempt(
+        self,
+        conn: _Conn,
+        address: str,
+        digest: Digest,
+        index: int,
+        buffer: memoryview,
+        *,
+        pooled: bool,
+    ) -> None:
         reusable = False
         try:
             reusable = await self._exchange(conn, address, digest, index, buffer)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if pooled:
+                raise _Stale from exc
             raise PieceFetchError(f"{address}: {exc}", unreachable=True) from exc
         finally:
             if reusable and len(self._idle.setdefault(address, [])) < self.idle_per_parent:
+                conn.idle_since = trio.current_time()
                 self._idle[address].append(conn)
             else:
                 with trio.CancelScope(shield=True):
                     await conn.stream.aclose()
 
     async def aclose(self) -> None:
-        for conns in self._idle.values():
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
             for conn in conns:
                 await conn.stream.aclose()
-        self._idle.clear()
+
+    def _pooled(self, address: str) -> _Conn | None:
+        idle = self._idle.get(address)
+        oldest_ok = trio.current_time() - self.idle_seconds
+        while idle:
+            conn = idle.pop()
+            if conn.idle_since >= oldest_ok:
+                return conn
+            conn.stream.socket.close()  # too old: the server may have closed it already
+        return None
 
     async def _connect(self, address: str) -> _Conn:
-        idle = self._idle.get(address)
-        if idle:
-            return idle.pop()
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
@@ -190,7 +244,12 @@ class PieceClient:
         return _Conn(stream)
 
     async def _exchange(
-        self, conn: _Conn, address: str, digest: Digest, index: int, buffer: memoryview
+        self,
+        conn: _Conn,
+        address: str,
+        digest: Digest,
+        index: int,
+        buffer: memoryview,
     ) -> bool:
         request = f"GET /pieces/{digest.hex}/{index} HTTP/1.1\r\nHost: {address}\r\n\r\n"
         await conn.stream.send_all(request.encode("ascii"))
@@ -200,16 +259,18 @@ class PieceClient:
                 raise PieceFetchError(f"{address}: response head over {_MAX_HEAD} bytes")
             chunk = await conn.stream.receive_some(65536)
             if not chunk:
-                raise PieceFetchError(
-                    f"{address}: connection closed before a response", unreachable=True
-                )
+                if not head:
+                    raise _Stale
+                raise PieceFetchError(f"{address}: connection closed in the response head")
             head += chunk
         end = head.index(b"\r\n\r\n")
         status, length = _parse_head(bytes(head[:end]), address)
         body = head[end + 4 :]
         if status != 200:
             raise PieceFetchError(
-                f"{address}: piece {index} answered {status}", not_found=status == 404
+                f"{address}: piece {index} answered {status}",
+                not_found=status == 404,
+                busy=status == 503,
             )
         if length != len(buffer):
             raise PieceFetchError(f"{address}: piece {index} is {length} bytes, want {len(buffer)}")

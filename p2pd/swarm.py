@@ -31,7 +31,7 @@ import httpx
 import trio
 
 from p2pd import wire
-from p2pd.blobs import BlobSource, Download, FillerGaveUp
+from p2pd.blobs import BlobSource, Download, DownloadState, FillerGaveUp
 from p2pd.core.manifest import ManifestError, PieceManifest
 from p2pd.core.picker import Request
 from p2pd.core.session import DownloadSession, ParentView, SessionConfig
@@ -39,6 +39,9 @@ from p2pd.peers import PieceClient, PieceFetchError
 from p2pd.tracker import TrackerRejected, TrackerSession, TrackerUnavailable
 
 log = logging.getLogger(__name__)
+
+# Piece-size buffers kept for reuse (per piece size): enough for the requests in flight.
+_POOLED_BUFFERS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class SwarmConfig:
 @dataclass(slots=True)
 class _Result:
     request: Request
+    token: int  # which transfer of that request: a re-issued request gets a new one
     buffer: bytearray | None
     error: PieceFetchError | None = None
 
@@ -99,32 +103,43 @@ class Swarm:
             assignment = await session.register(download.have)
         except (TrackerUnavailable, TrackerRejected) as exc:
             raise FillerGaveUp(f"supernode: {exc}") from exc
-        await _Run(self, download, session).run(assignment)
+        try:
+            await _Run(self, download, session).run(assignment)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await session.leave()
+            raise
         self.nursery.start_soon(self._seed, download, session)
 
     async def _seed(self, download: Download, session: TrackerSession) -> None:
-        """Stay a parent for `seed_time`: heartbeat within the supernode's liveness window."""
-        deadline = trio.current_time() + self.config.seed_time
+        """Stay a parent for `seed_time` once the blob is verified and cached: heartbeat
+        within the supernode's liveness window; stop when the blob leaves the cache."""
         try:
-            while trio.current_time() < deadline:
+            await download.finished.wait()
+            if download.state is not DownloadState.COMPLETE:
+                return
+            store = download.partial.store
+            deadline = trio.current_time() + self.config.seed_time
+            while trio.current_time() < deadline and store.has(download.digest):
                 await trio.sleep(min(10.0, self.config.seed_time))
-                try:
-                    await session.announce([], download.layout.count, download.have, False)
-                except (TrackerUnavailable, TrackerRejected):
-                    return
+                await session.announce([], download.layout.count, download.have, False)
+        except (TrackerUnavailable, TrackerRejected):
+            pass
+        except Exception:
+            log.exception("seeding %s failed", download.digest)  # never the daemon's end
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await session.leave()
 
     # -- buffers: one per piece in flight, reused (fresh big buffers cost page faults) --------
 
-    def take_buffer(self, size: int) -> bytearray:
-        free = self._buffers.get(size)
-        return free.pop() if free else bytearray(size)
+    def take_buffer(self, piece_size: int) -> bytearray:
+        free = self._buffers.get(piece_size)
+        return free.pop() if free else bytearray(piece_size)
 
     def give_buffer(self, buffer: bytearray) -> None:
         free = self._buffers.setdefault(len(buffer), [])
-        if len(free) < 64:
+        if len(free) < _POOLED_BUFFERS:
             free.append(buffer)
 
 
@@ -139,7 +154,8 @@ class _Run:
         self.layout = download.layout
         self.manifest = PieceManifest(download.digest, download.layout)
         self.session: DownloadSession | None = None
-        self.live: dict[Request, trio.CancelScope] = {}
+        self.live: dict[Request, tuple[int, trio.CancelScope]] = {}
+        self.tokens = 0
         self.send, self.receive = trio.open_memory_channel[_Result](math.inf)
 
     async def run(self, assignment: wire.Assignment) -> None:
@@ -149,11 +165,10 @@ class _Run:
                 f"the blob's {self.layout.total_size}/{self.layout.piece_size}"
             )
         self._extend_manifest(assignment)
-        # pieces on disk from before a restart are trusted only once their hash matches
-        claimed = list(self.download.have)
-        bad = self.download.partial.recheck(self.manifest)
-        unknown = [i for i in claimed if i >= self.manifest.known]
-        self.download.drop_pieces(bad + unknown)
+        # pieces on disk from before a restart count only once their hash matches
+        good = await trio.to_thread.run_sync(self._recheck_claims)
+        for index in good:
+            self.download.adopt(index, "resumed")
         now = trio.current_time()
         self.session = DownloadSession(
             self.layout,
@@ -163,6 +178,7 @@ class _Run:
             have=self.download.have.copy(),
             now=now,
         )
+        self.session.completed.extend(good)  # the supernode learns them with the first announce
         self._apply(assignment, now)
         # Transfers run in a nursery, so a give-up inside it would come out wrapped in an
         # exception group: carry it out as a value and raise it plainly here.
@@ -184,13 +200,14 @@ class _Run:
             now = trio.current_time()
             out = session.poll(now)
             for request in out.cancel:
-                scope = self.live.pop(request, None)
-                if scope is not None:
-                    scope.cancel()
+                entry = self.live.pop(request, None)
+                if entry is not None:
+                    entry[1].cancel()
             for request in out.fetch:
+                self.tokens += 1
                 scope = trio.CancelScope()
-                self.live[request] = scope
-                nursery.start_soon(self._fetch, request, scope)
+                self.live[request] = (self.tokens, scope)
+                nursery.start_soon(self._fetch, request, self.tokens, scope)
             for parent, index, reason in out.reports:
                 reply = await self.tracker.report(parent, index, reason)
                 if reply is not None:
@@ -208,6 +225,15 @@ class _Run:
             if result is not None:
                 self._handle(result, trio.current_time())
 
+    def _recheck_claims(self) -> list[int]:
+        """(In a worker thread.) Claimed pieces whose bytes match the manifest."""
+        partial = self.download.partial
+        return [
+            i
+            for i in self.download.claimed
+            if i < self.manifest.known and self.manifest.verify(i, partial.read_piece(i))
+        ]
+
     # -- supernode replies --------------------------------------------------------------------
 
     def _extend_manifest(self, assignment: wire.Assignment) -> None:
@@ -218,6 +244,10 @@ class _Run:
 
     def _apply(self, assignment: wire.Assignment, now: float) -> None:
         assert self.session is not None
+        if assignment.digest != self.download.digest or (
+            assignment.state != "failed" and assignment.layout != self.layout
+        ):
+            raise FillerGaveUp(f"supernode answered about another blob: {assignment.digest}")
         if assignment.state != "failed":
             self._extend_manifest(assignment)
         parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
@@ -244,10 +274,10 @@ class _Run:
 
     # -- transfers ----------------------------------------------------------------------------
 
-    async def _fetch(self, request: Request, scope: trio.CancelScope) -> None:
+    async def _fetch(self, request: Request, token: int, scope: trio.CancelScope) -> None:
         assert self.session is not None
         length = self.layout.length(request.index)
-        buffer = self.swarm.take_buffer(length)
+        buffer = self.swarm.take_buffer(self.layout.piece_size)
         delivered = False
         with scope:
             try:
@@ -255,12 +285,12 @@ class _Run:
                     self.session.addresses[request.parent],
                     self.download.digest,
                     request.index,
-                    memoryview(buffer),
+                    memoryview(buffer)[:length],
                 )
-                self.send.send_nowait(_Result(request, buffer))
+                self.send.send_nowait(_Result(request, token, buffer))
                 delivered = True
             except PieceFetchError as exc:
-                self.send.send_nowait(_Result(request, None, exc))
+                self.send.send_nowait(_Result(request, token, None, exc))
         if not delivered:
             self.swarm.give_buffer(buffer)
 
@@ -268,21 +298,24 @@ class _Run:
         """One transfer's outcome: verify, write, tell the session."""
         assert self.session is not None
         request = result.request
-        if self.live.pop(request, None) is None:
+        entry = self.live.get(request)
+        if entry is None or entry[0] != result.token:
             if result.buffer is not None:
                 self.swarm.give_buffer(result.buffer)
-            return  # cancelled meanwhile
+            return  # cancelled meanwhile (or an older transfer of a re-issued request)
+        del self.live[request]
         if result.buffer is None:
             error = result.error
             assert error is not None
             log.debug("piece %d from %s: %s", request.index, request.parent, error)
-            self.session.on_failure(request, error.not_found, now)
+            self.session.on_failure(request, error.not_found, now, busy=error.busy)
             return
         buffer = result.buffer
+        piece = memoryview(buffer)[: self.layout.length(request.index)]
         try:
-            ok = self.manifest.verify(request.index, buffer)
+            ok = self.manifest.verify(request.index, piece)
             if ok:
-                self.download.put_piece(request.index, buffer, f"peer:{request.parent}")
+                self.download.put_piece(request.index, piece, f"peer:{request.parent}")
             else:
                 self.swarm.bad_pieces += 1
                 log.warning(

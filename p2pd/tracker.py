@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TypeVar
 
 import httpx
 import xxhash
@@ -26,6 +27,8 @@ from p2pd.core.digest import Digest
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/x-msgpack"
+
+M = TypeVar("M", wire.Assignment, wire.Ack)
 
 
 class TrackerUnavailable(Exception):
@@ -72,21 +75,23 @@ class TrackerSession:
     def peer_id(self) -> str:
         return self.template.peer_id
 
-    async def register(self, have: Bitfield | None) -> wire.Assignment:
-        """Register with the first supernode in the ranking that answers."""
+    async def register(self, have: Bitfield | None, *, move_on: bool = False) -> wire.Assignment:
+        """Register with the first supernode that answers: the current one first (or, with
+        `move_on`, the one after it, because it stopped answering), then the ranking."""
         errors = []
-        start = self.ranking.index(self.current) + 1 if self.current in self.ranking else 0
+        start = self.ranking.index(self.current) if self.current in self.ranking else 0
+        if move_on and self.current in self.ranking:
+            start += 1
         order = self.ranking[start:] + self.ranking[:start]
         for url in order:
             held = have if have is not None and not have.is_empty() else None
             msg = dataclasses.replace(self.template, have=held)
             try:
-                reply = await self._post(url, "register", msg)
+                reply = await self._post(url, "register", msg, wire.Assignment)
             except TrackerUnavailable as exc:
                 errors.append(str(exc))
                 continue
             self.current = url
-            assert isinstance(reply, wire.Assignment)
             return reply
         raise TrackerUnavailable("; ".join(errors) or "no supernode configured")
 
@@ -95,32 +100,29 @@ class TrackerSession:
     ) -> wire.Assignment:
         msg = wire.Announce(self.digest, self.peer_id, tuple(pieces), manifest_known, want_parents)
         try:
-            reply = await self._post(self._url(), "announce", msg)
+            return await self._post(self._url(), "announce", msg, wire.Assignment)
         except TrackerUnavailable as exc:
             log.info("supernode %s lost (%s); failing over", self.current, exc)
-            return await self.register(have)
+            return await self.register(have, move_on=True)
         except TrackerRejected as exc:
             if exc.code not in ("unknown_task", "unknown_peer"):
                 raise
-            # the supernode restarted (or expired us): join again with what we hold
+            # the supernode restarted (or expired us): join it again with what we hold
             return await self.register(have)
-        assert isinstance(reply, wire.Assignment)
-        return reply
 
     async def report(self, parent_id: str, index: int, reason: str) -> wire.Assignment | None:
         msg = wire.Report(self.digest, self.peer_id, parent_id, index, reason)
         try:
-            reply = await self._post(self._url(), "report", msg)
+            return await self._post(self._url(), "report", msg, wire.Assignment)
         except (TrackerUnavailable, TrackerRejected) as exc:
             log.warning("could not report %s for piece %d: %s", parent_id, index, exc)
             return None
-        return reply if isinstance(reply, wire.Assignment) else None
 
     async def leave(self) -> None:
         if self.current is None:
             return
         try:
-            await self._post(self.current, "leave", wire.Leave(self.digest, self.peer_id))
+            await self._post(self.current, "leave", wire.Leave(self.digest, self.peer_id), wire.Ack)
         except (TrackerUnavailable, TrackerRejected) as exc:
             log.info("leave of %s: %s", self.digest, exc)
 
@@ -129,7 +131,7 @@ class TrackerSession:
             raise TrackerUnavailable("not registered")
         return self.current
 
-    async def _post(self, base: str, verb: str, msg: wire.Message) -> wire.Message:
+    async def _post(self, base: str, verb: str, msg: wire.Message, expect: type[M]) -> M:
         self.messages += 1
         try:
             response = await self.client.post(
@@ -148,6 +150,8 @@ class TrackerSession:
             raise TrackerUnavailable(f"{base}: unreadable reply: {exc}") from exc
         if isinstance(reply, wire.Error):
             raise TrackerRejected(response.status_code, reply.code, reply.message)
-        if response.status_code != 200:
-            raise TrackerUnavailable(f"{base}: answered {response.status_code}")
+        if response.status_code != 200 or not isinstance(reply, expect):
+            raise TrackerUnavailable(
+                f"{base}: answered {response.status_code} {type(reply).__name__} to {verb}"
+            )
         return reply

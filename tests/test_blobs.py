@@ -14,7 +14,7 @@ import trio
 
 from p2pd.blobs import BackSource, BlobManager, BlobSource, Download, FillerGaveUp
 from p2pd.core.digest import Digest
-from p2pd.core.layout import MIN_PIECE_SIZE
+from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
 from p2pd.http.server import FileRegion, ResponseAborted
 from p2pd.store import BlobStore
 
@@ -151,3 +151,37 @@ async def test_registry_fallback_resumes_after_the_swarm_gave_up(
     assert got == data
     assert registry.gets[0].headers["range"] == f"bytes={2 * MIN_PIECE_SIZE}-"
     assert store.has(digest)
+
+
+async def test_pieces_claimed_by_a_previous_run_are_not_trusted_unchecked(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    digest, data = make_blob(3 * MIN_PIECE_SIZE, seed=8)
+    layout = PieceLayout.for_size(len(data))
+    # a crash left a claim for piece 0 whose bytes never reached the disk
+    part = BlobStore(tmp_path).open_partial(digest, layout)
+    part.have.add(0)
+    part.save_meta()
+    part.close()
+    registry = FakeRegistry({digest: data})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(registry.handler))
+    store = BlobStore(tmp_path)
+    blobs = BlobManager(store, nursery, [BackSource(client, attempts=1)])
+    got = await collect(blobs.stream(digest, BlobSource(UPSTREAM, REPO, None, len(data)), 0))
+    assert got == data
+    assert "range" not in registry.gets[0].headers  # fetched from the start, claim ignored
+    assert store.has(digest)
+
+
+async def test_a_failed_download_is_forgotten_at_once(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    digest, data = make_blob(MIN_PIECE_SIZE + 5, seed=9)
+    registry = FakeRegistry({digest: data}, corrupt=True)
+    blobs, _ = manager(tmp_path, nursery, registry)
+    source = BlobSource(UPSTREAM, REPO, None, len(data))
+    with pytest.raises(ResponseAborted):
+        await collect(blobs.stream(digest, source, 0))
+    assert blobs.active(digest) is None
+    registry.corrupt = False
+    assert await collect(blobs.stream(digest, source, 0)) == data

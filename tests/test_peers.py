@@ -13,7 +13,7 @@ import trio
 from p2pd.blobs import BlobManager
 from p2pd.core.digest import Digest
 from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
-from p2pd.http.server import bound_port, serve
+from p2pd.http.server import ServerLimits, bound_port, serve
 from p2pd.peers import PieceClient, PieceFetchError, PieceServer, RateLimiter
 from p2pd.store import BlobStore
 
@@ -32,13 +32,17 @@ def put_complete(store: BlobStore, data: bytes) -> Digest:
     return digest
 
 
-async def start_server(nursery: trio.Nursery, tmp_path: Path) -> tuple[str, Digest, bytes]:
+async def start_server(
+    nursery: trio.Nursery, tmp_path: Path, limits: ServerLimits | None = None
+) -> tuple[str, Digest, bytes]:
     data = random.Random(1).randbytes(SIZE)
     store = BlobStore(tmp_path)
     digest = put_complete(store, data)
     server = PieceServer(BlobManager(store, nursery, []), upload_slots=2)
     listeners = await nursery.start(
-        lambda task_status: serve(server.handle, "127.0.0.1", 0, task_status=task_status)
+        lambda task_status: serve(
+            server.handle, "127.0.0.1", 0, limits=limits, task_status=task_status
+        )
     )
     return f"127.0.0.1:{bound_port(listeners)}", digest, data
 
@@ -102,3 +106,29 @@ async def test_rate_limiter_paces_transfers(autojump_clock: trio.testing.MockClo
         await limiter.consume(100_000)
     # 1 MB at 1 MB/s, less the initial burst
     assert trio.current_time() - start == pytest.approx(0.9, abs=0.01)
+
+
+async def test_a_pooled_connection_the_server_closed_is_retried_fresh(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    address, digest, data = await start_server(nursery, tmp_path, ServerLimits(head_timeout=0.1))
+    client = PieceClient(idle_seconds=60)  # keep it longer than the server does
+    buf = bytearray(PieceLayout.for_size(SIZE).length(2))
+    await client.fetch(address, digest, 2, memoryview(buf))
+    await trio.sleep(0.3)  # the server has dropped the idle connection by now
+    buf[:] = bytes(len(buf))
+    await client.fetch(address, digest, 2, memoryview(buf))
+    assert buf == data[2 * MIN_PIECE_SIZE :]
+    await client.aclose()
+
+
+async def test_busy_and_missing_are_told_apart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    address, digest, _ = await start_server(nursery, tmp_path)
+    client = PieceClient()
+    with pytest.raises(PieceFetchError) as info:
+        await client.fetch(address, Digest("cd" * 32), 0, memoryview(bytearray(1)))
+    assert info.value.not_found and not info.value.busy and not info.value.unreachable
+    with pytest.raises(PieceFetchError) as info:
+        await client.fetch("127.0.0.1:1", digest, 0, memoryview(bytearray(1)))
+    assert info.value.unreachable
+    await client.aclose()

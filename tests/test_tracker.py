@@ -89,3 +89,37 @@ async def test_refusals_are_not_failovers() -> None:
         with pytest.raises(TrackerRejected) as info:
             await session.register(None)
         assert info.value.code == "upstream_not_allowed"
+
+
+async def test_a_restarted_supernode_is_joined_again_not_abandoned() -> None:
+    d = digest(9)
+    ranking = rank_supernodes(NODES[:2], d)
+    forgot = [True]
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        base = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        seen.append(f"{base}{request.url.path}")
+        if request.url.path.endswith("/announce") and forgot[0]:
+            forgot[0] = False
+            return httpx.Response(404, content=wire.encode(wire.Error("unknown_peer", "who?")))
+        return httpx.Response(200, content=assignment(d))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        session = TrackerSession(client, NODES[:2], register_msg(d))
+        await session.register(None)
+        await session.announce([0], 0, Bitfield(3))
+        assert session.current == ranking[0]
+        assert seen[-1] == f"{ranking[0]}/v1/register"
+
+
+async def test_a_reply_of_the_wrong_type_is_an_unavailable_supernode() -> None:
+    d = digest(10)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=wire.encode(wire.Ack()))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        session = TrackerSession(client, NODES[:2], register_msg(d))
+        with pytest.raises(TrackerUnavailable, match="Ack to register"):
+            await session.register(None)

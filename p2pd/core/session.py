@@ -158,13 +158,16 @@ class DownloadSession:
             self.idle_gap = self.config.min_announce_gap
         return ok
 
-    def on_failure(self, request: Request, not_found: bool, now: float) -> None:
-        """A transfer failed; `not_found` says the parent answered it lacks the piece."""
+    def on_failure(
+        self, request: Request, not_found: bool, now: float, *, busy: bool = False
+    ) -> None:
+        """A transfer failed. `not_found`: the parent answered it lacks the piece; `busy`: it
+        had no free upload slot. Neither counts against the parent; anything else does."""
         if request not in self.live:
             return
         self.live.discard(request)
         self.picker.on_failure(request.parent, request.index, lacks_piece=not_found)
-        if not_found:
+        if not_found or busy:
             return
         parent = request.parent
         self.failures[parent] = self.failures.get(parent, 0) + 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class Response:
 class ServerLimits:
     max_head: int = 64 * 1024
     head_timeout: float = 30.0  # also how long an idle keep-alive connection is kept
-    send_timeout: float = 300.0  # a stuck receiver of a response body
+    send_timeout: float = 60.0  # how long one write may stall (a receiver that stopped reading)
 
 
 class Request:
@@ -181,7 +182,8 @@ class _Connection:
     async def _send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
         if data:
-            await self.stream.send_all(data)
+            with trio.fail_after(self.limits.send_timeout):
+                await self.stream.send_all(data)
 
     async def run(self) -> None:
         try:
@@ -275,22 +277,24 @@ class _Connection:
                 headers.append((b"content-length", str(response.content_length).encode()))
             elif response.content_length is None and b"content-length" not in names:
                 headers.append((b"transfer-encoding", b"chunked"))
-            with trio.fail_after(self.limits.send_timeout):
-                await self._send(h11.Response(status_code=response.status, headers=headers))
-                if head_only:
-                    pass
-                elif isinstance(body, bytes):
-                    if body:
-                        await self._send(h11.Data(data=body))
-                elif isinstance(body, FileRegion):
-                    await self._send_file(body)
-                else:
-                    async for chunk in body:
-                        if isinstance(chunk, FileRegion):
-                            await self._send_file(chunk)
-                        elif chunk:
-                            await self._send(h11.Data(data=chunk))
-                await self._send(h11.EndOfMessage())
+            # No deadline on the whole response: a big layer over a slow link, or one still
+            # arriving from the swarm, takes as long as it takes. Each write may stall for at
+            # most send_timeout (a receiver that stopped reading).
+            await self._send(h11.Response(status_code=response.status, headers=headers))
+            if head_only:
+                pass
+            elif isinstance(body, bytes):
+                if body:
+                    await self._send(h11.Data(data=body))
+            elif isinstance(body, FileRegion):
+                await self._send_file(body)
+            else:
+                async for chunk in body:
+                    if isinstance(chunk, FileRegion):
+                        await self._send_file(chunk)
+                    elif chunk:
+                        await self._send(h11.Data(data=chunk))
+            await self._send(h11.EndOfMessage())
         finally:
             if isinstance(body, FileRegion) and body.on_done is not None:
                 body.on_done()
@@ -304,9 +308,12 @@ class _Connection:
         parts = self.conn.send_with_data_passthrough(h11.Data(data=region))  # type: ignore[arg-type]
         for part in parts or ():
             if cast(object, part) is region:
-                await sendfile(self.stream, region.fd, region.offset, region.length)
+                await sendfile(
+                    self.stream, region.fd, region.offset, region.length, self.limits.send_timeout
+                )
             else:
-                await self.stream.send_all(part)
+                with trio.fail_after(self.limits.send_timeout):
+                    await self.stream.send_all(part)
 
     async def _send_error_if_possible(self, status: int, reason: str) -> None:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -322,15 +329,19 @@ class _Connection:
             pass
 
 
-async def sendfile(stream: trio.SocketStream, fd: int, offset: int, length: int) -> None:
-    """Send `length` bytes of `fd` from `offset` on `stream` with ``os.sendfile``."""
+async def sendfile(
+    stream: trio.SocketStream, fd: int, offset: int, length: int, stall: float = math.inf
+) -> None:
+    """Send `length` bytes of `fd` from `offset` on `stream` with ``os.sendfile``; raise
+    `trio.TooSlowError` if the socket stays unwritable for `stall` seconds."""
     sock = stream.socket
     end = offset + length
     while offset < end:
         try:
             sent = os.sendfile(sock.fileno(), fd, offset, end - offset)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
+            with trio.fail_after(stall):
+                await trio.lowlevel.wait_writable(sock)
             continue
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET):

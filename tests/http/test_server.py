@@ -51,6 +51,14 @@ async def handler(request: Request) -> Response:
                 await trio.lowlevel.checkpoint()
 
         return Response(200, [], chunks())
+    if request.path == "/slow":
+
+        async def slow() -> AsyncIterator[bytes]:
+            for _ in range(6):
+                await trio.sleep(0.1)
+                yield b"s" * 10
+
+        return Response(200, [], slow(), content_length=60)
     if request.path == "/abort":
 
         async def broken() -> AsyncIterator[bytes]:
@@ -179,3 +187,10 @@ async def test_client_that_resets_after_garbage_does_not_kill_the_server(
     await trio.sleep(0.2)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         assert (await client.post("/echo", content=b"alive")).content == b"alive"
+
+
+async def test_a_slow_but_progressing_response_is_not_cut(nursery: trio.Nursery) -> None:
+    port = await start(nursery, ServerLimits(send_timeout=0.3))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        r = await client.get("/slow")  # 0.6 s in all, no single write stalls
+        assert r.content == b"s" * 60
