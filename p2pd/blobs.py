@@ -114,6 +114,7 @@ class Download:
         self._sha = hashlib.sha256()
         self._changed = trio.Event()
         self.finished = trio.Event()  # set once COMPLETE or FAILED
+        self.keep_partial = False
         self.on_fail: list[Callable[[], None]] = []
         # Pieces a previous run claimed to have written: not trusted (nor released to
         # readers) until a filler that knows their hashes checks them (`adopt`).
@@ -186,10 +187,13 @@ class Download:
 
     # -- life-cycle ---------------------------------------------------------------------------
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, *, keep_partial: bool = False) -> None:
+        """Give up; the partial file is discarded unless `keep_partial` (a shutdown: the
+        verified pieces stay for a resume)."""
         if self.state is DownloadState.RUNNING:
             self.state = DownloadState.FAILED
             self.error = reason
+            self.keep_partial = keep_partial
             log.warning("download of %s failed: %s", self.digest, reason)
             self.finished.set()
             self._notify()
@@ -371,7 +375,8 @@ class BlobManager:
     def _start(self, digest: Digest, source: BlobSource) -> Download:
         layout = PieceLayout.for_size(source.size)
         try:
-            self.store.reserve(layout.total_size)
+            # a resumed partial is counted already
+            self.store.reserve(layout.total_size - self.store.partial_size(digest))
             partial = self.store.open_partial(digest, layout)
         except StorageError as exc:
             raise ResponseAborted(f"cannot cache {digest}: {exc}") from exc
@@ -389,7 +394,7 @@ class BlobManager:
                     # a failed download (say, a sha256 mismatch) stops its fillers at once,
                     # and the next request for the blob starts afresh
                     download.on_fail.append(filling.cancel)
-                    download.on_fail.append(lambda: self._forget(download))
+                    download.on_fail.append(lambda: self._drop(download))
                     await self._guarded(download, self._fill(download, source))
                 if download.state is DownloadState.RUNNING and not download.pieces_complete():
                     download.fail("no filler completed the blob")
@@ -397,11 +402,9 @@ class BlobManager:
             self._forget(download)
             if download.state is DownloadState.RUNNING:
                 # cancelled (the daemon is stopping): keep the verified pieces for a resume
-                download.fail("the daemon is shutting down")
+                download.fail("the daemon is shutting down", keep_partial=True)
                 with contextlib.suppress(StorageError):
                     download.partial.save_meta()
-            elif download.state is DownloadState.FAILED:
-                download.partial.discard()
             download.partial.close()
             log.info(
                 "download of %s %s: %s",
@@ -409,6 +412,14 @@ class BlobManager:
                 download.state.value,
                 ", ".join(f"{k}={v}" for k, v in sorted(download.sources.items())) or "-",
             )
+
+    def _drop(self, download: Download) -> None:
+        """A download failed: its files go at once (readers keep their fds), so that the next
+        request for the blob starts afresh without racing this one's clean-up."""
+        if not download.keep_partial:
+            with contextlib.suppress(OSError):
+                download.partial.discard()
+        self._forget(download)
 
     def _forget(self, download: Download) -> None:
         if self.downloads.get(download.digest) is download:

@@ -145,6 +145,10 @@ class BlobStore:
             else:
                 del self._leases[digest]
 
+    def partial_size(self, digest: Digest) -> int:
+        """Bytes already counted for a partial download of `digest` (0 if none)."""
+        return self._partial_bytes.get(digest, 0)
+
     def usage(self) -> int:
         return sum(e.size for e in self._complete.values()) + sum(self._partial_bytes.values())
 
@@ -231,6 +235,7 @@ class PartialBlob:
         self._part = part
         self._meta = meta
         self.closed = False
+        self.discarded = False
 
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
         offset, length = self.layout.span(index)
@@ -296,6 +301,10 @@ class PartialBlob:
         return target
 
     def discard(self) -> None:
+        """Delete the partial files (once: the paths may belong to a newer download later)."""
+        if self.discarded:
+            return
+        self.discarded = True
         self._part.unlink(missing_ok=True)
         self._meta.unlink(missing_ok=True)
         self.store._forget_partial(self.digest)

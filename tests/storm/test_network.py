@@ -1,0 +1,465 @@
+"""Tests of the storm simulator's network model: exact small cases, then properties.
+
+The property tests drive the network with a tiny event loop that integrates every flow's rate
+itself, so completion times and cancelled byte counts are checked against an independent sum,
+and every rate against the equal-split formula recomputed from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.storm.network import Network
+
+MB = 1_000_000.0
+
+
+def net_with(*hosts: tuple[float, float, int]) -> Network:
+    net = Network()
+    for up, down, zone in hosts:
+        net.add_host(up, down, zone)
+    return net
+
+
+def finish(net: Network) -> tuple[float, int]:
+    nc = net.next_completion()
+    assert nc is not None
+    return nc
+
+
+# -- exact small cases ----------------------------------------------------------------------
+
+
+def test_one_flow_gets_min_of_up_and_down() -> None:
+    net = net_with((10.0, 100.0, 0), (100.0, 5.0, 0))
+    f = net.start_flow(0, 1, 50.0, now=0.0, tag="x")
+    assert net.rate(f) == 5.0
+    assert finish(net) == (10.0, f)
+    assert net.complete(f, 10.0) == "x"
+    assert net.next_completion() is None
+    assert net.bytes_sent(0) == 50.0 and net.bytes_received(1) == 50.0
+
+
+def test_two_uploads_split_the_host_and_an_ending_flow_speeds_the_other() -> None:
+    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 100.0, 0))
+    a = net.start_flow(0, 1, 50.0, now=0.0)
+    b = net.start_flow(0, 2, 100.0, now=0.0)
+    assert net.rate(a) == net.rate(b) == 5.0
+    assert finish(net) == (10.0, a)
+    net.complete(a, 10.0)
+    assert net.rate(b) == 10.0
+    assert net.remaining(b, 10.0) == 50.0
+    assert finish(net) == (15.0, b)
+    net.complete(b, 15.0)
+
+
+def test_completion_times_when_a_flow_joins_midway() -> None:
+    # 100 MB at 10 MB/s; at t=5 a second 100 MB upload joins: both at 5 MB/s until the first
+    # ends at t=15 (50 MB left at 5 MB/s), then the second runs alone at 10 MB/s: 50 MB -> t=20.
+    net = net_with((10 * MB, 0.0, 0), (0.0, math.inf, 0), (0.0, math.inf, 0))
+    a = net.start_flow(0, 1, 100 * MB, now=0.0)
+    assert finish(net) == (10.0, a)
+    b = net.start_flow(0, 2, 100 * MB, now=5.0)
+    assert net.remaining(a, 5.0) == 50 * MB
+    assert finish(net) == (15.0, a)
+    net.complete(a, 15.0)
+    assert net.remaining(b, 15.0) == 50 * MB
+    assert finish(net) == (20.0, b)
+    net.complete(b, 20.0)
+    assert net.bytes_sent(0) == 200 * MB
+
+
+def test_a_speed_up_moves_a_flow_ahead_of_an_unrelated_one() -> None:
+    net = net_with((2.0, 0.0, 0), (0.0, 9.0, 0), (0.0, 9.0, 0), (1.0, 0.0, 0), (0.0, 9.0, 0))
+    a = net.start_flow(0, 1, 10.0, now=0.0)
+    b = net.start_flow(0, 2, 20.0, now=0.0)  # due at 20 while sharing host 0
+    c = net.start_flow(3, 4, 17.0, now=0.0)  # due at 17
+    assert finish(net) == (10.0, a)
+    net.complete(a, 10.0)
+    assert finish(net) == (15.0, b)  # 10 bytes left at 2/s, ahead of c
+    net.complete(b, 15.0)
+    assert finish(net) == (17.0, c)
+
+
+def test_download_side_splits_too() -> None:
+    net = net_with((100.0, 0.0, 0), (100.0, 0.0, 0), (0.0, 10.0, 0))
+    a = net.start_flow(0, 2, 10.0, now=0.0)
+    b = net.start_flow(1, 2, 10.0, now=0.0)
+    assert net.rate(a) == net.rate(b) == 5.0
+
+
+def test_equal_split_leaves_unused_share_unused() -> None:
+    # Documented pessimism: host 0's second flow is held to 1 by host 2's download, but the
+    # first flow still only gets half of host 0's upload (max-min would give it 9).
+    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 1.0, 0))
+    a = net.start_flow(0, 1, 100.0, now=0.0)
+    b = net.start_flow(0, 2, 100.0, now=0.0)
+    assert (net.rate(a), net.rate(b)) == (5.0, 1.0)
+
+
+def test_zone_link_limits_cross_flows_only_and_each_direction_separately() -> None:
+    net = net_with((100.0, 100.0, 0), (100.0, 100.0, 1), (100.0, 100.0, 0), (100.0, 100.0, 1))
+    net.set_link(0, 1, 10.0)
+    cross = net.start_flow(0, 1, 100.0, now=0.0)
+    local = net.start_flow(0, 2, 100.0, now=0.0)
+    assert (net.rate(cross), net.rate(local)) == (10.0, 50.0)
+    cross2 = net.start_flow(2, 3, 100.0, now=0.0)
+    assert net.rate(cross) == net.rate(cross2) == 5.0
+    back = net.start_flow(1, 0, 100.0, now=0.0)  # the other direction has its own 10
+    assert net.rate(back) == 10.0
+    net.cancel_flow(cross2, now=1.0)
+    assert net.rate(cross) == 10.0
+
+
+def test_link_set_mid_run_takes_effect_on_existing_flows() -> None:
+    net = net_with((100.0, 100.0, 0), (100.0, 100.0, 1))
+    f = net.start_flow(0, 1, 1000.0, now=0.0)
+    assert net.rate(f) == 100.0
+    net.set_link(1, 0, 20.0, now=2.0)
+    assert net.rate(f) == 20.0
+    assert finish(net) == (2.0 + 800.0 / 20.0, f)
+
+
+def test_bytes_between_zones_counts_completed_and_cancelled_cross_traffic() -> None:
+    net = net_with((10.0, 10.0, 0), (10.0, 10.0, 1), (10.0, 10.0, 0))
+    a = net.start_flow(0, 1, 30.0, now=0.0)
+    b = net.start_flow(2, 1, 100.0, now=0.0)
+    c = net.start_flow(1, 2, 5.0, now=0.0)
+    assert net.rate(a) == net.rate(b) == 5.0
+    net.complete(c, 0.5)
+    net.complete(a, 6.0)
+    assert net.cancel_flow(b, now=7.0) == 40.0
+    assert net.bytes_between_zones == 30.0 + 40.0 + 5.0
+    assert net.bytes_received(1) == 70.0
+    assert net.bytes_sent(1) == 5.0
+
+
+def test_cancel_returns_transferred_bytes_and_frees_the_share() -> None:
+    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 100.0, 0))
+    a = net.start_flow(0, 1, 100.0, now=0.0)
+    b = net.start_flow(0, 2, 100.0, now=0.0)
+    assert net.cancel_flow(a, now=4.0) == 20.0
+    assert net.rate(b) == 10.0
+    assert finish(net) == (12.0, b)
+    with pytest.raises(KeyError):
+        net.rate(a)
+
+
+def test_remove_host_cancels_its_flows_and_speeds_up_others() -> None:
+    net = net_with((10.0, 10.0, 0), (10.0, 10.0, 0), (10.0, 10.0, 0), (10.0, 10.0, 0))
+    a = net.start_flow(0, 1, 100.0, now=0.0)
+    b = net.start_flow(0, 2, 100.0, now=0.0)
+    c = net.start_flow(3, 2, 100.0, now=0.0)
+    d = net.start_flow(2, 3, 100.0, now=0.0)
+    z = net.start_flow(1, 2, 0.0, now=0.0)
+    assert net.rate(a) == 5.0
+    assert net.remove_host(2, now=2.0) == sorted([b, c, d, z])
+    assert net.rate(a) == 10.0
+    assert net.remaining(a, 2.0) == 90.0
+    assert net.bytes_received(2) == 20.0  # b and c ran at 5 for 2 s
+    assert net.bytes_sent(2) == 20.0  # d ran at 10 for 2 s
+    assert finish(net) == (11.0, a)
+    with pytest.raises(ValueError, match="removed"):
+        net.start_flow(2, 1, 1.0, now=3.0)
+
+
+def test_zero_size_flow_completes_at_once_and_holds_no_share() -> None:
+    net = net_with((10.0, 10.0, 0), (10.0, 10.0, 0), (10.0, 10.0, 0))
+    a = net.start_flow(0, 1, 100.0, now=0.0)
+    z = net.start_flow(0, 2, 0.0, now=3.0, tag="empty")
+    assert net.rate(a) == 10.0
+    assert finish(net) == (3.0, z)
+    assert net.complete(z, 3.0) == "empty"
+    assert finish(net) == (10.0, a)
+
+
+def test_zero_capacity_never_completes() -> None:
+    net = net_with((0.0, 10.0, 0), (10.0, 10.0, 0))
+    f = net.start_flow(0, 1, 100.0, now=0.0)
+    assert net.rate(f) == 0.0
+    assert net.next_completion() is None
+    assert net.remaining(f, 50.0) == 100.0
+    with pytest.raises(ValueError, match="not complete"):
+        net.complete(f, 50.0)
+    assert net.cancel_flow(f, now=60.0) == 0.0
+
+
+def test_infinite_capacity_is_instant() -> None:
+    net = net_with((math.inf, math.inf, 0), (math.inf, math.inf, 0))
+    f = net.start_flow(0, 1, 100.0, now=4.0)
+    assert net.rate(f) == math.inf
+    assert finish(net) == (4.0, f)
+    net.complete(f, 4.0)
+    assert net.bytes_received(1) == 100.0
+
+
+def test_misuse_is_refused() -> None:
+    net = net_with((10.0, 10.0, 0), (10.0, 10.0, 0))
+    f = net.start_flow(0, 1, 100.0, now=1.0)
+    with pytest.raises(ValueError, match="not complete"):
+        net.complete(f, 5.0)
+    with pytest.raises(ValueError, match="backwards"):
+        net.start_flow(1, 0, 1.0, now=0.5)
+    with pytest.raises(ValueError, match="itself"):
+        net.start_flow(1, 1, 1.0, now=2.0)
+    with pytest.raises(KeyError):
+        net.start_flow(0, 7, 1.0, now=2.0)
+    with pytest.raises(ValueError):
+        net.set_link(3, 3, 1.0)
+
+
+def test_complete_accepts_the_announced_time_of_a_tiny_flow_late_in_the_run() -> None:
+    # At t=1e5 one ulp of time is ~1.5e-11 s, i.e. ~0.015 bytes at 1 GB/s: far more than
+    # 1e-9 of a 1 kB flow. The time handed out by next_completion must still be accepted.
+    net = net_with((1e9, 1e9, 0), (1e9, 1e9, 0))
+    f = net.start_flow(0, 1, 1000.0 + 1 / 3, now=1e5 + 1 / 7)
+    t, fid = finish(net)
+    net.complete(fid, t)
+    assert net.bytes_received(1) == 1000.0 + 1 / 3
+    assert fid == f
+
+
+# -- properties -----------------------------------------------------------------------------
+
+CAPS = st.sampled_from([0.0, 1.0, 2.5, 3.0, 10.0, 7.25, 1.0, 4.0, math.inf])
+SIZES = st.one_of(st.sampled_from([0.0, 1.0, 100.0]), st.floats(0.001, 1000.0))
+Op = tuple[str, int, int, float]
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[tuple[float, float, int]], list[Op], list[Op]]:
+    n = draw(st.integers(2, 7))
+    hosts = [(draw(CAPS), draw(CAPS), draw(st.integers(0, 2))) for _ in range(n)]
+    host = st.integers(0, n - 1)
+    links = draw(
+        st.lists(st.tuples(st.just("link"), host, host, st.sampled_from([0.5, 4.0, 0.0]))),
+    )
+    # Weighted so that most runs keep several flows alive and overlapping.
+    kinds = st.sampled_from(["start"] * 5 + ["next"] * 3 + ["wait"] * 2 + ["cancel", "remove"])
+    ops: list[Op] = []
+    for _ in range(draw(st.integers(0, 60))):
+        kind = draw(kinds)
+        if kind == "start":
+            ops.append((kind, draw(host), draw(host), draw(SIZES)))
+        elif kind == "cancel":
+            ops.append((kind, draw(st.integers(0, 99)), 0, 0.0))
+        elif kind == "wait":
+            ops.append((kind, 0, 0, draw(st.floats(0.0, 20.0))))
+        elif kind == "remove":
+            ops.append((kind, draw(host), 0, 0.0))
+        else:
+            ops.append((kind, 0, 0, 0.0))
+    return hosts, links, ops
+
+
+@dataclass
+class Driver:
+    """A tiny event loop that checks the network against its own bookkeeping."""
+
+    hosts: list[tuple[float, float, int]]
+    net: Network = field(default_factory=Network)
+    now: float = 0.0
+    flows: dict[int, tuple[int, int, float]] = field(default_factory=dict)
+    delivered: dict[int, float] = field(default_factory=dict)
+    links: dict[tuple[int, int], float] = field(default_factory=dict)
+    dead: set[int] = field(default_factory=set)
+    log: list[tuple[object, ...]] = field(default_factory=list)
+    completed_bytes: float = 0.0
+    cancelled_bytes: float = 0.0
+
+    def __post_init__(self) -> None:
+        for up, down, zone in self.hosts:
+            self.net.add_host(up, down, zone)
+
+    def zone(self, h: int) -> int:
+        return self.hosts[h][2]
+
+    def run(self, links: list[Op], ops: list[Op]) -> None:
+        for _, a, b, cap in links:
+            za, zb = self.zone(a), self.zone(b)
+            if za != zb:
+                self.net.set_link(za, zb, cap)
+                self.links[za, zb] = self.links[zb, za] = cap
+        for kind, a, b, x in ops:
+            getattr(self, f"op_{kind}")(a, b, x)
+            self.check_rates()
+        self.advance_to(math.inf)
+        self.check_totals()
+
+    def op_start(self, src: int, dst: int, size: float) -> None:
+        if src == dst or src in self.dead or dst in self.dead:
+            return
+        fid = self.net.start_flow(src, dst, size, self.now, tag=("t", src, dst))
+        self.flows[fid] = (src, dst, size)
+        self.delivered[fid] = 0.0
+        self.log.append(("start", fid, self.now))
+
+    def op_cancel(self, i: int, _b: int, _x: float) -> None:
+        if self.flows:
+            fid = sorted(self.flows)[i % len(self.flows)]
+            got = self.net.cancel_flow(fid, self.now)
+            self.forget(fid, got)
+
+    def forget(self, fid: int, got: float) -> None:
+        size = self.flows.pop(fid)[2]
+        assert 0.0 <= got <= size
+        assert got == pytest.approx(self.delivered.pop(fid), rel=1e-7, abs=1e-9)
+        self.cancelled_bytes += got
+        self.log.append(("cancel", fid, self.now, got))
+
+    def op_wait(self, _a: int, _b: int, dt: float) -> None:
+        self.advance_to(self.now + dt)
+
+    def op_next(self, _a: int, _b: int, _x: float) -> None:
+        nc = self.net.next_completion()
+        if nc is not None:
+            self.advance_to(nc[0])
+
+    def op_remove(self, h: int, _b: int, _x: float) -> None:
+        if h in self.dead:
+            return
+        before = {fid: self.net.remaining(fid, self.now) for fid in self.flows}
+        mine = sorted(fid for fid, (s, d, _) in self.flows.items() if h in (s, d))
+        assert self.net.remove_host(h, self.now) == mine
+        self.dead.add(h)
+        for fid in mine:
+            self.forget(fid, self.flows[fid][2] - before[fid])
+
+    def integrate(self, t: float) -> None:
+        if t > self.now:
+            for fid in self.flows:
+                rate = self.net.rate(fid)
+                assert rate < math.inf, "an instant flow was left pending while time passed"
+                self.delivered[fid] += rate * (t - self.now)
+            self.now = t
+
+    def advance_to(self, t: float) -> None:
+        while (nc := self.net.next_completion()) is not None and nc[0] <= t:
+            when, fid = nc
+            assert when >= self.now, "completion in the past"
+            self.integrate(when)
+            src, dst, size = self.flows.pop(fid)
+            delivered = self.delivered.pop(fid)
+            if self.net.rate(fid) < math.inf:
+                assert delivered == pytest.approx(size, rel=1e-7, abs=1e-9)
+            assert self.net.complete(fid, when) == ("t", src, dst)
+            self.completed_bytes += size
+            self.log.append(("done", fid, when))
+            self.check_rates()
+        if t < math.inf:
+            self.integrate(t)
+
+    def check_rates(self) -> None:
+        n_up: dict[int, int] = {}
+        n_down: dict[int, int] = {}
+        n_link: dict[tuple[int, int], int] = {}
+        live = {fid: f for fid, f in self.flows.items() if f[2] > 0}
+        for src, dst, _ in live.values():
+            n_up[src] = n_up.get(src, 0) + 1
+            n_down[dst] = n_down.get(dst, 0) + 1
+            key = (self.zone(src), self.zone(dst))
+            n_link[key] = n_link.get(key, 0) + 1
+        up_sum: dict[int, float] = {}
+        down_sum: dict[int, float] = {}
+        link_sum: dict[tuple[int, int], float] = {}
+        for fid, (src, dst, _) in live.items():
+            key = (self.zone(src), self.zone(dst))
+            shares = [self.hosts[src][0] / n_up[src], self.hosts[dst][1] / n_down[dst]]
+            if key in self.links:
+                shares.append(self.links[key] / n_link[key])
+            rate = self.net.rate(fid)
+            assert rate == min(shares)
+            up_sum[src] = up_sum.get(src, 0.0) + rate
+            down_sum[dst] = down_sum.get(dst, 0.0) + rate
+            link_sum[key] = link_sum.get(key, 0.0) + rate
+        for h, total in up_sum.items():
+            assert total <= self.hosts[h][0] * (1 + 1e-9)
+        for h, total in down_sum.items():
+            assert total <= self.hosts[h][1] * (1 + 1e-9)
+        for key, total in link_sum.items():
+            if key in self.links:
+                assert total <= self.links[key] * (1 + 1e-9)
+        nc = self.net.next_completion()
+        assert nc is None or nc[0] >= self.now
+
+    def check_totals(self) -> None:
+        n = len(self.hosts)
+        received = sum(self.net.bytes_received(h) for h in range(n))
+        sent = sum(self.net.bytes_sent(h) for h in range(n))
+        moved = self.completed_bytes + self.cancelled_bytes
+        assert received == pytest.approx(moved, rel=1e-9, abs=1e-9)
+        assert sent == pytest.approx(moved, rel=1e-9, abs=1e-9)
+        assert self.net.bytes_between_zones <= received * (1 + 1e-9) + 1e-9
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_random_runs_keep_rates_capacities_and_bytes_right(
+    scenario: tuple[list[tuple[float, float, int]], list[Op], list[Op]],
+) -> None:
+    hosts, links, ops = scenario
+    Driver(hosts).run(links, ops)
+
+
+@settings(max_examples=50, deadline=None)
+@given(scenarios())
+def test_same_ops_give_same_results(
+    scenario: tuple[list[tuple[float, float, int]], list[Op], list[Op]],
+) -> None:
+    hosts, links, ops = scenario
+    first, second = Driver(hosts), Driver(hosts)
+    first.run(links, ops)
+    second.run(links, ops)
+    assert first.log == second.log
+    assert first.net.bytes_between_zones == second.net.bytes_between_zones
+
+
+# -- throughput (printed, not asserted) -----------------------------------------------------
+
+
+def churn(hosts: int, flows_per_host: int, steps: int, zones: int = 1, seed: int = 1) -> float:
+    """Fill ``hosts`` with ~``flows_per_host`` concurrent flows each (half up, half down), then
+    complete the earliest flow and start a fresh one ``steps`` times; return ops/s (a start
+    and a complete are two ops)."""
+    rng = random.Random(seed)
+    net = Network()
+    for _ in range(hosts):
+        up = rng.uniform(10 * MB, 100 * MB)
+        net.add_host(up, 2 * up, rng.randrange(zones))
+    if zones > 1:
+        for a in range(zones):
+            for b in range(a + 1, zones):
+                net.set_link(a, b, 1000 * MB)
+
+    def start(now: float) -> None:
+        src = rng.randrange(hosts)
+        dst = (src + rng.randrange(1, hosts)) % hosts
+        net.start_flow(src, dst, rng.uniform(1 * MB, 64 * MB), now)
+
+    for _ in range(hosts * flows_per_host // 2):
+        start(0.0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        when, fid = net.next_completion() or (0.0, -1)
+        net.complete(fid, when)
+        start(when)
+    return 2 * steps / (time.perf_counter() - t0)
+
+
+def test_churn_throughput() -> None:
+    for hosts, per_host in [(10_000, 4), (1_000, 40)]:
+        ops = churn(hosts, per_host, steps=5_000)
+        print(f"\nchurn: {hosts} hosts x ~{per_host} flows: {ops:,.0f} start+complete ops/s")
+
+
+if __name__ == "__main__":  # the full-size run: python -m tests.storm.test_network
+    for hosts, per_host, zones in [(10_000, 40, 1), (10_000, 10, 1), (10_000, 40, 3)]:
+        ops = churn(hosts, per_host, steps=50_000, zones=zones)
+        print(f"churn: {hosts} hosts x ~{per_host} flows, {zones} zone(s): {ops:,.0f} ops/s")
