@@ -32,16 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     del demo  # parsed by benchmarks.demo itself
+    sub.add_parser(
+        "storm",
+        help="simulate a thousand-node pull storm on the real scheduling core; compare with "
+        "the lower bound and a naive pull in the same run",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
-        # the demo has its own parser (and --help)
+        # the demo and the storm simulator have parsers (and --help) of their own
         from benchmarks.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["storm"]:
+        from benchmarks.storm.cli import main as storm_main
+
+        return storm_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "micro":
         from benchmarks.micro import run_all

@@ -14,7 +14,7 @@ The file (every key optional unless marked; `load_config` documents the override
     log_level = "info"
 
     [scheduler]                       # p2pd.core.scheduler.SchedulerConfig
-    max_parents = 4
+    max_parents = 8
     seeder_upload_slots = 64
     peer_ttl = 60.0
     max_blame = 1

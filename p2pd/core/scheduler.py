@@ -77,7 +77,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from p2pd.core.bitfield import Bitfield, BitfieldError
+from p2pd.core.bitfield import Bitfield, BitfieldError, iter_bits
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 
@@ -88,18 +88,26 @@ class SchedulerError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_parents: int = 4
+    max_parents: int = 8
     default_upload_slots: int = 8
     seeder_upload_slots: int = 64
     peer_ttl: float = 60.0
     max_blame: int = 1
     max_unreachable: int = 2  # distinct peers that must fail to reach a parent to drop it
+    # The seeder offers a child only pieces fewer than this many peers hold (0: all it has),
+    # so it pushes each piece into the swarm a few times and peers spread it from there.
+    seeder_rare_below: int = 2
+    seeder_stripes: int = 32  # see Scheduler._seeder_offer
 
     def __post_init__(self) -> None:
         for name in ("max_parents", "default_upload_slots", "seeder_upload_slots"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise SchedulerError(f"{name} must be a non-negative int, got {value!r}")
+        if type(self.seeder_rare_below) is not int or self.seeder_rare_below < 0:
+            raise SchedulerError(
+                f"seeder_rare_below must be a non-negative int, got {self.seeder_rare_below!r}"
+            )
         if type(self.max_unreachable) is not int or self.max_unreachable < 1:
             raise SchedulerError(
                 f"max_unreachable must be an int >= 1, got {self.max_unreachable!r}"
@@ -171,12 +179,15 @@ class _Peer:
 
 class _Task:
     __slots__ = (
+        "_stripes",
+        "avail",
         "banned",
         "blame",
         "digest",
         "free",
         "layout",
         "peers",
+        "rare",
         "seeder",
         "state",
         "unreachable",
@@ -193,6 +204,18 @@ class _Task:
         self.banned: set[str] = set()  # membership only, never iterated
         self.blame: dict[str, dict[str, None]] = {}  # parent id -> reporters, in report order
         self.unreachable: dict[str, dict[str, None]] = {}  # the same, for "cannot reach"
+        self.avail = [0] * layout.count  # how many peers (not the seeder) hold each piece
+        self.rare = (1 << layout.count) - 1  # pieces held by fewer than seeder_rare_below
+        self._stripes: dict[tuple[int, int], int] = {}
+
+    def stripe(self, index: int, k: int) -> int:
+        """Bits of the pieces ``i`` with ``i % k == index``."""
+        key = (index, k)
+        mask = self._stripes.get(key)
+        if mask is None:
+            mask = sum(1 << i for i in range(index, self.layout.count, k))
+            self._stripes[key] = mask
+        return mask
 
 
 _STAT_KEYS = (
@@ -326,13 +349,16 @@ class Scheduler:
         peer = task.peers.get(peer_id)
         if peer is None:
             pieces = Bitfield(task.layout.count) if have is None else have.copy()
+            self._gain(task, pieces.bits)
             peer = _Peer(peer_id, address, zone, slots, pieces=pieces, tie=self._rng.random())
             task.peers[peer_id] = peer
         else:
             self._unindex(task, peer)
             peer.address, peer.zone, peer.slots = address, zone, slots
             if have is not None:
+                self._lose(task, peer.pieces.bits)
                 peer.pieces = have.copy()  # the peer's word is final, e.g. after losing its cache
+                self._gain(task, peer.pieces.bits)
             self._release_parents(task, peer)
             # Shed the newest children first if the peer now offers fewer slots.
             for child in list(peer.children.values())[slots:]:
@@ -359,10 +385,11 @@ class Scheduler:
             if isinstance(pieces, Bitfield):
                 if pieces.length != peer.pieces.length:
                     raise BitfieldError(f"{pieces.length} pieces, task has {peer.pieces.length}")
-                peer.pieces.update(pieces.bits)
+                self._gain(task, peer.pieces.update(pieces.bits))
             else:
                 for index in pieces:
-                    peer.pieces.add(index)
+                    if peer.pieces.add(index):
+                        self._gain(task, 1 << index)
         except BitfieldError as exc:
             raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
         self._touch(task, peer, self._clock(now))
@@ -526,10 +553,18 @@ class Scheduler:
         self._alive.move_to_end(key)
 
     def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
+        count = task.layout.count
         return Assignment(
             task.state,
             tuple(
-                ParentInfo(p.peer_id, p.address, p.zone, p.pieces.copy())
+                ParentInfo(
+                    p.peer_id,
+                    p.address,
+                    p.zone,
+                    Bitfield(count, self._seeder_offer(task, peer))
+                    if p.is_seeder
+                    else p.pieces.copy(),
+                )
                 for p in peer.parents.values()
             ),
         )
@@ -573,7 +608,45 @@ class Scheduler:
         for child in list(peer.children.values()):
             self._unlink(task, peer, child)
 
+    def _gain(self, task: _Task, bits: int) -> None:
+        limit = self._config.seeder_rare_below
+        avail = task.avail
+        for i in iter_bits(bits):
+            avail[i] += 1
+            if avail[i] == limit:
+                task.rare &= ~(1 << i)
+
+    def _lose(self, task: _Task, bits: int) -> None:
+        limit = self._config.seeder_rare_below
+        avail = task.avail
+        for i in iter_bits(bits):
+            avail[i] -= 1
+            if avail[i] == limit - 1:
+                task.rare |= 1 << i
+
+    def _seeder_offer(self, task: _Task, child: _Peer) -> int:
+        """What the seeder offers `child` (super-seeding): of the pieces still rare in the
+        swarm, those of the child's stripe (every k-th piece, k = ``seeder_stripes``, offset
+        by the child's tie key), so that children of the seeder get *different* pieces and
+        trade them; when its stripe has nothing left for it, any rare piece; when nothing is
+        rare, everything, but only to a child with no peer parent at all (the last resort)."""
+        seeder = task.seeder.pieces.bits
+        if not self._config.seeder_rare_below:
+            return seeder
+        rare = seeder & task.rare & ~child.pieces.bits
+        k = self._config.seeder_stripes
+        if k > 1:
+            stripe = rare & task.stripe(int(child.tie * k) % k, k)
+            if stripe:
+                return stripe
+        if rare:
+            return rare
+        if any(not p.is_seeder for p in child.parents.values()):
+            return 0
+        return seeder
+
     def _drop(self, task: _Task, peer: _Peer) -> None:
+        self._lose(task, peer.pieces.bits)
         self._release_parents(task, peer)
         self._release_children(task, peer)
         self._unindex(task, peer)
@@ -606,7 +679,7 @@ class Scheduler:
         for parent in child.parents.values():
             if not parent.is_seeder:
                 cover |= parent.pieces.bits
-        only_seeder = seeder.pieces.bits & lacking & ~cover
+        only_seeder = self._seeder_offer(task, child) & lacking & ~cover
         if seeder.peer_id in child.parents:
             if not only_seeder:
                 self._unlink(task, seeder, child)

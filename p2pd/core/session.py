@@ -138,13 +138,24 @@ class DownloadSession:
             self.addresses[parent_id] = info.address
             self.picker.add_parent(parent_id, info.pieces)
 
-    def on_piece(self, request: Request, ok: bool, now: float) -> bool:
+    def on_piece(
+        self, request: Request, ok: bool, now: float, parent_has: Bitfield | None = None
+    ) -> bool:
         """A transfer delivered its bytes; `ok` says they matched the manifest (the driver
-        wrote them). Returns True when this was a new verified piece."""
+        wrote them). `parent_has` is the parent's bitfield as its response carried it: fresher
+        than the supernode's, which lags by an announce interval. Returns True when this was
+        a new verified piece."""
         if request not in self.live:
             return False  # cancelled meanwhile: the picker has already moved on
         self.live.discard(request)
         self.failures.pop(request.parent, None)
+        if (
+            parent_has is not None
+            and parent_has.length == self.layout.count
+            and request.parent in self.addresses
+            and request.parent in self.picker.parents()
+        ):
+            self.picker.update_parent(request.parent, parent_has)
         for action in self.picker.on_piece(request.parent, request.index, ok, now):
             if isinstance(action, Cancel):
                 self._cancel(Request(action.parent, action.index))

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.lockstep import LockstepSwarm
+from p2pd.core.picker import PickerConfig
 from p2pd.core.scheduler import SchedulerConfig
 
 
@@ -79,6 +80,8 @@ def test_same_seed_same_decisions() -> None:
             zones=2,
             seeder_pieces_per_round=3,
             scheduler_config=SchedulerConfig(seeder_upload_slots=3),
+            # no prefix window: every pick then depends on the seeded piece priorities
+            picker_config=PickerConfig(prefix_window=0, request_timeout=1e9),
             keep_trace=True,
         )
         return swarm.run().trace

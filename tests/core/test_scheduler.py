@@ -308,7 +308,7 @@ def test_zone_comes_first() -> None:
 
 
 def test_other_zones_fill_what_the_own_zone_cannot() -> None:
-    s = sched(max_parents=3)
+    s = sched(max_parents=3, seeder_stripes=1)
     s.register(D, "x1", "", "b", 0.0, have=bf("1..."))
     s.register(D, "x2", "", "c", 0.0, have=bf(".1.."))
     s.register(D, "near", "", "a", 0.0, have=bf("..1."))
@@ -765,3 +765,29 @@ def test_unreachable_reports_against_the_seeder_or_strangers_are_only_counted() 
     assert stats["seeder_unreachable"] == 1 and stats["ignored_reports"] == 1
     with pytest.raises(SchedulerError, match="reported itself"):
         s.report_unreachable(D, "k", "k", 1.0)
+
+
+def test_seeder_children_are_offered_different_stripes_of_rare_pieces() -> None:
+    s = sched(16, seeder_stripes=4, seeder_upload_slots=64)
+    offers = []
+    for i in range(12):
+        (seeder,) = s.register(D, f"k{i}", "", "", 0.0).parents
+        assert seeder.peer_id == SEEDER
+        offers.append(seeder.pieces.bits)
+    # every offer is one stripe (every 4th piece), and the stripes differ between children
+    stripes = {sum(1 << i for i in range(r, 16, 4)) for r in range(4)}
+    assert all(o in stripes for o in offers)
+    assert len(set(offers)) >= 3
+
+
+def test_pieces_held_by_enough_peers_are_not_offered_by_the_seeder() -> None:
+    s = sched(4, seeder_stripes=1, seeder_rare_below=2)
+    s.register(D, "a", "", "", 0.0, have=bf("11.."))
+    s.register(D, "b", "", "", 0.0, have=bf("1..."))
+    kid = s.register(D, "kid", "", "", 0.0)
+    offer = {p.peer_id: p.pieces for p in kid.parents}[SEEDER]
+    assert list(offer) == [1, 2, 3]  # piece 0 is held by two peers: get it from them
+    s.leave(D, "b")  # now piece 0 is rare again
+    kid = s.announce(D, "kid", [], 1.0)
+    offer = {p.peer_id: p.pieces for p in kid.parents}[SEEDER]
+    assert list(offer) == [0, 1, 2, 3]

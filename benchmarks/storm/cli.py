@@ -1,0 +1,91 @@
+"""``p2p-bench storm``: simulate a pull storm on the real scheduling core.
+
+Prints a table, writes JSON (and a PNG plot with ``--plot``). Every figure is also given as a
+ratio to the lower bound computed for the same scenario in the same run, next to the time a
+naive pull (every host straight from the registry) takes on the same network model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.storm.presets import GBIT, MBIT, PRESETS, MiB
+from benchmarks.storm.report import ProgressBar, format_table, plot_png, summarize, write_json
+from benchmarks.storm.sim import Sim
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="p2p-bench storm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="storm-a")
+    p.add_argument("--nodes", type=int, help="number of hosts")
+    p.add_argument("--layers-mib", help="comma-separated layer sizes in MiB")
+    p.add_argument("--node-gbit", type=float, help="host upload and download, Gbit/s")
+    p.add_argument("--registry-gbit", type=float, help="registry egress, Gbit/s")
+    p.add_argument("--supernode-gbit", type=float, help="supernode up and down, Gbit/s")
+    p.add_argument("--supernodes", type=int, help="number of supernodes")
+    p.add_argument("--slow-share", type=float, help="share of slow hosts (0..1)")
+    p.add_argument("--slow-mbit", type=float, default=100.0, help="slow hosts' up/down, Mbit/s")
+    p.add_argument("--churn", type=float, help="share of hosts that leave mid-pull (0..1)")
+    p.add_argument("--zones", type=int, help="number of zones (registry, supernode in zone 0)")
+    p.add_argument("--zone-link-gbit", type=float, help="capacity between two zones, Gbit/s")
+    p.add_argument("--arrival-spread", type=float, help="seconds over which hosts start")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", type=Path, default=Path("bench-out/storm.json"), help="JSON report")
+    p.add_argument("--plot", type=Path, help="also write a PNG plot here")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    s = PRESETS[args.preset]
+    changes: dict[str, object] = {}
+    if args.nodes is not None:
+        changes["nodes"] = args.nodes
+    if args.layers_mib:
+        changes["layers"] = tuple(int(float(x) * MiB) for x in args.layers_mib.split(",") if x)
+    if args.node_gbit is not None:
+        changes["node_up"] = changes["node_down"] = args.node_gbit * GBIT
+    if args.registry_gbit is not None:
+        changes["registry_up"] = args.registry_gbit * GBIT
+    if args.supernode_gbit is not None:
+        changes["supernode_up"] = changes["supernode_down"] = args.supernode_gbit * GBIT
+    if args.supernodes is not None:
+        changes["supernodes"] = args.supernodes
+    if args.slow_share is not None:
+        changes["slow_share"] = args.slow_share
+        changes["slow_up"] = changes["slow_down"] = args.slow_mbit * MBIT
+    if args.churn is not None:
+        changes["churn"] = args.churn
+    if args.zones is not None:
+        changes["zones"] = args.zones
+    if args.zone_link_gbit is not None:
+        changes["zone_link"] = args.zone_link_gbit * GBIT
+    if args.arrival_spread is not None:
+        changes["arrival_spread"] = args.arrival_spread
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    scenario = replace(s, **changes) if changes else s  # type: ignore[arg-type]
+    bar = None if args.no_progress else ProgressBar(scenario.nodes)
+    result = Sim(scenario, progress=bar.update if bar else None).run()
+    if bar is not None:
+        bar.close()
+    summary = summarize(result)
+    print(format_table(summary))
+    write_json(summary, result, args.out)
+    print(f"\nJSON: {args.out}")
+    if args.plot is not None:
+        plot_png(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

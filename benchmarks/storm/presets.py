@@ -1,0 +1,34 @@
+"""Named storm scenarios (`p2p-bench storm --preset NAME`), from the issue's goals."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from benchmarks.storm.report import Scenario
+
+MiB = 1024 * 1024
+GBIT = 1e9 / 8  # bytes/s
+MBIT = 1e6 / 8
+
+STORM_A = Scenario(
+    name="storm-a",
+    nodes=1000,
+    layers=(30 * MiB, 200 * MiB, 800 * MiB),
+    node_up=1 * GBIT,
+    node_down=1 * GBIT,
+    registry_up=2 * GBIT,
+    supernode_up=10 * GBIT,
+    supernode_down=10 * GBIT,
+)
+
+PRESETS: dict[str, Scenario] = {
+    "storm-a": STORM_A,
+    "storm-10k": replace(STORM_A, name="storm-10k", nodes=10_000),
+    "slow-hosts": replace(
+        STORM_A, name="slow-hosts", slow_share=0.1, slow_up=100 * MBIT, slow_down=100 * MBIT
+    ),
+    "churn": replace(STORM_A, name="churn", churn=0.1),
+    "zones": replace(STORM_A, name="zones", zones=3, zone_link=10 * GBIT),
+    "rolling": replace(STORM_A, name="rolling", arrival_spread=30.0),
+    "small": replace(STORM_A, name="small", nodes=50, layers=(4 * MiB, 20 * MiB, 60 * MiB)),
+}

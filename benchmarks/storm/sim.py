@@ -1,0 +1,458 @@
+"""The fast storm simulator: the real scheduling core on a simulated network, event by event.
+
+What is real: every scheduling decision. Each virtual host runs one `DownloadSession` (with its
+`PiecePicker`) per layer -- the very objects `p2pd` drives -- and each supernode is a real
+`Scheduler`. Layers get the daemon's `PieceLayout`; the seeder publishes pieces as its own
+fetch from the registry completes them, as the real seeder does; sessions batch announces at
+the daemon's intervals and report bad or unreachable parents.
+
+What is simulated: bytes. A transfer is a flow of a size on `Network` (per-host upload and
+download capacity shared among active flows, the registry's egress, zone links), and time is a
+heap of events, not trio. The same scenario is also run with every host pulling straight from
+the registry (the naive time), on the same network model.
+
+Deterministic for a seed: all randomness comes from ``random.Random(scenario.seed)`` streams,
+events at equal times are ordered by a sequence number, and no set of strings is iterated
+where order matters.
+
+Not modelled yet (see the issue notes): supernode failure mid-storm, several supernodes
+failing over, per-request latency inside the piece path beyond a fixed delay, TCP dynamics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from benchmarks.storm.network import Network
+from benchmarks.storm.report import Scenario, StormResult, lower_bound
+from p2pd.core.bitfield import Bitfield
+from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
+from p2pd.core.picker import Request
+from p2pd.core.scheduler import Assignment, Scheduler, SchedulerConfig
+from p2pd.core.session import (
+    REPORT_UNREACHABLE,
+    DownloadSession,
+    ParentView,
+    SessionConfig,
+)
+
+SEEDER = "supernode"
+
+
+@dataclass
+class _Layer:
+    index: int
+    digest: Digest
+    layout: PieceLayout
+    supernode: int  # index into Sim.supernodes
+    known: int = 0  # pieces the seeder holds (published hashes)
+    fetching: bool = False
+
+
+@dataclass
+class _Supernode:
+    host: int
+    scheduler: Scheduler
+    uploaded: float = 0.0
+
+
+@dataclass
+class _Pull:
+    """One node's download of one layer."""
+
+    node: int
+    layer: _Layer
+    session: DownloadSession
+    flows: dict[Request, int] = field(default_factory=dict)
+    wake: float = math.inf
+    done: bool = False
+    fallback_flow: int | None = None
+
+
+@dataclass
+class _Node:
+    index: int
+    peer_id: str
+    host: int
+    zone: str
+    start: float
+    pulls: list[_Pull] = field(default_factory=list)
+    completion: float | None = None
+    gone: bool = False
+
+
+class Sim:
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        session_config: SessionConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        upload_slots: int = 8,
+        piggyback: bool = True,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.s = scenario
+        self.piggyback = piggyback
+        self.rng = random.Random(scenario.seed)
+        self.session_config = session_config or SessionConfig()
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.upload_slots = upload_slots
+        self.progress = progress
+        self.net = Network()
+        self.registry = self.net.add_host(scenario.registry_up, math.inf, zone=0)
+        if scenario.zones > 1 and scenario.zone_link is not None:
+            for a in range(scenario.zones):
+                for b in range(a + 1, scenario.zones):
+                    self.net.set_link(a, b, scenario.zone_link)
+        self.supernodes = [
+            _Supernode(
+                self.net.add_host(scenario.supernode_up, scenario.supernode_down, zone=0),
+                Scheduler(
+                    random.Random(self.rng.random()), self.scheduler_config, seeder_id=SEEDER
+                ),
+            )
+            for _ in range(max(1, scenario.supernodes))
+        ]
+        self.layers = [
+            _Layer(i, _digest(i), PieceLayout.for_size(size), i % len(self.supernodes))
+            for i, size in enumerate(scenario.layers)
+        ]
+        self.nodes: list[_Node] = []
+        self.node_up: list[float] = []
+        self.node_down: list[float] = []
+        slow = set(
+            self.rng.sample(range(scenario.nodes), round(scenario.slow_share * scenario.nodes))
+        )
+        for i in range(scenario.nodes):
+            up, down = (
+                (scenario.slow_up, scenario.slow_down)
+                if i in slow
+                else (scenario.node_up, scenario.node_down)
+            )
+            zone = i % max(1, scenario.zones)
+            start = self.rng.uniform(0, scenario.arrival_spread) if scenario.arrival_spread else 0.0
+            host = self.net.add_host(up, down, zone=zone)
+            self.nodes.append(_Node(i, f"n{i}", host, f"z{zone}", start))
+            self.node_up.append(up)
+            self.node_down.append(down)
+        self.by_peer = {n.peer_id: n for n in self.nodes}
+        self.events: list[tuple[float, int, str, object]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.control_messages = 0
+        self.egress = 0.0
+        self.egress_timeline: list[tuple[float, float]] = [(0.0, 0.0)]
+        self.completed = 0
+        self.tags: dict[int, object] = {}  # flow id -> what it carries (for cut flows)
+        leavers = self.rng.sample(range(scenario.nodes), round(scenario.churn * scenario.nodes))
+        self.leave_at = {i: -1.0 for i in leavers}  # decided once the naive time is known
+
+    # -- event plumbing -----------------------------------------------------------------------
+
+    def _push(self, at: float, kind: str, payload: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (at, self.seq, kind, payload))
+
+    def run(self) -> StormResult:
+        wall = time.monotonic()
+        naive = naive_completion(
+            self.s, self.node_up, self.node_down, [n.start for n in self.nodes]
+        )
+        # leave at a random moment while the host is surely still pulling: within the time
+        # the lower bound says nobody can finish in
+        horizon = lower_bound(self.s, self.node_up, self.node_down)
+        for i in self.leave_at:
+            self.leave_at[i] = self.nodes[i].start + self.rng.uniform(0.05, 0.95) * horizon
+            self._push(self.leave_at[i], "leave", self.nodes[i])
+        for node in self.nodes:
+            self._push(node.start, "start", node)
+        while True:
+            upcoming = self.net.next_completion()
+            if self.events and (upcoming is None or self.events[0][0] <= upcoming[0]):
+                at, _, kind, payload = heapq.heappop(self.events)
+                self.now = max(self.now, at)
+                self._dispatch(kind, payload)
+            elif upcoming is not None:
+                at, flow = upcoming
+                self.now = max(self.now, at)
+                self.tags.pop(flow, None)
+                self._flow_done(flow, self.net.complete(flow, self.now))
+            else:
+                break
+            if self._finished():
+                break
+        return StormResult(
+            scenario=self.s,
+            engine="fast",
+            start=[n.start for n in self.nodes],
+            completion=[None if n.gone else n.completion for n in self.nodes],
+            node_up=self.node_up,
+            node_down=self.node_down,
+            node_zone=[i % max(1, self.s.zones) for i in range(self.s.nodes)],
+            registry_egress_bytes=self.egress,
+            registry_egress_timeline=self.egress_timeline,
+            cross_zone_bytes=self.net.bytes_between_zones,
+            supernode_upload_bytes=sum(self.net.bytes_sent(sn.host) for sn in self.supernodes),
+            control_messages=self.control_messages,
+            naive_completion=naive,
+            wall_seconds=time.monotonic() - wall,
+        )
+
+    def _finished(self) -> bool:
+        return all(n.gone or n.completion is not None for n in self.nodes)
+
+    def _dispatch(self, kind: str, payload: object) -> None:
+        if kind == "start":
+            assert isinstance(payload, _Node)
+            self._start_node(payload)
+        elif kind == "wake":
+            assert isinstance(payload, _Pull)
+            if not payload.done and self.now >= payload.wake:
+                payload.wake = math.inf
+                self._drive(payload)
+        elif kind == "leave":
+            assert isinstance(payload, _Node)
+            self._leave(payload)
+
+    # -- the seeder ---------------------------------------------------------------------------
+
+    def _seed(self, layer: _Layer) -> None:
+        """Fetch the next piece of `layer` from the registry (the seeder reads in order)."""
+        if layer.known >= layer.layout.count:
+            sn = self.supernodes[layer.supernode]
+            sn.scheduler.seeder_done(layer.digest, ok=True)
+            return
+        sn = self.supernodes[layer.supernode]
+        size = layer.layout.length(layer.known)
+        self.net.start_flow(self.registry, sn.host, size, self.now, ("seed", layer))
+
+    # -- nodes --------------------------------------------------------------------------------
+
+    def _start_node(self, node: _Node) -> None:
+        if node.gone:
+            return
+        for layer in self.layers:
+            sn = self.supernodes[layer.supernode]
+            if not layer.fetching:
+                layer.fetching = True
+                sn.scheduler.add_task(layer.digest, layer.layout, self.now)
+                if layer.layout.count == 0:
+                    sn.scheduler.seeder_done(layer.digest, ok=True)
+                else:
+                    self._seed(layer)
+            session = DownloadSession(
+                layer.layout,
+                node.peer_id,
+                random.Random(self.rng.random()),
+                self.session_config,
+                now=self.now,
+            )
+            pull = _Pull(node.index, layer, session)
+            node.pulls.append(pull)
+            self.control_messages += 1
+            assignment = sn.scheduler.register(
+                layer.digest,
+                node.peer_id,
+                node.peer_id,
+                node.zone,
+                self.now,
+                upload_slots=self.upload_slots,
+            )
+            self._apply(pull, assignment)
+            self._drive(pull)
+
+    def _apply(self, pull: _Pull, assignment: Assignment) -> None:
+        parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
+        pull.session.apply(assignment.state.value, pull.layer.known, parents, self.now)
+
+    def _drive(self, pull: _Pull) -> None:
+        """Carry out what the session decided, as the daemon's swarm loop does."""
+        node = self.nodes[pull.node]
+        sched = self.supernodes[pull.layer.supernode].scheduler
+        digest = pull.layer.digest
+        session = pull.session
+        while not pull.done and not node.gone:
+            out = session.poll(self.now)
+            for request in out.cancel:
+                flow = pull.flows.pop(request, None)
+                if flow is not None:
+                    self.net.cancel_flow(flow, self.now)
+                    self.tags.pop(flow, None)
+            for request in out.fetch:
+                self._fetch(pull, request)
+            for parent, index, reason in out.reports:
+                self.control_messages += 1
+                if reason == REPORT_UNREACHABLE:
+                    a = sched.report_unreachable(digest, node.peer_id, parent, self.now)
+                else:
+                    a = sched.report_bad_piece(digest, node.peer_id, parent, index, self.now)
+                self._apply(pull, a)
+            if out.gave_up is not None:
+                self._fall_back(pull)
+                return
+            if session.is_complete():
+                pieces, _ = session.take_announce(self.now)
+                self.control_messages += 1
+                sched.announce(digest, node.peer_id, pieces, self.now, want_parents=False)
+                self._layer_done(pull)
+                return
+            if out.announce:
+                pieces, want = session.take_announce(self.now)
+                self.control_messages += 1
+                self._apply(pull, sched.announce(digest, node.peer_id, pieces, self.now, want))
+                continue
+            if not out.cancel and not out.fetch and not out.reports:
+                break
+        if not pull.done:
+            wake = session.next_wakeup()
+            if wake < pull.wake:
+                pull.wake = wake
+                self._push(wake, "wake", pull)
+
+    def _fetch(self, pull: _Pull, request: Request) -> None:
+        node = self.nodes[pull.node]
+        if request.parent == SEEDER:
+            src = self.supernodes[pull.layer.supernode].host
+        else:
+            parent = self.by_peer[request.parent]
+            if parent.gone:
+                pull.session.on_failure(request, False, self.now)
+                return
+            src = parent.host
+        size = pull.layer.layout.length(request.index)
+        tag = (pull, request)
+        flow = self.net.start_flow(src, node.host, size, self.now, tag)
+        pull.flows[request] = flow
+        self.tags[flow] = tag
+
+    def _flow_done(self, flow: int, tag: object) -> None:
+        if isinstance(tag, tuple) and tag[0] == "seed":
+            layer = tag[1]
+            assert isinstance(layer, _Layer)
+            size = layer.layout.length(layer.known)
+            self.egress += size
+            self.egress_timeline.append((self.now, self.egress))
+            layer.known += 1
+            sn = self.supernodes[layer.supernode]
+            sn.scheduler.seeder_progress(layer.digest, layer.known)
+            self._seed(layer)
+            return
+        if isinstance(tag, tuple) and tag[0] == "fallback":
+            pull = tag[1]
+            assert isinstance(pull, _Pull)
+            self._layer_done(pull)
+            return
+        assert isinstance(tag, tuple)
+        piece_pull, request = tag
+        assert isinstance(piece_pull, _Pull) and isinstance(request, Request)
+        if piece_pull.flows.pop(request, None) is None or piece_pull.done:
+            return
+        piece_pull.session.on_piece(request, True, self.now, self._holds(piece_pull, request))
+        self._drive(piece_pull)
+
+    def _holds(self, pull: _Pull, request: Request) -> Bitfield | None:
+        """The parent's bitfield as its piece response carries it (if piggybacking is on)."""
+        if not self.piggyback:
+            return None
+        layer = pull.layer
+        if request.parent == SEEDER:
+            return Bitfield(layer.layout.count, (1 << layer.known) - 1)
+        parent = self.by_peer[request.parent]
+        return parent.pulls[layer.index].session.have if len(parent.pulls) > layer.index else None
+
+    def _fall_back(self, pull: _Pull) -> None:
+        """The swarm gave up on this layer: fetch the missing bytes from the registry."""
+        for flow in pull.flows.values():
+            self.net.cancel_flow(flow, self.now)
+            self.tags.pop(flow, None)
+        pull.flows.clear()
+        layout = pull.layer.layout
+        missing = sum(layout.length(i) for i in range(layout.count) if i not in pull.session.have)
+        self.egress += missing
+        self.egress_timeline.append((self.now, self.egress))
+        node = self.nodes[pull.node]
+        pull.fallback_flow = self.net.start_flow(
+            self.registry, node.host, missing, self.now, ("fallback", pull)
+        )
+
+    def _layer_done(self, pull: _Pull) -> None:
+        pull.done = True
+        node = self.nodes[pull.node]
+        if all(p.done for p in node.pulls) and len(node.pulls) == len(self.layers):
+            node.completion = self.now
+            self.completed += 1
+            if self.progress is not None:
+                self.progress(self.completed, self.now)
+
+    def _leave(self, node: _Node) -> None:
+        """A host crashes mid-pull: its flows stop; others find out by failing to reach it."""
+        if node.completion is not None or node.gone:
+            return
+        node.gone = True
+        for pull in node.pulls:
+            pull.done = True
+            pull.flows.clear()
+        cut = [self.tags.pop(flow, None) for flow in self.net.remove_host(node.host, self.now)]
+        # children whose transfers from this host were cut see failures
+        for tag in cut:
+            if not isinstance(tag, tuple) or not isinstance(tag[0], _Pull):
+                continue
+            pull, request = tag
+            if pull.done or pull.flows.pop(request, None) is None:
+                continue
+            pull.session.on_failure(request, False, self.now)
+            self._drive(pull)
+        if self.progress is not None:
+            self.progress(self.completed, self.now)
+
+
+def naive_completion(
+    scenario: Scenario, node_up: list[float], node_down: list[float], start: list[float]
+) -> list[float]:
+    """Every host pulls every layer straight from the registry, on the same network model."""
+    net = Network()
+    registry = net.add_host(scenario.registry_up, math.inf, zone=0)
+    if scenario.zones > 1 and scenario.zone_link is not None:
+        for a in range(scenario.zones):
+            for b in range(a + 1, scenario.zones):
+                net.set_link(a, b, scenario.zone_link)
+    hosts = [
+        net.add_host(node_up[i], node_down[i], zone=i % max(1, scenario.zones))
+        for i in range(scenario.nodes)
+    ]
+    pending = [len(scenario.layers)] * scenario.nodes
+    done = [0.0] * scenario.nodes
+    starts = sorted(range(scenario.nodes), key=lambda i: (start[i], i))
+    k = 0
+    now = 0.0
+    while True:
+        upcoming = net.next_completion()
+        if k < len(starts) and (upcoming is None or start[starts[k]] <= upcoming[0]):
+            i = starts[k]
+            k += 1
+            now = max(now, start[i])
+            for size in scenario.layers:
+                net.start_flow(registry, hosts[i], size, now, i)
+            if not scenario.layers:
+                done[i] = now
+        elif upcoming is not None:
+            now = max(now, upcoming[0])
+            owner = net.complete(upcoming[1], now)
+            assert isinstance(owner, int)
+            pending[owner] -= 1
+            if pending[owner] == 0:
+                done[owner] = now
+        else:
+            return done
+
+
+def _digest(i: int) -> Digest:
+    return Digest.from_bytes(hashlib.sha256(f"storm-layer-{i}".encode()).digest())

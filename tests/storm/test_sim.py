@@ -1,0 +1,68 @@
+"""The fast storm simulator on small scenarios: it completes, it is deterministic, and its
+figures obey the physics the bound is built on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from benchmarks.storm.presets import GBIT, MBIT, PRESETS, MiB
+from benchmarks.storm.report import StormResult, lower_bound, summarize
+from benchmarks.storm.sim import Sim
+
+SMALL = replace(
+    PRESETS["small"], nodes=40, layers=(2 * MiB, 9 * MiB, 17 * MiB), registry_up=1 * GBIT
+)
+
+
+def run(**changes: object) -> StormResult:
+    return Sim(replace(SMALL, **changes)).run()  # type: ignore[arg-type]
+
+
+def test_everyone_completes_and_each_layer_leaves_the_registry_once() -> None:
+    r = run()
+    assert all(c is not None for c in r.completion)
+    assert r.registry_egress_bytes == pytest.approx(SMALL.image_size)
+    bound = lower_bound(SMALL, r.node_up, r.node_down)
+    durations = [c - s for c, s in zip(r.completion, r.start, strict=True) if c is not None]
+    assert min(durations) >= bound * 0.999  # nobody beats physics
+    # the swarm beats every host pulling from the registry on the same network
+    assert max(durations) < max(r.naive_completion)
+    assert r.control_messages > 0
+
+
+def test_same_seed_same_run_other_seed_other_run() -> None:
+    a, b, c = run(seed=3), run(seed=3), run(seed=4)
+    assert a.completion == b.completion and a.control_messages == b.control_messages
+    assert a.completion != c.completion
+
+
+def test_churn_leaves_and_the_rest_still_complete() -> None:
+    r = run(churn=0.2)
+    left = [i for i, c in enumerate(r.completion) if c is None]
+    assert len(left) == 8
+    assert summarize(r)["completed"] == 32
+
+
+def test_slow_hosts_finish_within_their_own_bound() -> None:
+    r = run(slow_share=0.25, slow_up=100 * MBIT, slow_down=100 * MBIT)
+    assert all(c is not None for c in r.completion)
+    slow = [i for i, d in enumerate(r.node_down) if d == 100 * MBIT]
+    assert len(slow) == 10
+    for i in slow:
+        completion = r.completion[i]
+        assert completion is not None
+        assert completion - r.start[i] >= SMALL.image_size / (100 * MBIT) * 0.999
+
+
+def test_zones_send_each_zone_at_least_one_copy() -> None:
+    r = run(zones=3, zone_link=1 * GBIT)
+    assert all(c is not None for c in r.completion)
+    assert r.cross_zone_bytes >= 2 * SMALL.image_size * 0.999
+
+
+def test_rolling_start() -> None:
+    r = run(arrival_spread=5.0)
+    assert all(c is not None for c in r.completion)
+    assert max(r.start) > 1.0
