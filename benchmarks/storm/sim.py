@@ -419,6 +419,13 @@ def naive_completion(
     scenario: Scenario, node_up: list[float], node_down: list[float], start: list[float]
 ) -> list[float]:
     """Every host pulls every layer straight from the registry, on the same network model."""
+    symmetric = (
+        not scenario.arrival_spread
+        and len(set(node_down)) <= 1
+        and (scenario.zones <= 1 or scenario.zone_link is None)
+    )
+    if symmetric and scenario.nodes:
+        return _naive_symmetric(scenario, node_down[0])
     net = Network()
     registry = net.add_host(scenario.registry_up, math.inf, zone=0)
     if scenario.zones > 1 and scenario.zone_link is not None:
@@ -453,6 +460,25 @@ def naive_completion(
                 done[owner] = now
         else:
             return done
+
+
+def _naive_symmetric(scenario: Scenario, down: float) -> list[float]:
+    """The naive storm when every host is alike and starts at once, without N x L flows.
+
+    On the equal-split model every host then runs the same schedule: its m active layer
+    flows each get min(registry_up / (N * m), down / m); the smallest layer ends first and
+    the rest speed up. (Host upload capacity plays no part: the registry sends everything.)
+    """
+    n = scenario.nodes
+    now = 0.0
+    done_bytes = 0.0
+    sizes = sorted(scenario.layers)
+    for k, size in enumerate(sizes):
+        active = len(sizes) - k
+        rate = min(scenario.registry_up / (n * active), down / active)
+        now += (size - done_bytes) / rate
+        done_bytes = size
+    return [now] * n
 
 
 def _digest(i: int) -> Digest:
