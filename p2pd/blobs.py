@@ -328,6 +328,10 @@ class BlobManager:
         # bytes written into downloads by kind of source ("peer", "registry")
         self.bytes_from: dict[str, int] = {}
         self.bytes_to_clients = 0
+        self.cache_hits = 0
+        self.back_to_source = 0  # downloads handed to a fallback filler
+        self.completed = 0
+        self.failed = 0
 
     def cached_size(self, digest: Digest) -> int | None:
         return self.store.size_of(digest)
@@ -339,6 +343,7 @@ class BlobManager:
         self, digest: Digest, source: BlobSource, start: int
     ) -> AsyncIterator[bytes | FileRegion]:
         if self.store.has(digest):
+            self.cache_hits += 1
             async for region in self._stream_complete(digest, start):
                 yield region
             return
@@ -406,6 +411,10 @@ class BlobManager:
                 with contextlib.suppress(StorageError):
                     download.partial.save_meta()
             download.partial.close()
+            if download.state is DownloadState.COMPLETE:
+                self.completed += 1
+            elif not download.keep_partial:
+                self.failed += 1
             log.info(
                 "download of %s %s: %s",
                 digest,
@@ -443,6 +452,8 @@ class BlobManager:
         for n, filler in enumerate(self.fillers):
             if download.pieces_complete() or download.state is not DownloadState.RUNNING:
                 return
+            if n:
+                self.back_to_source += 1
             if jitter and self.fallback_jitter:
                 # spread a fleet's fallback over time instead of all hosts at once
                 await trio.sleep(self.rng.uniform(0, self.fallback_jitter))

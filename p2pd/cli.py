@@ -9,7 +9,7 @@ import sys
 import trio
 
 from p2pd import __version__
-from p2pd.config import ConfigError, add_arguments, from_args
+from p2pd.config import ConfigError, P2pdConfig, add_arguments, from_args
 from p2pd.core.layout import PieceLayout
 
 
@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, config.log_level_number))
     from p2pd.daemon import main_async
 
-    trio.run(main_async, config)
+    def reload() -> P2pdConfig:
+        return from_args(build_parser().parse_args(argv))
+
+    trio.run(main_async, config, reload)
     return 0
 
 

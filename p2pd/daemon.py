@@ -11,15 +11,18 @@ running downloads keep their verified pieces on disk for a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 import trio
 
+from p2pd import metrics, sdnotify
 from p2pd.blobs import BackSource, BlobManager, Filler
 from p2pd.config import P2pdConfig
 from p2pd.core.session import SessionConfig
@@ -40,6 +43,16 @@ FALLBACK_JITTER = 2.0
 class Ports:
     mirror: int
     peer: int
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    daemon: Daemon
+    ports: Ports
+
+
+# Options SIGHUP applies to a running daemon.
+_RELOADABLE = ("upload_rate", "download_rate", "log_level")
 
 
 class Daemon:
@@ -70,23 +83,59 @@ class Daemon:
         self.piece_server = PieceServer(
             self.blobs, config.upload_slots, RateLimiter(config.upload_rate)
         )
+        self.metrics = metrics.registry_for(self.counters)
 
-    def stats(self) -> dict[str, object]:
+    def counters(self) -> dict[str, float]:
+        blobs = self.blobs
         return {
-            "peer_id": self.config.peer_id,
             "bytes_to_peers": self.piece_server.bytes_served,
-            "bytes_from_peers": self.blobs.bytes_from.get("peer", 0),
-            "bytes_from_registry": self.blobs.bytes_from.get("registry", 0),
-            "bytes_to_clients": self.blobs.bytes_to_clients,
+            "bytes_from_peers": blobs.bytes_from.get("peer", 0),
+            "bytes_from_registry": blobs.bytes_from.get("registry", 0),
+            "bytes_to_clients": blobs.bytes_to_clients,
+            "cache_hits": blobs.cache_hits,
+            "pieces_verified": self.swarm.pieces_verified,
             "bad_pieces": self.swarm.bad_pieces,
-            "downloads_active": len(self.blobs.downloads),
+            "back_to_source": blobs.back_to_source,
+            "downloads_completed": blobs.completed,
+            "downloads_failed": blobs.failed,
+            "downloads_active": len(blobs.downloads),
+            "uploads_active": self.piece_server.busy,
             "cache_bytes": self.store.usage(),
         }
 
+    def stats(self) -> dict[str, object]:
+        return {"peer_id": self.config.peer_id, **self.counters()}
+
+    def reload(self, config: P2pdConfig) -> None:
+        """SIGHUP: take the new rate limits and log level; the rest needs a restart."""
+        self.piece_server.limiter.rate = config.upload_rate
+        self.pieces.limiter.rate = config.download_rate
+        logging.getLogger().setLevel(config.log_level_number)
+        changed = [
+            f.name
+            for f in dataclasses.fields(config)
+            if f.name not in _RELOADABLE and getattr(config, f.name) != getattr(self.config, f.name)
+        ]
+        if changed:
+            log.warning("reload: %s change only with a restart", ", ".join(changed))
+        self.config = dataclasses.replace(
+            self.config, **{name: getattr(config, name) for name in _RELOADABLE}
+        )
+        log.info(
+            "reloaded: upload_rate=%d download_rate=%d log_level=%s",
+            config.upload_rate,
+            config.download_rate,
+            config.log_level,
+        )
+
     async def handle_peer(self, request: Request) -> Response:
-        if request.path == "/stats" and request.method == "GET":
+        if request.method == "GET" and request.path == "/stats":
             body = json.dumps(self.stats()).encode()
             return Response(200, [("content-type", "application/json")], body)
+        if request.method == "GET" and request.path == "/metrics":
+            return Response(
+                200, [("content-type", metrics.CONTENT_TYPE)], metrics.render(self.metrics)
+            )
         return await self.piece_server.handle(request)
 
     async def aclose(self) -> None:
@@ -96,9 +145,9 @@ class Daemon:
 
 
 async def run_daemon(
-    config: P2pdConfig, *, task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED
+    config: P2pdConfig, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run until cancelled; `task_status` receives the bound ports once both listen."""
+    """Run until cancelled; `task_status` receives the daemon once both listeners listen."""
     async with trio.open_nursery() as nursery:
         daemon = Daemon(config, nursery)
         try:
@@ -117,7 +166,7 @@ async def run_daemon(
                 peer,
                 ", ".join(config.supernodes) or "none (registry only)",
             )
-            task_status.started(Ports(mirror, peer))
+            task_status.started(Running(daemon, Ports(mirror, peer)))
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
@@ -133,11 +182,28 @@ async def _serve(
         task_status.started(bound_port(listeners))
 
 
-async def main_async(config: P2pdConfig) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def main_async(config: P2pdConfig, reload: Callable[[], P2pdConfig] | None = None) -> None:
+    """Run the daemon as a service: READY=1 to systemd once both listeners listen, SIGHUP
+    reloads what can change live (`reload` re-reads the configuration), SIGINT/SIGTERM stop
+    it (STOPPING=1); a download cut short keeps its verified pieces for the next start."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_daemon, config)
+            running: Running = await nursery.start(run_daemon, config)
+            sdnotify.notify(
+                f"READY=1\nSTATUS=mirror on port {running.ports.mirror}, "
+                f"pieces on port {running.ports.peer}"
+            )
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    sdnotify.notify("RELOADING=1")
+                    try:
+                        if reload is not None:
+                            running.daemon.reload(reload())
+                    except Exception as exc:
+                        log.error("reload failed, keeping the running configuration: %s", exc)
+                    sdnotify.notify("READY=1")
+                    continue
                 log.info("received %s; stopping", signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break

@@ -82,6 +82,7 @@ class Swarm:
         self.rng = rng or random.Random()
         self._buffers: dict[int, list[bytearray]] = {}
         self.bad_pieces = 0
+        self.pieces_verified = 0
 
     async def fill(self, download: Download, source: BlobSource) -> None:
         if not self.supernodes:
@@ -315,6 +316,7 @@ class _Run:
         try:
             ok = self.manifest.verify(request.index, piece)
             if ok:
+                self.swarm.pieces_verified += 1
                 self.download.put_piece(request.index, piece, f"peer:{request.parent}")
             else:
                 self.swarm.bad_pieces += 1

@@ -8,6 +8,7 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v containerd >/dev/null || need+=(containerd)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v podman >/dev/null || need+=(podman)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

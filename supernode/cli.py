@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from p2pd import __version__
+from p2pd import __version__, sdnotify
 from p2pd.store import StorageError
 from supernode.config import DEFAULT_LISTEN, LOG_LEVELS, ConfigError, SupernodeConfig, load_config
 
@@ -107,9 +107,11 @@ async def _serve_until_signalled(config: SupernodeConfig) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         supernode = Supernode(config)
         async with trio.open_nursery() as nursery:
-            await nursery.start(supernode.run)
+            port = await nursery.start(supernode.run)
+            sdnotify.notify(f"READY=1\nSTATUS=listening on port {port}")
             async for signum in signals:
                 log.info("%s received, shutting down", signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
 

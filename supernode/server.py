@@ -31,7 +31,7 @@ import re
 import httpx
 import trio
 
-from p2pd import __version__, wire
+from p2pd import __version__, metrics, wire
 from p2pd.core.digest import Digest
 from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port, serve
 from p2pd.store import BlobStore
@@ -78,6 +78,9 @@ class Supernode:
             headers={"User-Agent": f"p2p-supernode/{__version__}"},
         )
         self.tracker = Tracker(config, self.store, self.client)
+        self.messages = 0  # control messages answered
+        self.piece_bytes = 0  # piece bytes handed to peers
+        self.metrics = metrics.registry_for(self.counters, SUPERNODE_COUNTERS, SUPERNODE_GAUGES)
         self.port: int | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -103,6 +106,12 @@ class Supernode:
             )
             task_status.started(self.port)
 
+    def counters(self) -> dict[str, float]:
+        values: dict[str, float] = dict(self.tracker.scheduler.stats())
+        values["messages"] = self.messages
+        values["piece_bytes"] = self.piece_bytes
+        return values
+
     async def handle(self, request: Request) -> Response:
         path = request.path
         message_type = _CONTROL.get(path)
@@ -113,6 +122,10 @@ class Supernode:
         if path == "/healthz":
             _allow(request, "GET", "HEAD")
             return Response(200, [("content-type", "text/plain; charset=utf-8")], b"ok\n")
+        if path == "/metrics":
+            _allow(request, "GET")
+            body = metrics.render(self.metrics)
+            return Response(200, [("content-type", metrics.CONTENT_TYPE)], body)
         raise HTTPError(404, f"no route {path[:100]!r}")
 
     async def _control(self, request: Request, message_type: type[wire.Message]) -> Response:
@@ -121,6 +134,7 @@ class Supernode:
                 raise HTTPError(405, f"{request.path} takes POST", [("allow", "POST")])
             body = await request.read_body(wire.MAX_MESSAGE_SIZE)
             reply = self.tracker.call(wire.decode(body, expect=message_type))
+            self.messages += 1
         except (ApiError, HTTPError, wire.ProtocolError) as exc:
             status, code, message = _refusal(exc)
             log.info(
@@ -148,7 +162,24 @@ class Supernode:
         except ApiError as exc:
             status, _, message = _refusal(exc)
             raise HTTPError(status, message) from None
+        self.piece_bytes += region.length
         return Response(200, [("content-type", "application/octet-stream")], region)
+
+
+SUPERNODE_COUNTERS: metrics.Table = {
+    "supernode_control_messages": ("register/announce/report/leave answered", "messages"),
+    "supernode_piece_bytes_sent": ("piece bytes served by the seeder", "piece_bytes"),
+    "supernode_parent_links": ("parent links made", "links"),
+    "supernode_bad_piece_reports": ("reports of bad pieces", "bad_reports"),
+    "supernode_bans": ("parents banned for bad pieces", "bans"),
+    "supernode_unreachable_reports": ("reports of unreachable parents", "unreachable_reports"),
+    "supernode_peers_expired": ("peers dropped after their TTL", "expired"),
+}
+SUPERNODE_GAUGES: metrics.Table = {
+    "supernode_tasks": ("blobs being tracked", "tasks"),
+    "supernode_peers": ("peer memberships over all blobs", "peers"),
+    "supernode_active_links": ("current parent links", "active_links"),
+}
 
 
 def _allow(request: Request, *methods: str) -> None:
