@@ -402,15 +402,20 @@ class Sim:
             pull.done = True
             pull.flows.clear()
         cut = [self.tags.pop(flow, None) for flow in self.net.remove_host(node.host, self.now)]
-        # children whose transfers from this host were cut see failures
+        # Children whose transfers from this host were cut see failures. Take every cut flow
+        # off the books first: a child reacting to one failure may cancel its other requests
+        # to this host, whose flows the network has already dropped.
+        failed: list[tuple[_Pull, Request]] = []
         for tag in cut:
             if not isinstance(tag, tuple) or not isinstance(tag[0], _Pull):
                 continue
             pull, request = tag
-            if pull.done or pull.flows.pop(request, None) is None:
-                continue
-            pull.session.on_failure(request, False, self.now)
-            self._drive(pull)
+            if not pull.done and pull.flows.pop(request, None) is not None:
+                failed.append((pull, request))
+        for pull, request in failed:
+            if not pull.done:
+                pull.session.on_failure(request, False, self.now)
+                self._drive(pull)
         if self.progress is not None:
             self.progress(self.completed, self.now)
 
