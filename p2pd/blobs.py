@@ -392,6 +392,7 @@ class BlobManager:
 
     async def _run(self, download: Download, source: BlobSource) -> None:
         digest = download.digest
+        started = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guarded, download, download.hash_and_commit())
@@ -415,11 +416,25 @@ class BlobManager:
                 self.completed += 1
             elif not download.keep_partial:
                 self.failed += 1
+            seconds = trio.current_time() - started
+            sources = dict(sorted(download.sources.items()))
             log.info(
-                "download of %s %s: %s",
+                "download of %s %s in %.2f s: %s",
                 digest,
                 download.state.value,
-                ", ".join(f"{k}={v}" for k, v in sorted(download.sources.items())) or "-",
+                seconds,
+                ", ".join(f"{k}={v}" for k, v in sources.items()) or "-",
+                extra={
+                    "fields": {
+                        "event": "pull",
+                        "digest": str(digest),
+                        "state": download.state.value,
+                        "bytes": download.layout.total_size,
+                        "seconds": round(seconds, 3),
+                        "sources": sources,
+                        "error": download.error or None,
+                    }
+                },
             )
 
     def _drop(self, download: Download) -> None:

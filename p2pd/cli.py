@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import trio
 
-from p2pd import __version__
+from p2pd import __version__, logs
 from p2pd.config import ConfigError, P2pdConfig, add_arguments, from_args
 from p2pd.core.layout import PieceLayout
 
@@ -49,12 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"p2pd: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level_number,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, config.log_level_number))
+    logs.setup(config.log_level_number, config.log_format)
     from p2pd.daemon import main_async
 
     def reload() -> P2pdConfig:

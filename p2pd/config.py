@@ -80,6 +80,7 @@ _PREFIX = re.compile(rf"{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*")
 # bracketed IPv6 address with one.
 _REGISTRY_HOST = re.compile(r"(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def _immutable(mapping: Mapping[str, str]) -> Mapping[str, str]:
@@ -109,6 +110,7 @@ class P2pdConfig:
     back_to_source_after: float = 15.0
     access_cache_ttl: float = 60.0
     log_level: str = "info"
+    log_format: str = "text"  # "text", or "json": one JSON object per line
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> P2pdConfig:
@@ -185,6 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--back-to-source-after", type=float, default=s, metavar="SECONDS")
     group.add_argument("--access-cache-ttl", type=float, default=s, metavar="SECONDS")
     group.add_argument("--log-level", default=s, choices=LOG_LEVELS)
+    group.add_argument("--log-format", default=s, choices=LOG_FORMATS)
 
 
 def from_args(args: argparse.Namespace) -> P2pdConfig:
@@ -268,7 +271,15 @@ def _build(raw: Mapping[str, Any]) -> P2pdConfig:
         back_to_source_after=_seconds(raw, "back_to_source_after", d.back_to_source_after, 0.1),
         access_cache_ttl=_seconds(raw, "access_cache_ttl", d.access_cache_ttl, 0.0),
         log_level=level,
+        log_format=_log_format(raw, d.log_format),
     )
+
+
+def _log_format(raw: Mapping[str, Any], default: str) -> str:
+    value = _string(raw, "log_format", default).lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError("log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return value
 
 
 def _string(raw: Mapping[str, Any], name: str, default: str) -> str:
