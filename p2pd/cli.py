@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import httpx
 import trio
 
 from p2pd import __version__, logs
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="run the daemon until SIGINT/SIGTERM")
     add_arguments(run)
+    status = sub.add_parser(
+        "status", help="print the running daemon's counters (its /stats, on the peer port)"
+    )
+    add_arguments(status)
     layout = sub.add_parser(
         "layout", help="print how a blob of SIZE bytes is cut into pieces (the piece-size rule)"
     )
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"p2pd: bad configuration: {exc}", file=sys.stderr)
         return 2
+    if args.command == "status":
+        return _status(config)
     logs.setup(config.log_level_number, config.log_format)
     from p2pd.daemon import main_async
 
@@ -55,6 +62,22 @@ def main(argv: list[str] | None = None) -> int:
         return from_args(build_parser().parse_args(argv))
 
     trio.run(main_async, config, reload)
+    return 0
+
+
+def _status(config: P2pdConfig) -> int:
+    host = config.peer_listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{host}:{config.peer_listen.port}/stats"
+    try:
+        stats = httpx.get(url, timeout=5).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"p2pd: no daemon answers at {url}: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        print(f"{key:<{width}}  {value}")
     return 0
 
 

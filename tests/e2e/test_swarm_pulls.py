@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,6 +108,24 @@ def test_four_hosts_pull_and_each_blob_leaves_the_registry_once(
         after = blob_gets(registry, image)
         assert {d: after[d] - before[d] for d in after} == dict.fromkeys(image.blobs, 1)
         stats = [p2pd.stats() for p2pd, _, _ in hosts]
+        # `p2pd status` shows the same counters
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "p2pd.cli",
+                "status",
+                "--peer-listen",
+                f"127.0.0.1:{hosts[0][0].peer_port}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        assert ["bytes_to_clients", str(image.total_size)] in [
+            line.split() for line in status.splitlines()
+        ]
         for s in stats:
             assert s["bytes_to_clients"] == image.total_size
             assert s["bytes_from_registry"] == 0
