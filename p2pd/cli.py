@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="print the running daemon's counters (its /stats, on the peer port)"
     )
     add_arguments(status)
+    preheat = sub.add_parser(
+        "preheat",
+        help="have the supernodes fetch IMAGE's blobs before a rollout, and wait until ready",
+    )
+    preheat.add_argument("image", help="e.g. registry.example.com/team/app:1.2 or ubuntu:24.04")
+    preheat.add_argument("--platform", default="linux/amd64", help="for multi-arch images")
+    preheat.add_argument("--user", metavar="USER:PASSWORD", help="registry credentials")
+    preheat.add_argument("--upstream", metavar="URL", help="registry base URL (default: config)")
+    preheat.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    add_arguments(preheat)
     layout = sub.add_parser(
         "layout", help="print how a blob of SIZE bytes is cut into pieces (the piece-size rule)"
     )
@@ -55,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "status":
         return _status(config)
+    if args.command == "preheat":
+        return _preheat(config, args)
     logs.setup(config.log_level_number, config.log_format)
     from p2pd.daemon import main_async
 
@@ -63,6 +75,31 @@ def main(argv: list[str] | None = None) -> int:
 
     trio.run(main_async, config, reload)
     return 0
+
+
+def _preheat(config: P2pdConfig, args: argparse.Namespace) -> int:
+    from p2pd.preheat import PreheatError, preheat
+
+    user = tuple(args.user.split(":", 1)) if args.user else None
+    if user is not None and len(user) != 2:
+        print("p2pd: --user wants USER:PASSWORD", file=sys.stderr)
+        return 2
+    try:
+        states = preheat(
+            config,
+            args.image,
+            upstream=args.upstream,
+            user=user,
+            platform=args.platform,
+            timeout=args.timeout,
+        )
+    except PreheatError as exc:
+        print(f"p2pd: preheat failed: {exc}", file=sys.stderr)
+        return 1
+    failed = {d: s for d, s in states.items() if s != "ready"}
+    for digest, state in failed.items():
+        print(f"p2pd: {digest}: {state}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _status(config: P2pdConfig) -> int:

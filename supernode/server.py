@@ -25,6 +25,7 @@ percent-encoded slashes or upper-case hex never reach a file name.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 
@@ -36,6 +37,7 @@ from p2pd.core.digest import Digest
 from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port, serve
 from p2pd.store import BlobStore
 from supernode.config import SupernodeConfig
+from supernode.statuspage import STATUS_PAGE
 from supernode.tracker import ApiError, Tracker
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,13 @@ class Supernode:
         if path == "/healthz":
             _allow(request, "GET", "HEAD")
             return Response(200, [("content-type", "text/plain; charset=utf-8")], b"ok\n")
+        if path == "/status":
+            _allow(request, "GET")
+            body = json.dumps(self.tracker.status()).encode()
+            return Response(200, [("content-type", "application/json")], body)
+        if path in ("/", "/index.html"):
+            _allow(request, "GET")
+            return Response(200, [("content-type", "text/html; charset=utf-8")], STATUS_PAGE)
         if path == "/metrics":
             _allow(request, "GET")
             body = metrics.render(self.metrics)

@@ -116,6 +116,32 @@ class Tracker:
     def task(self, digest: Digest) -> Task | None:
         return self._tasks.get(digest)
 
+    def status(self) -> dict[str, object]:
+        """What the status page and `p2pd preheat` show: every task with its progress."""
+        tasks = []
+        for digest, task in self._tasks.items():
+            state = (
+                self.scheduler.task_state(digest).value
+                if self.scheduler.has_task(digest)
+                else "gone"
+            )
+            peers = self.scheduler.peers(digest) if self.scheduler.has_task(digest) else []
+            complete = sum(1 for p in peers if self.scheduler.peer_pieces(digest, p).is_full())
+            tasks.append(
+                {
+                    "digest": str(digest),
+                    "repository": task.source.repository,
+                    "size": task.layout.total_size,
+                    "pieces": task.layout.count,
+                    "seeded": task.manifest.known,
+                    "state": state,
+                    "peers": len(peers),
+                    "peers_complete": complete,
+                    "failure": str(task.failure) if task.failure else None,
+                }
+            )
+        return {"seeder": self.advertise, "tasks": tasks, "scheduler": self.scheduler.stats()}
+
     # -- control calls ----------------------------------------------------------------------
 
     def call(self, msg: wire.Message) -> wire.Message:

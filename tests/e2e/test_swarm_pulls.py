@@ -375,3 +375,69 @@ def test_a_dead_supernode_fails_over_to_the_next_in_the_ranking(
         stats = host[0].stats()
         assert stats["bytes_from_registry"] == 0  # the swarm served it, not the fallback
         assert stats["bytes_from_peers"] == image.total_size
+
+
+def test_preheat_fetches_every_blob_once_before_the_rollout(
+    workdir: Path, registry: Registry, image: Image
+) -> None:
+    import json
+
+    # a multi-arch index on top of the image: preheat must pick the platform's manifest
+    # (the arm64 entry is another, tiny image)
+    other = make_image(99, [1000], workdir=workdir / "arm-image")
+    push_image(registry.url, "app/demo", "arm", other)
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest,
+                "size": len(image.manifest if arch == "amd64" else other.manifest),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+            for arch, digest in (("arm64", other.manifest_digest), ("amd64", image.manifest_digest))
+        ],
+    }
+    put = httpx.put(
+        f"{registry.url}/v2/app/demo/manifests/multi",
+        content=json.dumps(index).encode(),
+        headers={"content-type": "application/vnd.oci.image.index.v1+json"},
+    )
+    assert put.status_code == 201, put.text
+    with ExitStack() as stack:
+        supernode = stack.enter_context(SupernodeProcess(workdir / "sn8", [registry.url]))
+        before = blob_gets(registry, image)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "p2pd.cli",
+                "preheat",
+                "example.test/app/demo:multi",
+                "--supernodes",
+                supernode.url,
+                "--registry",
+                f"example.test={registry.url}",
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"{len(image.blobs)} blobs" in out.stdout
+        after = blob_gets(registry, image)
+        assert {d: after[d] - before[d] for d in after} == dict.fromkeys(image.blobs, 1)
+        status = httpx.get(f"{supernode.url}/status", timeout=5).json()
+        states = {t["digest"]: t["state"] for t in status["tasks"]}
+        assert states == dict.fromkeys(image.blobs, "ready")
+        page = httpx.get(f"{supernode.url}/", timeout=5)
+        assert page.status_code == 200 and "<title>supernode status</title>" in page.text
+        # the rollout: the host's pull comes from the swarm, the registry sends nothing more
+        (host,) = start_hosts(stack, workdir / "preheated", registry, 1, [supernode.url])
+        assert isinstance(pull_all([host])["h0"], float)
+        assert blob_gets(registry, image) == after
+        assert host[0].stats()["bytes_from_peers"] == image.total_size
