@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Debian packages the integration and end-to-end tests run for real: a registry and the
-# container clients that pull through p2pd. Installs only what is missing; needs root.
+# Debian packages the integration and end-to-end tests run for real: a registry, the
+# container clients that pull through p2pd, systemd-analyze for the unit files and chromium
+# for the status page. Installs only what is missing; needs root.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,7 @@ command -v containerd >/dev/null || need+=(containerd)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v podman >/dev/null || need+=(podman)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v chromium >/dev/null || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

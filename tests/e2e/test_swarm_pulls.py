@@ -441,3 +441,57 @@ def test_preheat_fetches_every_blob_once_before_the_rollout(
         assert isinstance(pull_all([host])["h0"], float)
         assert blob_gets(registry, image) == after
         assert host[0].stats()["bytes_from_peers"] == image.total_size
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=3000",
+]
+
+
+def test_status_page_renders_in_a_real_browser(
+    workdir: Path, registry: Registry, image: Image
+) -> None:
+    import shutil
+
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium missing (Debian package chromium)"
+    with ExitStack() as stack:
+        supernode = stack.enter_context(SupernodeProcess(workdir / "sn9", [registry.url]))
+        (host,) = start_hosts(stack, workdir / "page", registry, 1, [supernode.url])
+        assert isinstance(pull_all([host])["h0"], float)
+        profile = workdir / "chromium-profile"
+        url = f"{supernode.url}/"
+        dom = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+            capture_output=True,
+            check=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        # the script ran and drew one row per blob, with its state and its hosts
+        assert dom.count("<tr>") == len(image.blobs) + 1, dom[:2000]
+        assert "app/demo" in dom and "state-ready" in dom and "1 / 1" in dom
+        shot = Path("bench-out") / "supernode-status.png"
+        shot.parent.mkdir(exist_ok=True)
+        subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--window-size=1200,420",
+                f"--screenshot={shot.resolve()}",
+                url,
+            ],
+            capture_output=True,
+            check=True,
+            timeout=120,
+        )
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
