@@ -24,6 +24,14 @@ Rules:
 - Announces are batched every ``announce_interval``; while nothing is in flight (no parents yet,
   the seeder still reading) the session asks sooner, from ``min_announce_gap`` doubling back to
   the interval, so idle peers stay cheap for the supernode.
+- While the peer holds fewer than ``early_pieces`` pieces it calls the supernode (announce and
+  ask for parents) at least every ``early_announce_interval``, idle or not. Early in a
+  download each new piece is a large share of what the peer can offer, and in a storm every
+  peer is early at once: a piece reaches the swarm hop by hop, and each hop waits for the
+  holder's announce and then for the child's next call. Measured on Storm-A (200 hosts):
+  1.48x -> 1.29x of the bound for about fifty more messages per host; fast announces all the
+  way only cost more messages. (Without the idle peers in it: 1.48x -- peers still waiting
+  for their first piece are the very ones that must find the first holders.)
 - A parent that served a bad piece, or failed ``max_connect_failures`` transfers in a row
   (refused, reset, garbled), is dropped, reported (bad piece / unreachable) and never taken
   back from an assignment.
@@ -51,6 +59,8 @@ REPORT_UNREACHABLE = "unreachable"
 class SessionConfig:
     announce_interval: float = 1.0
     min_announce_gap: float = 0.05
+    early_announce_interval: float = 0.2
+    early_pieces: int = 40  # 0: no early announces
     stall_timeout: float = 15.0
     max_connect_failures: int = 2
     picker: PickerConfig = field(default_factory=PickerConfig)
@@ -217,7 +227,10 @@ class DownloadSession:
         """The pieces completed since the last announce; restarts the announce timer."""
         if not self.live:
             self.idle_gap = min(2 * self.idle_gap, self.config.announce_interval)
-        self.next_announce = now + self.config.announce_interval
+        interval = self.config.announce_interval
+        if self.picker.have_count() < self.config.early_pieces:
+            interval = min(interval, self.config.early_announce_interval)
+        self.next_announce = now + interval
         batch, self.completed = self.completed, []
         return batch, not self.is_complete()
 

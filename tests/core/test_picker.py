@@ -46,7 +46,10 @@ def make(
     have: str | None = None,
     **config: int | float,
 ) -> PiecePicker:
-    """A picker over `n` one-byte pieces, everything verifiable unless said otherwise."""
+    """A picker over `n` one-byte pieces, everything verifiable unless said otherwise.
+
+    Four requests per parent unless said otherwise, so that tests can show pipelining."""
+    config.setdefault("max_in_flight_per_parent", 4)
     picker = PiecePicker(
         PieceLayout(n, 1),
         random.Random(seed),

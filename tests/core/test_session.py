@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
+
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.layout import PieceLayout
 from p2pd.core.picker import PickerConfig, Request
@@ -22,6 +24,7 @@ CONFIG = SessionConfig(
     min_announce_gap=0.1,
     stall_timeout=10.0,
     max_connect_failures=2,
+    early_pieces=0,
     picker=PickerConfig(max_in_flight_per_parent=2, prefix_window=0),
 )
 
@@ -66,6 +69,48 @@ def test_idle_session_asks_soon_then_backs_off() -> None:
         times.append(round(now, 3))
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
     assert gaps == [0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_early_in_a_download_the_session_calls_often_then_settles() -> None:
+    config = SessionConfig(
+        announce_interval=1.0,
+        min_announce_gap=0.1,
+        early_announce_interval=0.25,
+        early_pieces=2,
+        picker=PickerConfig(max_in_flight_per_parent=1, prefix_window=0),
+    )
+    s = DownloadSession(LAYOUT, "me", random.Random(1), config, now=0.0)
+    s.apply("fetching", 8, [], 0.0)
+    # Idle and holding nothing: back-off starts at the gap but never passes the early cadence.
+    times = []
+    now = 0.0
+    for _ in range(4):
+        s.poll(now)
+        now = s.next_wakeup()
+        assert s.poll(now).announce
+        s.take_announce(now)
+        times.append(round(now, 3))
+    assert [round(b - a, 3) for a, b in itertools.pairwise(times)] == [0.2, 0.25, 0.25]
+    # Busy with one piece held: still the early cadence, not the full interval.
+    s.apply("fetching", 8, [parent("a")], now)
+    (first,) = s.poll(now).fetch
+    assert s.on_piece(first, True, now + 0.1)
+    (second,) = s.poll(now + 0.1).fetch
+    pieces, _ = s.take_announce(now + 0.1)
+    assert pieces == [first.index]
+    assert s.next_wakeup() == pytest.approx(now + 0.35)
+    # Two pieces held: the batch interval again.
+    assert s.on_piece(second, True, now + 0.2)
+    s.poll(now + 0.2)
+    s.take_announce(now + 0.35)
+    assert s.next_wakeup() == pytest.approx(now + 1.35)
+
+
+def test_picker_default_is_one_request_per_parent() -> None:
+    s = DownloadSession(LAYOUT, "me", random.Random(1), SessionConfig(), now=0.0)
+    s.apply("ready", 8, [parent("a"), parent("b")], 0.0)
+    fetch = s.poll(0.0).fetch
+    assert sorted(r.parent for r in fetch) == ["a", "b"]
 
 
 def test_bad_piece_reports_and_shuns_the_parent() -> None:
