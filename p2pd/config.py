@@ -111,6 +111,9 @@ class P2pdConfig:
     access_cache_ttl: float = 60.0
     log_level: str = "info"
     log_format: str = "text"  # "text", or "json": one JSON object per line
+    # file holding the fleet's shared secret; pieces and control messages are then signed and
+    # checked (p2pd.clusterauth); None: open to anyone who can reach the piece port
+    cluster_secret_file: Path | None = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> P2pdConfig:
@@ -179,6 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="path prefix -> base URL; repeatable",
     )
     group.add_argument("--data-dir", type=Path, default=s, metavar="DIR")
+    group.add_argument("--cluster-secret-file", type=Path, default=s, metavar="FILE")
     group.add_argument("--quota-bytes", type=int, default=s, metavar="N")
     group.add_argument("--zone", default=s)
     group.add_argument("--upload-rate", type=int, default=s, metavar="BYTES_PER_S")
@@ -204,7 +208,7 @@ def from_args(args: argparse.Namespace) -> P2pdConfig:
             table = dict(raw.get(name) or {}) if isinstance(raw.get(name), dict) else {}
             table.update(_pairs(name, value))
             value = table
-        elif name == "data_dir":
+        elif name in ("data_dir", "cluster_secret_file"):
             value = str(value)
         raw[name] = value
     return _build(raw)
@@ -272,6 +276,7 @@ def _build(raw: Mapping[str, Any]) -> P2pdConfig:
         access_cache_ttl=_seconds(raw, "access_cache_ttl", d.access_cache_ttl, 0.0),
         log_level=level,
         log_format=_log_format(raw, d.log_format),
+        cluster_secret_file=_secret_file(raw),
     )
 
 
@@ -375,6 +380,20 @@ def _data_dir(raw: Mapping[str, Any], default: Path) -> Path:
     if not text or "\x00" in text:
         raise ConfigError("data_dir", "must be a directory path")
     return Path(text)
+
+
+def _secret_file(raw: Mapping[str, Any]) -> Path | None:
+    text = _string(raw, "cluster_secret_file", "")
+    if not text:
+        return None
+    path = Path(text)
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError("cluster_secret_file", f"cannot read {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError("cluster_secret_file", f"{path} holds fewer than 16 bytes")
+    return path
 
 
 def _derive_peer_id(advertise: Address) -> str:

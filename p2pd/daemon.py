@@ -24,6 +24,7 @@ import trio
 
 from p2pd import metrics, sdnotify
 from p2pd.blobs import BackSource, BlobManager, Filler
+from p2pd.clusterauth import ClusterAuth
 from p2pd.config import P2pdConfig
 from p2pd.core.session import SessionConfig
 from p2pd.http.server import Handler, Request, Response, bound_port, serve
@@ -61,7 +62,13 @@ class Daemon:
         self.store = BlobStore(config.data_dir, config.quota_bytes or None)
         self.upstream = upstream_client()
         self.control = httpx.AsyncClient(timeout=10.0)
-        self.pieces = PieceClient(RateLimiter(config.download_rate))
+        self.auth = ClusterAuth.from_file(config.cluster_secret_file)
+        if not self.auth.enabled:
+            log.warning(
+                "no cluster_secret_file: any host that reaches %s can fetch the pieces held here",
+                config.peer_listen,
+            )
+        self.pieces = PieceClient(RateLimiter(config.download_rate), auth=self.auth)
         self.swarm = Swarm(
             SwarmConfig(
                 peer_id=config.peer_id,
@@ -74,6 +81,7 @@ class Daemon:
             self.pieces,
             list(config.supernodes),
             nursery,
+            auth=self.auth,
         )
         fillers: list[Filler] = [self.swarm, BackSource(self.upstream)]
         self.blobs = BlobManager(
@@ -81,7 +89,7 @@ class Daemon:
         )
         self.mirror = Mirror(config, self.upstream, self.blobs)
         self.piece_server = PieceServer(
-            self.blobs, config.upload_slots, RateLimiter(config.upload_rate)
+            self.blobs, config.upload_slots, RateLimiter(config.upload_rate), auth=self.auth
         )
         self.metrics = metrics.registry_for(self.counters)
 

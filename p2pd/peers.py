@@ -21,6 +21,7 @@ from collections.abc import Callable
 import trio
 
 from p2pd.blobs import BlobManager
+from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.http.server import FileRegion, HTTPError, Request, Response
@@ -61,9 +62,14 @@ class PieceServer:
     """Serves the pieces this host holds: from complete blobs and from running downloads."""
 
     def __init__(
-        self, blobs: BlobManager, upload_slots: int, limiter: RateLimiter | None = None
+        self,
+        blobs: BlobManager,
+        upload_slots: int,
+        limiter: RateLimiter | None = None,
+        auth: ClusterAuth | None = None,
     ) -> None:
         self.blobs = blobs
+        self.auth = auth or ClusterAuth(None)
         self.slots = upload_slots * 4  # each child may pipeline a few requests
         self.busy = 0
         self.limiter = limiter or RateLimiter(0)
@@ -80,6 +86,10 @@ class PieceServer:
             )
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "pieces are read-only", [("allow", "GET, HEAD")])
+        try:
+            self.auth.check(request.header(HEADER), request.method, request.target)
+        except ClusterAuthError as exc:
+            raise HTTPError(401, str(exc)) from None
         digest = Digest(match.group(1))
         index = int(match.group(2))
         fd, layout = self._open(digest)
@@ -167,8 +177,10 @@ class PieceClient:
         connect_timeout: float = 5.0,
         idle_per_parent: int = 4,
         idle_seconds: float = 15.0,
+        auth: ClusterAuth | None = None,
     ) -> None:
         self.limiter = limiter or RateLimiter(0)
+        self.auth = auth or ClusterAuth(None)
         self.connect_timeout = connect_timeout
         self.idle_per_parent = idle_per_parent
         self.idle_seconds = idle_seconds
@@ -251,7 +263,10 @@ class PieceClient:
         index: int,
         buffer: memoryview,
     ) -> bool:
-        request = f"GET /pieces/{digest.hex}/{index} HTTP/1.1\r\nHost: {address}\r\n\r\n"
+        target = f"/pieces/{digest.hex}/{index}"
+        signature = self.auth.sign("GET", target)
+        auth_line = f"{HEADER}: {signature}\r\n" if signature else ""
+        request = f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}\r\n"
         await conn.stream.send_all(request.encode("ascii"))
         head = bytearray()
         while b"\r\n\r\n" not in head:

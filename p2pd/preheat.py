@@ -24,6 +24,7 @@ import httpx
 import trio
 
 from p2pd import wire
+from p2pd.clusterauth import ClusterAuth
 from p2pd.config import P2pdConfig
 from p2pd.core.digest import Digest
 from p2pd.tracker import TrackerRejected, TrackerSession, TrackerUnavailable
@@ -206,6 +207,7 @@ def _register_all(
                         authorization=authorization,
                         have=None,
                     ),
+                    auth=ClusterAuth.from_file(config.cluster_secret_file),
                 )
                 try:
                     await session.register(None)

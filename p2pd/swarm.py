@@ -32,6 +32,7 @@ import trio
 
 from p2pd import wire
 from p2pd.blobs import BlobSource, Download, DownloadState, FillerGaveUp
+from p2pd.clusterauth import ClusterAuth
 from p2pd.core.manifest import ManifestError, PieceManifest
 from p2pd.core.picker import Request
 from p2pd.core.session import DownloadSession, ParentView, SessionConfig
@@ -73,8 +74,10 @@ class Swarm:
         supernodes: list[str],
         nursery: trio.Nursery,
         rng: random.Random | None = None,
+        auth: ClusterAuth | None = None,
     ) -> None:
         self.config = config
+        self.auth = auth or ClusterAuth(None)
         self.http = http
         self.pieces = pieces
         self.supernodes = supernodes
@@ -99,7 +102,7 @@ class Swarm:
             authorization=source.authorization,
             have=None,
         )
-        session = TrackerSession(self.http, self.supernodes, register)
+        session = TrackerSession(self.http, self.supernodes, register, auth=self.auth)
         try:
             assignment = await session.register(download.have)
         except (TrackerUnavailable, TrackerRejected) as exc:

@@ -21,6 +21,7 @@ import httpx
 import xxhash
 
 from p2pd import wire
+from p2pd.clusterauth import HEADER, ClusterAuth
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 
@@ -59,8 +60,10 @@ class TrackerSession:
         supernodes: list[str],
         register: wire.Register,
         timeout: float = 10.0,
+        auth: ClusterAuth | None = None,
     ) -> None:
         self.client = client
+        self.auth = auth or ClusterAuth(None)
         self.ranking = rank_supernodes(supernodes, register.digest)
         self.template = register
         self.timeout = timeout
@@ -133,12 +136,14 @@ class TrackerSession:
 
     async def _post(self, base: str, verb: str, msg: wire.Message, expect: type[M]) -> M:
         self.messages += 1
+        body = wire.encode(msg)
+        headers = {"content-type": CONTENT_TYPE}
+        signature = self.auth.sign("POST", f"/v1/{verb}", body)
+        if signature:
+            headers[HEADER] = signature
         try:
             response = await self.client.post(
-                f"{base}/v1/{verb}",
-                content=wire.encode(msg),
-                headers={"content-type": CONTENT_TYPE},
-                timeout=self.timeout,
+                f"{base}/v1/{verb}", content=body, headers=headers, timeout=self.timeout
             )
         except httpx.HTTPError as exc:
             raise TrackerUnavailable(f"{base}: {exc!r}") from exc

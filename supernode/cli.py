@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quota", metavar="BYTES", type=int, help="cache quota in bytes (default: unlimited)"
     )
+    parser.add_argument(
+        "--cluster-secret-file",
+        metavar="FILE",
+        help="the fleet's shared secret: control messages and piece requests must be signed",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
     parser.add_argument("--version", action="version", version=f"supernode {__version__}")
     return parser
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "allowed_upstreams": args.upstream,
         "quota_bytes": args.quota,
         "log_level": args.log_level,
+        "cluster_secret_file": args.cluster_secret_file,
     }
     try:
         config = load_config(args.config, {k: v for k, v in flags.items() if v is not None})

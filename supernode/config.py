@@ -12,6 +12,7 @@ The file (every key optional unless marked; `load_config` documents the override
     seeder_id = "supernode"           # the seeder's peer id in every task
     zone = ""                         # the seeder's zone
     log_level = "info"
+    cluster_secret_file = "/etc/p2pd/cluster.secret"   # shared by the fleet; absent = open
 
     [scheduler]                       # p2pd.core.scheduler.SchedulerConfig
     max_parents = 8
@@ -87,6 +88,7 @@ class SupernodeConfig:
     seeder_id: str = "supernode"
     zone: str = ""
     log_level: str = "info"
+    cluster_secret_file: Path | None = None  # see p2pd.clusterauth
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -211,6 +213,13 @@ def from_mapping(raw: Mapping[str, Any]) -> SupernodeConfig:
         top.fail("log_level", f"one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     seeder_id = top.get("seeder_id", str, "supernode")
     zone = top.get("zone", str, "")
+    secret_file = top.get("cluster_secret_file", str, None)
+    if secret_file is not None:
+        try:
+            if len(Path(secret_file).read_bytes().strip()) < 16:
+                top.fail("cluster_secret_file", f"{secret_file} holds fewer than 16 bytes")
+        except OSError as exc:
+            top.fail("cluster_secret_file", f"cannot read {secret_file}: {exc.strerror}")
     scheduler = _scheduler_config(top.section("scheduler"))
     fetch = _fetch_config(top.section("fetch"))
     top.done()
@@ -240,6 +249,7 @@ def from_mapping(raw: Mapping[str, Any]) -> SupernodeConfig:
         seeder_id=seeder_id,
         zone=zone,
         log_level=log_level,
+        cluster_secret_file=Path(secret_file) if secret_file is not None else None,
         scheduler=scheduler,
         fetch=fetch,
     )

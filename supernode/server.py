@@ -33,6 +33,7 @@ import httpx
 import trio
 
 from p2pd import __version__, metrics, wire
+from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
 from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port, serve
 from p2pd.store import BlobStore
@@ -80,6 +81,9 @@ class Supernode:
             headers={"User-Agent": f"p2p-supernode/{__version__}"},
         )
         self.tracker = Tracker(config, self.store, self.client)
+        self.auth = ClusterAuth.from_file(config.cluster_secret_file)
+        if not self.auth.enabled:
+            log.warning("no cluster_secret_file: anyone who reaches this port may fetch pieces")
         self.messages = 0  # control messages answered
         self.piece_bytes = 0  # piece bytes handed to peers
         self.metrics = metrics.registry_for(self.counters, SUPERNODE_COUNTERS, SUPERNODE_GAUGES)
@@ -142,6 +146,7 @@ class Supernode:
             if request.method != "POST":
                 raise HTTPError(405, f"{request.path} takes POST", [("allow", "POST")])
             body = await request.read_body(wire.MAX_MESSAGE_SIZE)
+            self._authenticate(request, body)
             reply = self.tracker.call(wire.decode(body, expect=message_type))
             self.messages += 1
         except (ApiError, HTTPError, wire.ProtocolError) as exc:
@@ -161,8 +166,15 @@ class Supernode:
             return Response(status, headers, wire.encode(wire.Error.safe(code, message)))
         return Response(200, [("content-type", MSGPACK)], wire.encode(reply))
 
+    def _authenticate(self, request: Request, body: bytes = b"") -> None:
+        try:
+            self.auth.check(request.header(HEADER), request.method, request.target, body)
+        except ClusterAuthError as exc:
+            raise HTTPError(401, str(exc)) from None
+
     def _piece(self, request: Request) -> Response:
         _allow(request, "GET", "HEAD")
+        self._authenticate(request)
         match = _PIECE_PATH.fullmatch(request.path)
         if match is None:
             raise HTTPError(400, "malformed piece path: want /pieces/<64 lowercase hex>/<index>")

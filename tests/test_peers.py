@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from p2pd.blobs import BlobManager
+from p2pd.clusterauth import ClusterAuth
 from p2pd.core.digest import Digest
 from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
 from p2pd.http.server import ServerLimits, bound_port, serve
@@ -35,10 +36,19 @@ def put_complete(store: BlobStore, data: bytes) -> Digest:
 async def start_server(
     nursery: trio.Nursery, tmp_path: Path, limits: ServerLimits | None = None
 ) -> tuple[str, Digest, bytes]:
+    return await start_server_with(nursery, tmp_path, limits)
+
+
+async def start_server_with(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    limits: ServerLimits | None = None,
+    auth: ClusterAuth | None = None,
+) -> tuple[str, Digest, bytes]:
     data = random.Random(1).randbytes(SIZE)
     store = BlobStore(tmp_path)
     digest = put_complete(store, data)
-    server = PieceServer(BlobManager(store, nursery, []), upload_slots=2)
+    server = PieceServer(BlobManager(store, nursery, []), upload_slots=2, auth=auth)
     listeners = await nursery.start(
         lambda task_status: serve(
             server.handle, "127.0.0.1", 0, limits=limits, task_status=task_status

@@ -495,3 +495,40 @@ def test_status_page_renders_in_a_real_browser(
             timeout=120,
         )
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_fleet_with_a_cluster_secret_keeps_strangers_off(
+    workdir: Path, registry: Registry, image: Image
+) -> None:
+    secret = workdir / "cluster.secret"
+    secret.write_text("a-fleet-secret-of-more-than-16-bytes\n")
+    flag = ("--cluster-secret-file", str(secret))
+    layer = image.layer_digests[-1]
+    with ExitStack() as stack:
+        supernode = stack.enter_context(
+            SupernodeProcess(workdir / "sn10", [registry.url], extra=flag)
+        )
+        hosts = start_hosts(stack, workdir / "secret", registry, 2, [supernode.url], extra=flag)
+        results = pull_all(hosts)
+        assert all(isinstance(v, float) for v in results.values()), results
+        for p2pd, _, _ in hosts:
+            assert p2pd.stats()["bytes_from_peers"] == image.total_size  # the swarm worked
+        # a stranger: no signature, no pieces and no say at the supernode
+        piece = httpx.get(f"{hosts[0][0].peer_url}/pieces/{layer.removeprefix('sha256:')}/0")
+        assert piece.status_code == 401
+        register = wire.Register(
+            digest=Digest.parse(layer),
+            size=image.blobs[layer].size,
+            peer_id="stranger",
+            address="127.0.0.1:9",
+            zone="",
+            upload_slots=1,
+            upstream=registry.url,
+            repository="app/demo",
+            authorization=None,
+            have=None,
+        )
+        reply = httpx.post(f"{supernode.url}/v1/register", content=wire.encode(register))
+        assert reply.status_code == 401
+        seeder_piece = httpx.get(f"{supernode.url}/pieces/{layer.removeprefix('sha256:')}/0")
+        assert seeder_piece.status_code == 401
