@@ -48,10 +48,8 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from benchmarks.harness.procs import HarnessError, Process, require_binary, run
+from benchmarks.harness.procs import HarnessError, Managed, Process, require_binary, run
 from benchmarks.harness.regauth import Credentials
 
 # A loopback port nothing listens on (a privileged one, so no test server can take it):
@@ -129,7 +127,7 @@ def check_hosts_dir(hosts_dir: Path, ref: str) -> None:
         )
 
 
-class Containerd:
+class Containerd(Managed):
     """A private containerd daemon (CRI off) with root, state and sockets of its own.
 
     ``workdir`` holds ``config.toml``, ``root/``, ``state/`` and ``containerd.log``; the
@@ -210,18 +208,6 @@ class Containerd:
             if path.exists():
                 shutil.rmtree(path)
         self.start()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def ctr(self, *args: str, namespace: str = "harness", timeout: float = 60.0) -> str:
         """Run ``ctr --address SOCK -n NS ARGS…``; returns its stdout."""

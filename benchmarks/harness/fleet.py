@@ -9,15 +9,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
-from benchmarks.harness.procs import LOOPBACK, Process, free_port, http_responds
+from benchmarks.harness.procs import LOOPBACK, Managed, Process, free_port, http_responds
 
 
-class SupernodeProcess:
+class SupernodeProcess(Managed):
     def __init__(
         self, workdir: Path, upstreams: Sequence[str], *, extra: Sequence[str] = ()
     ) -> None:
@@ -47,17 +46,8 @@ class SupernodeProcess:
     def stop(self) -> None:
         self.process.stop()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class P2pdProcess:
+class P2pdProcess(Managed):
     def __init__(
         self,
         workdir: Path,
@@ -110,12 +100,3 @@ class P2pdProcess:
     def stats(self) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(f"{self.peer_url}/stats", timeout=5).json()
         return data
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

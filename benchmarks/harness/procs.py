@@ -34,6 +34,29 @@ import httpx
 LOOPBACK = "127.0.0.1"
 
 
+class Managed:
+    """A component with ``start()``/``stop()`` that is also a context manager: started on
+    entry, stopped on exit (also when the block fails)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 class HarnessError(RuntimeError):
     """A harness component could not be started, reached or driven."""
 
@@ -118,7 +141,7 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class Process:
+class Process(Managed):
     """One child process with its log file; stopped and reaped on exit from ``with``.
 
     ``name`` appears in error messages. The log is appended to, so a process that is
@@ -222,18 +245,6 @@ class Process:
             if self._log is not None:
                 self._log.close()
                 self._log = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -36,8 +36,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import bcrypt
 import httpx
@@ -45,6 +44,7 @@ import httpx
 from benchmarks.harness.procs import (
     LOOPBACK,
     HarnessError,
+    Managed,
     Process,
     free_port,
     http_responds,
@@ -146,7 +146,7 @@ def write_htpasswd(path: Path, users: Mapping[str, str]) -> None:
     path.write_text("".join(lines))
 
 
-class Registry:
+class Registry(Managed):
     """A running ``docker-registry`` on 127.0.0.1; use as a context manager.
 
     ``workdir`` receives the config, the storage (``storage/``) and the log (``registry.log``).
@@ -251,18 +251,6 @@ class Registry:
         process, self._process = self._process, None
         if process is not None:
             process.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- what the registry served ------------------------------------------------------------
 

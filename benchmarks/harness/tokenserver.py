@@ -47,8 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
@@ -56,7 +55,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from benchmarks.harness.procs import LOOPBACK, HarnessError
+from benchmarks.harness.procs import LOOPBACK, HarnessError, Managed
 from benchmarks.harness.registry import TokenAuth
 
 
@@ -118,7 +117,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
+class TokenServer(Managed):
     """Issues registry tokens on ``http://127.0.0.1:PORT/token``; use as a context manager.
 
     ``workdir`` receives ``token-cert.pem``, the bundle the registry must trust.
@@ -213,18 +212,6 @@ class TokenServer:
             server.server_close()
         if thread is not None:
             thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- policy and tokens (no HTTP here) ----------------------------------------------------
 
