@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     del demo  # parsed by benchmarks.demo itself
     sub.add_parser(
+        "hosts",
+        help="a bandwidth-limited fleet in network namespaces (root): real registry, supernode, "
+        "p2pd and containerd per host; the same storm through p2pd and straight from the registry",
+        add_help=False,
+    )
+    sub.add_parser(
+        "dataplane",
+        help="piece transfer between two p2pd against the raw ceiling, supernode control "
+        "messages per second, p2pd peak RSS on a 1 GiB layer",
+        add_help=False,
+    )
+    sub.add_parser(
         "storm",
         help="simulate a thousand-node pull storm on the real scheduling core; compare with "
         "the lower bound and a naive pull in the same run",
@@ -52,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.storm.cli import main as storm_main
 
         return storm_main(argv[1:])
+    if argv[:1] == ["hosts"]:
+        from benchmarks.hosts.bench import main as hosts_main
+
+        return hosts_main(argv[1:])
+    if argv[:1] == ["dataplane"]:
+        from benchmarks.hosts.micro_dataplane import main as dataplane_main
+
+        return dataplane_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "micro":
         from benchmarks.micro import run_all

@@ -42,7 +42,7 @@ from p2pd.tracker import TrackerRejected, TrackerSession, TrackerUnavailable
 log = logging.getLogger(__name__)
 
 # Piece-size buffers kept for reuse (per piece size): enough for the requests in flight.
-_POOLED_BUFFERS = 16
+_POOLED_BUFFERS = 8
 
 
 @dataclass(frozen=True, slots=True)

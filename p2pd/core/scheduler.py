@@ -151,6 +151,7 @@ class _Peer:
         "children",
         "is_seeder",
         "last_seen",
+        "ordinal",
         "parents",
         "peer_id",
         "pieces",
@@ -169,6 +170,7 @@ class _Peer:
         self.slots = slots
         self.pieces = pieces
         self.tie = tie
+        self.ordinal = 0  # order of arrival in the task: picks the seeder stripe
         self.last_seen = 0.0
         self.is_seeder = False
         # Both sides of every link, insertion-ordered so that reports and releases are stable.
@@ -185,6 +187,7 @@ class _Task:
         "blame",
         "digest",
         "free",
+        "joined",
         "layout",
         "peers",
         "rare",
@@ -206,6 +209,7 @@ class _Task:
         self.unreachable: dict[str, dict[str, None]] = {}  # the same, for "cannot reach"
         self.avail = [0] * layout.count  # how many peers (not the seeder) hold each piece
         self.rare = (1 << layout.count) - 1  # pieces held by fewer than seeder_rare_below
+        self.joined = 0  # peers that ever registered
         self._stripes: dict[tuple[int, int], int] = {}
 
     def stripe(self, index: int, k: int) -> int:
@@ -351,6 +355,8 @@ class Scheduler:
             pieces = Bitfield(task.layout.count) if have is None else have.copy()
             self._gain(task, pieces.bits)
             peer = _Peer(peer_id, address, zone, slots, pieces=pieces, tie=self._rng.random())
+            peer.ordinal = task.joined
+            task.joined += 1
             task.peers[peer_id] = peer
         else:
             self._unindex(task, peer)
@@ -626,17 +632,18 @@ class Scheduler:
 
     def _seeder_offer(self, task: _Task, child: _Peer) -> int:
         """What the seeder offers `child` (super-seeding): of the pieces still rare in the
-        swarm, those of the child's stripe (every k-th piece, k = ``seeder_stripes``, offset
-        by the child's tie key), so that children of the seeder get *different* pieces and
-        trade them; when its stripe has nothing left for it, any rare piece; when nothing is
+        swarm, those of the child's stripe (every k-th piece, k = ``seeder_stripes`` or the
+        number of peers if fewer, dealt in order of arrival so every stripe has an owner), so
+        that children of the seeder get *different* pieces and trade them; when its stripe has nothing left for it, any rare piece; when nothing is
         rare, everything, but only to a child with no peer parent at all (the last resort)."""
         seeder = task.seeder.pieces.bits
         if not self._config.seeder_rare_below:
             return seeder
         rare = seeder & task.rare & ~child.pieces.bits
-        k = self._config.seeder_stripes
+        # no more stripes than peers, dealt in order of arrival: every stripe has an owner
+        k = min(self._config.seeder_stripes, len(task.peers))
         if k > 1:
-            stripe = rare & task.stripe(int(child.tie * k) % k, k)
+            stripe = rare & task.stripe(child.ordinal % k, k)
             if stripe:
                 return stripe
         if rare:

@@ -38,6 +38,8 @@ def bf(text: str) -> Bitfield:
 
 
 def sched(pieces: int = 4, *, ready: bool = True, seed: int = 0, **cfg: Any) -> Scheduler:
+    # striping the seeder's offer is tested on its own; elsewhere the seeder offers all it has
+    cfg.setdefault("seeder_stripes", 1)
     s = Scheduler(random.Random(seed), SchedulerConfig(**cfg))
     s.add_task(D, PieceLayout(pieces, 1), 0.0)
     if ready:
@@ -203,7 +205,9 @@ def test_register_while_fetching_gets_the_seeder_prefix() -> None:
 
 
 def test_assignment_carries_parent_snapshots() -> None:
-    s = Scheduler(random.Random(0), seeder_address="sn:1", seeder_zone="z")
+    s = Scheduler(
+        random.Random(0), SchedulerConfig(seeder_stripes=1), seeder_address="sn:1", seeder_zone="z"
+    )
     s.add_task(D, PieceLayout(2, 1), 0.0)
     s.seeder_done(D, True)
     s.register(D, "a", "a:1", "z", 0.0, have=bf("1."))
@@ -769,15 +773,28 @@ def test_unreachable_reports_against_the_seeder_or_strangers_are_only_counted() 
 
 def test_seeder_children_are_offered_different_stripes_of_rare_pieces() -> None:
     s = sched(16, seeder_stripes=4, seeder_upload_slots=64)
+    for i in range(12):
+        s.register(D, f"k{i}", "", "", 0.0)
     offers = []
     for i in range(12):
-        (seeder,) = s.register(D, f"k{i}", "", "", 0.0).parents
+        (seeder,) = s.announce(D, f"k{i}", [], 1.0).parents
         assert seeder.peer_id == SEEDER
         offers.append(seeder.pieces.bits)
-    # every offer is one stripe (every 4th piece), and the stripes differ between children
-    stripes = {sum(1 << i for i in range(r, 16, 4)) for r in range(4)}
-    assert all(o in stripes for o in offers)
-    assert len(set(offers)) >= 3
+    # every offer is one stripe (every 4th piece), dealt in order of arrival
+    stripes = [sum(1 << i for i in range(r, 16, 4)) for r in range(4)]
+    assert offers == [stripes[i % 4] for i in range(12)]
+
+
+def test_fewer_peers_than_stripes_still_cover_every_piece() -> None:
+    s = sched(12, seeder_stripes=32, seeder_upload_slots=64)
+    for i in range(3):
+        s.register(D, f"k{i}", "", "", 0.0)
+    union = 0
+    for i in range(3):
+        (seeder,) = s.announce(D, f"k{i}", [], 1.0).parents
+        union |= seeder.pieces.bits
+        assert seeder.pieces.count() == 4  # 3 stripes of the 12 pieces, not 32
+    assert union == (1 << 12) - 1
 
 
 def test_pieces_held_by_enough_peers_are_not_offered_by_the_seeder() -> None:

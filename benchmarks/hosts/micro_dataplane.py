@@ -1,0 +1,578 @@
+"""Data-plane and control-plane figures of the real daemons, on loopback (JSON out).
+
+Everything runs as real processes on 127.0.0.1 (no namespaces): a docker-registry holding one
+generated layer (1 GiB by default), a supernode, and two p2pd daemons, *seed* and *leech*.
+
+- **peak RSS**: the seed pulls the layer through its mirror (the supernode fetches it from the
+  registry meanwhile and feeds the seed); then the leech pulls it too. Each daemon's VmHWM
+  (/proc/PID/status) afterwards is its peak resident set while pulling a 1 GiB layer.
+  Goal: <= 80 MiB (nothing holds a whole layer in memory).
+- **piece transfer**: the leech's pull is fed by the seed (a complete peer is preferred; the
+  supernode is a parent of last resort only): serve (sendfile), receive (``recv_into``), verify
+  (xxh3-128), write. Its rate is the layer size over the time from the request until the
+  leech's ``/stats`` shows every byte from peers, polled every 20 ms. Against it, in the same
+  run and on the same file: the raw ceiling, a minimal HTTP server in another process
+  answering each piece with a head and ``os.sendfile``, read by a plain ``recv_into`` client
+  over one kept-alive connection, piece after piece; and that client again with xxh3-128 and
+  ``pwrite`` added (what the daemon's receive path costs without the daemon).
+  Goal: >= 50% of the raw ceiling.
+- **control messages**: P simulated peers register with the supernode for the same layer, then
+  announce their pieces (a few per message, random order, ``want_parents`` until full) over C
+  kept-alive connections with pre-encoded `p2pd.wire` bodies. Reported: messages per second of
+  wall time and per second of the supernode's own CPU time (its utime + stime; the machine's
+  other core runs the load generator). Goal: >= 3000 per second per core.
+
+Figures, not pass/fail; the best of ``--repeat`` runs where a figure is repeated. The machine
+is shared: the load average before and after is part of the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+import xxhash
+
+from benchmarks.harness.fleet import P2pdProcess, SupernodeProcess
+from benchmarks.harness.image import make_image, push_image
+from benchmarks.harness.procs import LOOPBACK, HarnessError, wait_for
+from benchmarks.harness.registry import Registry
+from benchmarks.hosts.cluster import cpu_seconds, peak_rss
+from p2pd import wire
+from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
+
+MIB = 1024 * 1024
+REPO = "micro/app"
+GOAL_PIECE_SHARE = 0.5
+GOAL_CONTROL = 3000.0
+GOAL_RSS = 80 * MIB
+
+
+# -- plain HTTP over a socket, for the clients of this benchmark -----------------------------
+
+
+def _read_head(sock: socket.socket, carry: bytearray) -> tuple[int, int, bytes]:
+    """Read a response head; returns (status, content-length, body bytes already read)."""
+    while b"\r\n\r\n" not in carry:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise HarnessError("connection closed in a response head")
+        carry += chunk
+    end = carry.index(b"\r\n\r\n")
+    lines = bytes(carry[:end]).split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = -1
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+        if name.strip().lower() == b"transfer-encoding":
+            raise HarnessError("chunked response: this client wants a Content-Length")
+    rest = bytes(carry[end + 4 :])
+    carry.clear()
+    return status, length, rest
+
+
+def get_into_void(port: int, path: str, buffer: memoryview, timeout: float = 600.0) -> int:
+    """GET ``path`` from 127.0.0.1:port, reading the body into ``buffer`` over and over."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status, length, got_bytes = _read_head(sock, bytearray())
+        if status != 200 or length < 0:
+            raise HarnessError(f"GET {path}: status {status}, length {length}")
+        got = len(got_bytes)
+        while got < length:
+            n = sock.recv_into(buffer)
+            if n == 0:
+                raise HarnessError(f"GET {path}: closed at {got} of {length} bytes")
+            got += n
+        return got
+
+
+def _json_get(port: int, path: str) -> dict[str, Any]:
+    with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status, length, body = _read_head(sock, bytearray())
+        data = bytearray(body)
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if status != 200:
+        raise HarnessError(f"GET {path}: {status}")
+    out: dict[str, Any] = json.loads(data)
+    return out
+
+
+# -- the raw ceiling --------------------------------------------------------------------------
+
+
+def serve_raw(path: str, piece_size: int) -> None:
+    """A minimal piece server (``GET /<index>`` -> head + sendfile) on a free loopback port.
+
+    Prints the port, serves one connection, exits when it closes. Runs in its own process, as
+    a parent's piece server does.
+    """
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        print(listener.getsockname()[1], flush=True)
+        listener.settimeout(60)
+        conn, _ = listener.accept()
+        # Blocking (a timeout would make the socket non-blocking and sendfile fail with
+        # EAGAIN); the client's own timeout ends a stalled exchange by closing.
+        conn.settimeout(None)
+        carry = bytearray()
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in carry:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    carry += chunk
+                end = carry.index(b"\r\n\r\n")
+                index = int(bytes(carry[:end]).split()[1][1:])
+                del carry[: end + 4]
+                offset = index * piece_size
+                length = min(piece_size, size - offset)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                    b"content-length: %d\r\n\r\n" % length
+                )
+                sent = 0
+                while sent < length:
+                    sent += os.sendfile(conn.fileno(), fd, offset + sent, length - sent)
+
+
+def raw_transfer(blob: Path, layout: PieceLayout, *, verify_and_write: Path | None) -> float:
+    """Bytes/s of every piece of ``blob`` from a raw sendfile server into a recv_into client."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.hosts.micro_dataplane", "raw-serve", str(blob),
+         str(layout.piece_size)],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    out_fd = -1
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        buffer = bytearray(layout.piece_size)
+        view = memoryview(buffer)
+        if verify_and_write is not None:
+            out_fd = os.open(verify_and_write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
+            started = time.perf_counter()
+            carry = bytearray()
+            for index in range(layout.count):
+                offset, length = layout.span(index)
+                sock.sendall(f"GET /{index} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                status, declared, first = _read_head(sock, carry)
+                if status != 200 or declared != length:
+                    raise HarnessError(f"raw server: {status} {declared} for piece {index}")
+                view[: len(first)] = first
+                got = len(first)
+                while got < length:
+                    n = sock.recv_into(view[got:length])
+                    if n == 0:
+                        raise HarnessError("raw server closed mid-piece")
+                    got += n
+                if out_fd >= 0:
+                    xxhash.xxh3_128_digest(view[:length])
+                    os.pwrite(out_fd, view[:length], offset)
+            elapsed = time.perf_counter() - started
+        return layout.total_size / elapsed
+    finally:
+        if out_fd >= 0:
+            os.close(out_fd)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=10)
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+
+
+# -- the daemons' pulls -----------------------------------------------------------------------
+
+
+def timed_pull(p2pd: P2pdProcess, digest: str, size: int, buffer: memoryview) -> dict[str, float]:
+    """Pull the blob through ``p2pd``'s mirror; when did the swarm have it, when the client?"""
+    path = f"/v2/{REPO}/blobs/{digest}?ns=example.test"
+    base = _json_get(p2pd.peer_port, "/stats")["bytes_from_peers"]
+    result: dict[str, float] = {}
+
+    async def main() -> None:
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+
+            async def client() -> None:
+                got = await trio.to_thread.run_sync(get_into_void, p2pd.mirror_port, path, buffer)
+                if got != size:
+                    raise HarnessError(f"mirror sent {got} of {size} bytes")
+                result["client_seconds"] = time.perf_counter() - started
+
+            async def swarm_done() -> None:
+                deadline = started + 600
+                while time.perf_counter() < deadline:
+                    stats = await trio.to_thread.run_sync(_json_get, p2pd.peer_port, "/stats")
+                    if stats["bytes_from_peers"] - base >= size:
+                        result["swarm_seconds"] = time.perf_counter() - started
+                        return
+                    await trio.sleep(0.02)
+                raise HarnessError("the swarm did not deliver the blob in 600 s")
+
+            nursery.start_soon(client)
+            nursery.start_soon(swarm_done)
+
+    trio.run(main)
+    return result
+
+
+# -- control messages -------------------------------------------------------------------------
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def control_messages(
+    port: int,
+    supernode_pid: int,
+    digest: str,
+    layout: PieceLayout,
+    upstream: str,
+    *,
+    peers: int,
+    connections: int,
+    per_announce: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Register ``peers`` simulated peers, then announce all their pieces; count and time."""
+    rng = random.Random(seed)
+    d = Digest.parse(digest)
+    registers = [
+        _post(
+            "/v1/register",
+            wire.encode(
+                wire.Register(
+                    digest=d,
+                    size=layout.total_size,
+                    peer_id=f"sim{i:05d}",
+                    address=f"127.0.0.1:{10000 + i}",  # never dialled: nobody fetches pieces
+                    zone="",
+                    upload_slots=8,
+                    upstream=upstream,
+                    repository=REPO,
+                    authorization=None,
+                    have=None,
+                )
+            ),
+        )
+        for i in range(peers)
+    ]
+    # Each peer announces its pieces in its own random order, a few per message, asking for
+    # parents until it is full (as DownloadSession.take_announce does).
+    announces: list[list[bytes]] = []
+    for i in range(peers):
+        order = list(range(layout.count))
+        rng.shuffle(order)
+        batches = [order[k : k + per_announce] for k in range(0, len(order), per_announce)]
+        announces.append(
+            [
+                _post(
+                    "/v1/announce",
+                    wire.encode(
+                        wire.Announce(
+                            digest=d,
+                            peer_id=f"sim{i:05d}",
+                            pieces=tuple(batch),
+                            manifest_known=layout.count,
+                            want_parents=b + 1 < len(batches),
+                        )
+                    ),
+                )
+                for b, batch in enumerate(batches)
+            ]
+        )
+    # Round-robin over peers, so the swarm fills evenly as in a storm.
+    rounds = max(len(a) for a in announces)
+    announce_queue = [a[r] for r in range(rounds) for a in announces if r < len(a)]
+
+    async def drive(queue: list[bytes]) -> tuple[int, int, float]:
+        errors = 0
+        count = 0
+        next_item = 0
+
+        async def worker() -> None:
+            nonlocal errors, count, next_item
+            stream = await trio.open_tcp_stream(LOOPBACK, port)
+            async with stream:
+                carry = bytearray()
+                while next_item < len(queue):
+                    request = queue[next_item]
+                    next_item += 1
+                    await stream.send_all(request)
+                    status, length = await _receive_response(stream, carry)
+                    count += 1
+                    errors += status != 200
+                    del length
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(worker)
+        return count, errors, time.perf_counter() - started
+
+    phases: dict[str, Any] = {}
+    for name, queue in (("register", registers), ("announce", announce_queue)):
+        cpu_before = cpu_seconds(supernode_pid)
+        count, errors, elapsed = trio.run(drive, queue)
+        cpu = cpu_seconds(supernode_pid) - cpu_before
+        phases[name] = {
+            "messages": count,
+            "errors": errors,
+            "wall_seconds": round(elapsed, 3),
+            "per_second": count / elapsed,
+            "supernode_cpu_seconds": round(cpu, 3),
+            "per_cpu_second": count / cpu if cpu > 0 else None,
+        }
+    total = sum(p["messages"] for p in phases.values())
+    wall = sum(p["wall_seconds"] for p in phases.values())
+    cpu = sum(p["supernode_cpu_seconds"] for p in phases.values())
+    return {
+        "peers": peers,
+        "connections": connections,
+        "pieces": layout.count,
+        "pieces_per_announce": per_announce,
+        "phases": phases,
+        "messages": total,
+        "per_second": total / wall,
+        "per_cpu_second": total / cpu if cpu > 0 else None,
+    }
+
+
+async def _receive_response(stream: trio.SocketStream, carry: bytearray) -> tuple[int, int]:
+    while b"\r\n\r\n" not in carry:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise HarnessError("supernode closed a control connection")
+        carry += chunk
+    end = carry.index(b"\r\n\r\n")
+    lines = bytes(carry[:end]).split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    del carry[: end + 4]
+    while len(carry) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise HarnessError("supernode closed a control connection mid-body")
+        carry += chunk
+    del carry[:length]
+    return status, length
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    load_before = os.getloadavg()
+    size = args.layer_mib * MIB
+    print(f"building a {args.layer_mib} MiB layer …", flush=True)
+    image = make_image(args.seed, [size], workdir=workdir / "image")
+    layer = image.layers[0]
+    layout = PieceLayout.for_size(layer.size)
+    report: dict[str, Any] = {
+        "layer_bytes": layer.size,
+        "piece_size": layout.piece_size,
+        "pieces": layout.count,
+    }
+    buffer = memoryview(bytearray(1 << 20))
+    with ExitStack() as stack:
+        registry = stack.enter_context(Registry(workdir / "registry"))
+        push_image(registry.url, REPO, "v1", image)
+        supernode = stack.enter_context(SupernodeProcess(workdir / "sn", [registry.url]))
+        seed, leech = (
+            stack.enter_context(
+                P2pdProcess(
+                    workdir / "hosts",
+                    name,
+                    supernodes=[supernode.url],
+                    registries={"example.test": registry.url},
+                )
+            )
+            for name in ("seed", "leech")
+        )
+        print("seed pulls the layer (supernode fetching from the registry meanwhile) …")
+        first = timed_pull(seed, layer.digest, layer.size, buffer)
+        print("leech pulls it from the seed …", flush=True)
+        pids = {"seed": seed.process.pid, "leech": leech.process.pid}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        own_before = _own_cpu()
+        second = timed_pull(leech, layer.digest, layer.size, buffer)
+        gib = layer.size / (1 << 30)
+        # CPU per GiB moved: on a machine of 2 shared cores this, not the network, sets the pace
+        cpu_per_gib = {
+            name: (cpu_seconds(pid) - cpu_before[name]) / gib for name, pid in pids.items()
+        }
+        cpu_per_gib["benchmark client"] = (_own_cpu() - own_before) / gib
+        seed_stats = _json_get(seed.peer_port, "/stats")
+        leech_stats = _json_get(leech.peer_port, "/stats")
+        rss = {"seed": peak_rss(seed.process.pid), "leech": peak_rss(leech.process.pid)}
+        swarm_rate = layer.size / second["swarm_seconds"]
+        print("raw ceiling on the same file …", flush=True)
+        raw = max(
+            raw_transfer(layer.path, layout, verify_and_write=None) for _ in range(args.repeat)
+        )
+        raw_vw = max(
+            raw_transfer(layer.path, layout, verify_and_write=workdir / "raw-out")
+            for _ in range(args.repeat)
+        )
+        report["piece_transfer"] = {
+            "seed_pull": first,
+            "leech_pull": second,
+            "leech_swarm_bytes_per_s": swarm_rate,
+            "leech_client_bytes_per_s": layer.size / second["client_seconds"],
+            "seed_bytes_to_peers": seed_stats["bytes_to_peers"],
+            "leech_stats": leech_stats,
+            "raw_bytes_per_s": raw,
+            "raw_verify_write_bytes_per_s": raw_vw,
+            "share_of_raw": swarm_rate / raw,
+            "leech_pull_cpu_seconds_per_gib": cpu_per_gib,
+        }
+        report["peak_rss_bytes"] = rss
+
+        print(f"control messages: {args.peers} simulated peers …", flush=True)
+        wait_for(lambda: supernode.process.running, timeout=1, what="supernode")
+        report["control"] = control_messages(
+            supernode.port,
+            supernode.process.pid,
+            layer.digest,
+            layout,
+            registry.url,
+            peers=args.peers,
+            connections=args.connections,
+            per_announce=args.per_announce,
+            seed=args.seed,
+        )
+    control = report["control"]["per_cpu_second"]
+    report["goals"] = {
+        "piece_transfer_share_of_raw": {
+            "value": report["piece_transfer"]["share_of_raw"],
+            "limit": f">= {GOAL_PIECE_SHARE}",
+            "met": report["piece_transfer"]["share_of_raw"] >= GOAL_PIECE_SHARE,
+        },
+        "control_messages_per_cpu_second": {
+            "value": control,
+            "limit": f">= {GOAL_CONTROL:g}",
+            "met": control is not None and control >= GOAL_CONTROL,
+        },
+        "peak_rss_bytes": {
+            "value": max(rss.values()),
+            "limit": f"<= {GOAL_RSS}",
+            "met": max(rss.values()) <= GOAL_RSS,
+        },
+    }
+    report["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    report["workdir"] = str(workdir)
+    report["cpus"] = os.cpu_count()
+    return report
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    pt, c = r["piece_transfer"], r["control"]
+    mb = 1e6
+    print()
+    pieces = f"{r['pieces']} pieces of {r['piece_size'] / MIB:.0f} MiB"
+    print(f"layer {r['layer_bytes'] / MIB:.0f} MiB in {pieces}; work dir {r['workdir']}")
+    print(
+        f"piece transfer p2pd -> p2pd: {pt['leech_swarm_bytes_per_s'] / mb:.0f} MB/s "
+        f"(client saw {pt['leech_client_bytes_per_s'] / mb:.0f} MB/s); raw ceiling "
+        f"{pt['raw_bytes_per_s'] / mb:.0f} MB/s, raw + xxh3 + pwrite "
+        f"{pt['raw_verify_write_bytes_per_s'] / mb:.0f} MB/s -> {pt['share_of_raw']:.0%} of raw"
+    )
+    for name, p in c["phases"].items():
+        per_cpu = p["per_cpu_second"]
+        print(
+            f"control {name:9}: {p['messages']} msgs, {p['per_second']:.0f}/s wall, "
+            f"{per_cpu:.0f}/s per supernode CPU second, {p['errors']} errors"
+            if per_cpu
+            else f"control {name}: {p['messages']} msgs"
+        )
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in pt["leech_pull_cpu_seconds_per_gib"].items())
+    print(f"CPU seconds per GiB during the leech's pull: {cpu}")
+    rss = r["peak_rss_bytes"]
+    print(f"peak RSS: seed {rss['seed'] / MIB:.1f} MiB, leech {rss['leech'] / MIB:.1f} MiB")
+    for name, g in r["goals"].items():
+        print(f"  {name:34} {g['value']:.4g}  {g['limit']}  {'met' if g['met'] else 'MISSED'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2p-bench micro-dataplane",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--layer-mib", type=int, default=1024, help="layer size (default 1024)")
+    parser.add_argument("--peers", type=int, default=300, help="simulated peers (default 300)")
+    parser.add_argument("--connections", type=int, default=8, help="control connections")
+    parser.add_argument("--per-announce", type=int, default=2, help="pieces per announce")
+    parser.add_argument("--repeat", type=int, default=3, help="raw ceiling runs (best kept)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/hosts-micro.json"))
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    parser.add_argument(
+        "--tmp-base",
+        type=Path,
+        help="where the temporary work directory goes; /dev/shm takes this machine's disk "
+        "(slow first writes) out of the piece path (default: the system's temp dir)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["raw-serve"] and len(argv) == 3:
+        serve_raw(argv[1], int(argv[2]))
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        report = run(args, args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="p2p-micro-", dir=args.tmp_base) as tmp:
+            report = run(args, Path(tmp))
+    print_summary(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
