@@ -634,8 +634,9 @@ class Scheduler:
         """What the seeder offers `child` (super-seeding): of the pieces still rare in the
         swarm, those of the child's stripe (every k-th piece, k = ``seeder_stripes`` or the
         number of peers if fewer, dealt in order of arrival so every stripe has an owner), so
-        that children of the seeder get *different* pieces and trade them; when its stripe has nothing left for it, any rare piece; when nothing is
-        rare, everything, but only to a child with no peer parent at all (the last resort)."""
+        that children of the seeder get *different* pieces and trade them; when its stripe
+        has nothing left for it, any rare piece; when nothing is rare, everything, but only to
+        a child with no peer parent at all (the last resort)."""
         seeder = task.seeder.pieces.bits
         if not self._config.seeder_rare_below:
             return seeder
