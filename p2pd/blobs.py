@@ -138,12 +138,21 @@ class Download:
         """Write a piece (already verified, if it can be) and wake readers and the hasher."""
         if self.state is not DownloadState.RUNNING or index in self.partial.have:
             return
-        self.partial.write_piece(index, data)
+        self.partial.write_bytes(index, data)
+        self.mark_written(index, source)
+
+    def mark_written(self, index: int, source: str) -> None:
+        """A piece's bytes are on disk (written by `PartialBlob.write_bytes`, perhaps in a
+        worker thread): count it and wake readers and the hasher."""
+        if self.state is not DownloadState.RUNNING or index in self.partial.have:
+            return
+        self.partial.have.add(index)
         if self.partial.have.count() % _META_EVERY == 0:
             self.partial.save_meta()  # progress a restart can resume from
-        self.sources[source] = self.sources.get(source, 0) + len(data)
+        length = self.layout.length(index)
+        self.sources[source] = self.sources.get(source, 0) + length
         kind = source.partition(":")[0]
-        self._totals[kind] = self._totals.get(kind, 0) + len(data)
+        self._totals[kind] = self._totals.get(kind, 0) + length
         self._prefix_pieces = self.partial.have.first_missing()
         self._notify()
 

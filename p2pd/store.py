@@ -238,6 +238,12 @@ class PartialBlob:
         self.discarded = False
 
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Write piece `index` and count it as held."""
+        self.write_bytes(index, data)
+        self.have.add(index)
+
+    def write_bytes(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Write piece `index` without counting it (safe in a worker thread: one pwrite)."""
         offset, length = self.layout.span(index)
         if len(data) != length:
             raise StorageError(f"piece {index} is {length} bytes, got {len(data)}")
@@ -249,7 +255,6 @@ class PartialBlob:
                 offset += written
         except OSError as exc:
             raise _storage_error(exc, f"cannot write piece {index} of {self.digest}") from exc
-        self.have.add(index)
 
     def read(self, offset: int, length: int) -> bytes:
         try:

@@ -227,7 +227,7 @@ class _Run:
             with trio.move_on_at(session.next_wakeup()):
                 result = await self.receive.receive()
             if result is not None:
-                self._handle(result, trio.current_time())
+                await self._handle(result)
 
     def _recheck_claims(self) -> list[int]:
         """(In a worker thread.) Claimed pieces whose bytes match the manifest."""
@@ -298,8 +298,9 @@ class _Run:
         if not delivered:
             self.swarm.give_buffer(buffer)
 
-    def _handle(self, result: _Result, now: float) -> None:
-        """One transfer's outcome: verify, write, tell the session."""
+    async def _handle(self, result: _Result) -> None:
+        """One transfer's outcome: verify and write (in a worker thread, so that other
+        transfers keep arriving meanwhile), then tell the session."""
         assert self.session is not None
         request = result.request
         entry = self.live.get(request)
@@ -312,23 +313,32 @@ class _Run:
             error = result.error
             assert error is not None
             log.debug("piece %d from %s: %s", request.index, request.parent, error)
-            self.session.on_failure(request, error.not_found, now, busy=error.busy)
+            self.session.on_failure(request, error.not_found, trio.current_time(), busy=error.busy)
             return
         buffer = result.buffer
         piece = memoryview(buffer)[: self.layout.length(request.index)]
         try:
-            ok = self.manifest.verify(request.index, piece)
-            if ok:
-                self.swarm.pieces_verified += 1
-                self.download.put_piece(request.index, piece, f"peer:{request.parent}")
-            else:
-                self.swarm.bad_pieces += 1
-                log.warning(
-                    "piece %d of %s from %s failed verification",
-                    request.index,
-                    self.download.digest,
-                    request.parent,
-                )
+            ok = await trio.to_thread.run_sync(self._verify_and_write, request.index, piece)
         finally:
+            piece.release()
             self.swarm.give_buffer(buffer)
-        self.session.on_piece(request, ok, now)
+        if ok:
+            self.swarm.pieces_verified += 1
+            self.download.mark_written(request.index, f"peer:{request.parent}")
+        else:
+            self.swarm.bad_pieces += 1
+            log.warning(
+                "piece %d of %s from %s failed verification",
+                request.index,
+                self.download.digest,
+                request.parent,
+            )
+        self.session.on_piece(request, ok, trio.current_time())
+
+    def _verify_and_write(self, index: int, piece: memoryview) -> bool:
+        """(In a worker thread.) True when the piece matched its hash and is on disk."""
+        if not self.manifest.verify(index, piece):
+            return False
+        if index not in self.download.partial.have:
+            self.download.partial.write_bytes(index, piece)
+        return True

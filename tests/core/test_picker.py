@@ -50,6 +50,7 @@ def make(
 
     Four requests per parent unless said otherwise, so that tests can show pipelining."""
     config.setdefault("max_in_flight_per_parent", 4)
+    config.setdefault("pipeline_depth", 0)  # tested on its own below
     picker = PiecePicker(
         PieceLayout(n, 1),
         random.Random(seed),
@@ -774,3 +775,18 @@ def sum_or(values: list[int]) -> int:
     for v in values:
         acc |= v
     return acc
+
+
+def test_pipeline_depth_spreads_over_the_parents() -> None:
+    picker = make(16, max_in_flight_per_parent=1, pipeline_depth=4, prefix_window=0)
+    picker.add_parent("a", Bitfield.full(16))
+    assert picker.in_flight_limit() == 4
+    assert len(picker.pick(0.0)) == 4  # one parent: still four in flight
+    picker.add_parent("b", Bitfield.full(16))
+    assert picker.in_flight_limit() == 2
+    for name in "cd":
+        picker.add_parent(name, Bitfield.full(16))
+    assert picker.in_flight_limit() == 1
+    requests = picker.pick(1.0)
+    assert {r.parent for r in requests} == {"b", "c", "d"}  # a is still full
+    assert all(picker.in_flight(p) <= 4 for p in "abcd")
