@@ -33,8 +33,11 @@ flow graph, which in a storm is the whole swarm, so no cheap incremental update 
 *Progress* is integrated exactly: each flow keeps ``remaining``, ``last`` (time of its last rate
 change) and ``rate``; when the rate changes at ``now``, ``remaining -= rate * (now - last)``.
 Rates only change when a flow starts or ends, and then only for the flows sharing a share with
-it: the uploads of its src, the downloads of its dst and the flows on its link direction. A flow
-whose rate did not actually change (it is bottlenecked elsewhere) is left alone.
+it: the uploads of its src, the downloads of its dst and the flows on its link direction. A
+start only lowers shares, so only the flows above a lowered share can change; an end only raises
+shares, so only the flows at a raised share's old value (the ones it limited, or tied) can
+change. The rest are passed over with one comparison each, and a flow whose rate did not
+actually change (it is bottlenecked elsewhere) is left alone.
 
 *Completion times* live in a heap of ``(time, flow id)`` with lazy invalidation. Each flow knows
 its true ``finish`` and the time ``queued`` of its one live entry, with ``queued <= finish``: an
@@ -55,11 +58,20 @@ Life-cycle of a flow: ``start_flow`` -> (``complete`` at the time ``next_complet
 ``cancel_flow``, or ``remove_host`` of either end). Counters (``bytes_sent``, ``bytes_received``,
 ``bytes_between_zones``) include completed flows in full and cancelled flows up to their cut.
 
-Costs: start/end of a flow is O(k_src + k_dst + k_link) rate checks plus a heap push per flow
-that now finishes earlier. A link carrying thousands of flows makes every start/end on it touch
-all of them: fine for a few hundred cross-zone flows, slow for a swarm whose peer choice ignores
-zones. (The cure, if needed: give each link a virtual clock of per-flow service, like a
-processor-sharing queue, so link-limited flows move together in O(log n).)
+Costs: start/end of a flow is O(k_src + k_dst + k_link) comparisons, plus a re-rate (and a heap
+push if it now finishes earlier) per flow whose rate changed. A link carrying thousands of flows
+makes every start/end on it scan all of them: fine for a few hundred cross-zone flows, slow for a
+swarm whose peer choice ignores zones.
+
+Why no per-share virtual clock (flows limited by the same share moving together, like a
+processor-sharing queue, O(log n) per event for them): it was built and measured. On Storm-A the
+work is in small shares (a host's ~10 downloads), whose flows switch between being upload- and
+download-limited every few events; moving a flow between clocks costs more than re-rating it,
+and the simulator got 1.3-1.6x slower. It pays off only for a share carrying hundreds of flows
+that it limits (a slow zone link). It also rounds differently, which reorders completions that
+tie to the last bit and, through the scheduler's choices, moves single hosts' simulated times by
+a few per cent (not the distribution). The skipping above changes no arithmetic: results are
+bit-for-bit those of re-rating every flow that shares a changed share.
 """
 
 from __future__ import annotations
@@ -221,22 +233,38 @@ class Network:
             return fid
         ups = self._ups[src]
         ups[fid] = f
-        self._up_share[src] = self._up[src] / len(ups)
+        up_share = self._up_share[src]
+        self._up_share[src] = new_up = self._up[src] / len(ups)
         downs = self._downs[dst]
         downs[fid] = f
-        self._down_share[dst] = self._down[dst] / len(downs)
+        down_share = self._down_share[dst]
+        self._down_share[dst] = new_down = self._down[dst] / len(downs)
         # All three shares are updated before any re-rating, so that the newcomer is never
         # rated from a partial view (an instant rate would make it due at once).
         link = self._links.get((self._zone[src], self._zone[dst])) if f.cross else None
+        link_share = _INF
         if link is not None:
             f.link = link
             link.flows[fid] = f
+            link_share = link.share
             link.reshare()
-        self._refresh(ups.values(), now)
-        self._refresh(downs.values(), now)
-        if link is not None:
-            self._refresh(link.flows.values(), now)
-        self._maybe_compact()
+        # Shares only fell: a flow's rate changes only if it was above a fallen share.
+        if new_up != up_share:
+            self._refresh(ups.values(), now, new_up)
+        if new_down != down_share:
+            self._refresh(downs.values(), now, new_down)
+        if link is not None and link.share != link_share:
+            self._refresh(link.flows.values(), now, link.share)
+        # The newcomer, as _refresh would rate it (its remaining is its size).
+        r = new_down if new_down < new_up else new_up
+        if link is not None and link.share < r:
+            r = link.share
+        if r > 0:
+            f.rate = r
+            f.finish = f.queued = fin = now + size / r
+            heapq.heappush(self._heap, (fin, fid))
+        if len(self._heap) > 2 * len(self._flows) + 1024:
+            self._compact()
         return fid
 
     def cancel_flow(self, flow: int, now: float) -> float:
@@ -245,7 +273,7 @@ class Network:
             raise KeyError(flow)
         self._advance_clock(now)
         f = self._flows.pop(flow)
-        self._release([f], now, credit_size=False)
+        self._end(f, now, credit_size=False)
         return f.size - f.remaining
 
     def complete(self, flow: int, now: float) -> object:
@@ -261,7 +289,7 @@ class Network:
             )
         self._advance_clock(now)
         del self._flows[flow]
-        self._release([f], now, credit_size=True)
+        self._end(f, now, credit_size=True)
         return f.tag
 
     def next_completion(self) -> tuple[float, int] | None:
@@ -321,6 +349,51 @@ class Network:
         if not self._alive[host]:
             raise ValueError(f"host {host} has been removed")
 
+    def _end(self, f: _Flow, now: float, *, credit_size: bool) -> None:
+        """``_release([f])``, unrolled: this is every completion's path."""
+        if credit_size:
+            done = f.size
+            f.remaining = 0.0
+        else:
+            f.remaining = _left(f, now)
+            done = f.size - f.remaining
+        src, dst, fid = f.src, f.dst, f.id
+        self._sent[src] += done
+        self._received[dst] += done
+        if f.cross:
+            self.bytes_between_zones += done
+        if f.size == 0:
+            del self._instant[fid]
+            return  # never held a share
+        f.rate = 0.0
+        ups = self._ups[src]
+        del ups[fid]
+        downs = self._downs[dst]
+        del downs[fid]
+        up_share = self._up_share
+        old_up = up_share[src]
+        n = len(ups)
+        up_share[src] = new_up = self._up[src] / n if n else self._up[src]
+        down_share = self._down_share
+        old_down = down_share[dst]
+        n = len(downs)
+        down_share[dst] = new_down = self._down[dst] / n if n else self._down[dst]
+        link = f.link
+        old_link = 0.0
+        if link is not None:
+            del link.flows[fid]
+            old_link = link.share
+            link.reshare()
+        # As in _release: only flows at a risen share's old value can change.
+        if ups and new_up != old_up:
+            self._refresh(ups.values(), now, math.nextafter(old_up, -_INF))
+        if downs and new_down != old_down:
+            self._refresh(downs.values(), now, math.nextafter(old_down, -_INF))
+        if link is not None and link.flows and link.share != old_link:
+            self._refresh(link.flows.values(), now, math.nextafter(old_link, -_INF))
+        if len(self._heap) > 2 * len(self._flows) + 1024:
+            self._compact()
+
     def _release(self, gone: list[_Flow], now: float, *, credit_size: bool) -> None:
         """Detach ended flows, credit their bytes, then re-rate every flow that shared with them.
 
@@ -352,29 +425,41 @@ class Network:
                 f.link.flows.pop(f.id)
                 links[id(f.link)] = f.link
             f.rate = 0.0
-        # Shares first, re-rating after: no flow is rated from a half-updated view.
+        # Shares first, re-rating after: no flow is rated from a half-updated view. Shares only
+        # rose: a flow's rate can change only if it was at a risen side's old share.
+        up, down, up_share, down_share = self._up, self._down, self._up_share, self._down_share
+        rose: list[tuple[Iterable[_Flow], float]] = []
         for h in srcs:
             n = len(self._ups[h])
-            self._up_share[h] = self._up[h] / n if n else self._up[h]
+            old = up_share[h]
+            up_share[h] = up[h] / n if n else up[h]
+            if n and up_share[h] != old:
+                rose.append((self._ups[h].values(), math.nextafter(old, -_INF)))
         for h in dsts:
             n = len(self._downs[h])
-            self._down_share[h] = self._down[h] / n if n else self._down[h]
+            old = down_share[h]
+            down_share[h] = down[h] / n if n else down[h]
+            if n and down_share[h] != old:
+                rose.append((self._downs[h].values(), math.nextafter(old, -_INF)))
         for link in links.values():
+            old = link.share
             link.reshare()
-        for h in srcs:
-            self._refresh(self._ups[h].values(), now)
-        for h in dsts:
-            self._refresh(self._downs[h].values(), now)
-        for link in links.values():
-            self._refresh(link.flows.values(), now)
-        self._maybe_compact()
+            if link.flows and link.share != old:
+                rose.append((link.flows.values(), math.nextafter(old, -_INF)))
+        for group, above in rose:
+            self._refresh(group, now, above)
+        if len(self._heap) > 2 * len(self._flows) + 1024:
+            self._compact()
 
-    def _refresh(self, group: Iterable[_Flow], now: float) -> None:
-        """Re-rate ``group`` from the current shares; integrate and reschedule the changed ones."""
+    def _refresh(self, group: Iterable[_Flow], now: float, above: float = -1.0) -> None:
+        """Re-rate the flows of ``group`` whose rate is above ``above`` from the current shares;
+        integrate and reschedule the changed ones."""
         up_share = self._up_share
         down_share = self._down_share
         heap = self._heap
         for g in group:
+            if g.rate <= above:
+                continue  # the caller knows its rate cannot have changed
             # Comparisons, not min(): this loop is the simulator's hot spot.
             r = up_share[g.src]
             d = down_share[g.dst]
@@ -404,10 +489,9 @@ class Network:
                 g.queued = fin
                 heapq.heappush(heap, (fin, g.id))
 
-    def _maybe_compact(self) -> None:
-        # Stale entries cost memory and pops; rebuilding is O(flows), amortised by the slack.
-        if len(self._heap) <= 2 * len(self._flows) + 1024:
-            return
+    def _compact(self) -> None:
+        """Drop the stale entries: called when they outnumber the live ones (plus slack), so the
+        O(flows) rebuild is amortised."""
         for f in self._flows.values():
             f.queued = f.finish
         self._heap = [(f.finish, f.id) for f in self._flows.values() if f.finish < _INF]

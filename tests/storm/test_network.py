@@ -104,6 +104,25 @@ def test_equal_split_leaves_unused_share_unused() -> None:
     assert (net.rate(a), net.rate(b)) == (5.0, 1.0)
 
 
+def test_only_flows_a_changed_share_limited_or_tied_change_rate() -> None:
+    # host 0 uploads a (to a fast host) and b (to host 2, whose download c shares): all at 5,
+    # b tied between host 0's upload share and host 2's download share.
+    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 10.0, 0), (100.0, 0.0, 0))
+    a = net.start_flow(0, 1, 100.0, now=0.0)
+    b = net.start_flow(0, 2, 100.0, now=0.0)
+    c = net.start_flow(3, 2, 100.0, now=0.0)
+    assert (net.rate(a), net.rate(b), net.rate(c)) == (5.0, 5.0, 5.0)
+    net.cancel_flow(a, now=1.0)  # host 0's share rises to 10; b is still held to 5 by host 2
+    assert (net.rate(b), net.rate(c)) == (5.0, 5.0)
+    net.cancel_flow(c, now=2.0)  # host 2's share rises to 10: b, tied before, now gets 10
+    assert net.rate(b) == 10.0
+    assert net.remaining(b, 2.0) == 90.0
+    d = net.start_flow(0, 1, 100.0, now=3.0)  # host 0's share falls to 5: b is above it
+    assert (net.rate(b), net.rate(d)) == (5.0, 5.0)
+    assert net.remaining(b, 3.0) == 80.0
+    assert finish(net) == (19.0, b)
+
+
 def test_zone_link_limits_cross_flows_only_and_each_direction_separately() -> None:
     net = net_with((100.0, 100.0, 0), (100.0, 100.0, 1), (100.0, 100.0, 0), (100.0, 100.0, 1))
     net.set_link(0, 1, 10.0)
