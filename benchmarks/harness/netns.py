@@ -42,10 +42,9 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Self
+from types import FrameType
 
-from benchmarks.harness.procs import HarnessError, Process, require_binary, run
+from benchmarks.harness.procs import HarnessError, Managed, Process, require_binary, run
 
 DEFAULT_SUBNET = "10.200.0"
 # tbf parameters. A burst of 32 kbit holds the rate (measured 95 of 100 Mbit here); the queue
@@ -128,7 +127,7 @@ class HttpReply:
     body: bytes
 
 
-class NetnsFleet:
+class NetnsFleet(Managed):
     """Namespaces on one bridge, with tbf limits; a context manager that cleans up after itself.
 
     Hosts get addresses ``<subnet>.1``, ``<subnet>.2``, … in the order given.
@@ -226,16 +225,7 @@ class NetnsFleet:
         if errors:
             raise HarnessError("could not delete namespaces: " + "; ".join(errors))
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()
 
     # -- running things inside ----------------------------------------------------------------

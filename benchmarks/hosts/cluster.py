@@ -36,13 +36,12 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from benchmarks.harness.clients import Containerd, write_hosts_toml
 from benchmarks.harness.image import Image
 from benchmarks.harness.netns import Host, HostSpec, NetnsFleet, proc_net_bytes
-from benchmarks.harness.procs import HarnessError, Process, require_binary, wait_for
+from benchmarks.harness.procs import HarnessError, Managed, Process, require_binary, wait_for
 from benchmarks.harness.registry import Registry
 from benchmarks.hosts.inns import image_to_json
 
@@ -230,7 +229,7 @@ class EgressSampler:
         return self.timeline
 
 
-class Cluster:
+class Cluster(Managed):
     """The whole fleet, started on ``__enter__`` and torn down on ``__exit__``."""
 
     def __init__(self, workdir: Path, config: ClusterConfig) -> None:
@@ -296,16 +295,7 @@ class Cluster:
     def close(self) -> None:
         self._stack.close()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()
 
     # -- driving it ---------------------------------------------------------------------------
