@@ -98,6 +98,7 @@ class SchedulerConfig:
     # so it pushes each piece into the swarm a few times and peers spread it from there.
     seeder_rare_below: int = 2
     seeder_stripes: int = 32  # see Scheduler._seeder_offer
+    max_cross_zone_parents: int = 1  # peer parents from other zones one child may have
 
     def __post_init__(self) -> None:
         for name in ("max_parents", "default_upload_slots", "seeder_upload_slots"):
@@ -207,10 +208,22 @@ class _Task:
         self.banned: set[str] = set()  # membership only, never iterated
         self.blame: dict[str, dict[str, None]] = {}  # parent id -> reporters, in report order
         self.unreachable: dict[str, dict[str, None]] = {}  # the same, for "cannot reach"
-        self.avail = [0] * layout.count  # how many peers (not the seeder) hold each piece
-        self.rare = (1 << layout.count) - 1  # pieces held by fewer than seeder_rare_below
+        # per zone: how many peers (not the seeder) hold each piece, and the pieces held by
+        # fewer than seeder_rare_below of them (a zone gets its own copies from the seeder)
+        self.avail: dict[str, list[int]] = {}
+        self.rare: dict[str, int] = {}
         self.joined = 0  # peers that ever registered
         self._stripes: dict[tuple[int, int], int] = {}
+
+    def zone_avail(self, zone: str) -> list[int]:
+        avail = self.avail.get(zone)
+        if avail is None:
+            avail = self.avail[zone] = [0] * self.layout.count
+            self.rare[zone] = (1 << self.layout.count) - 1
+        return avail
+
+    def rare_in(self, zone: str) -> int:
+        return self.rare.get(zone, (1 << self.layout.count) - 1)
 
     def stripe(self, index: int, k: int) -> int:
         """Bits of the pieces ``i`` with ``i % k == index``."""
@@ -353,18 +366,18 @@ class Scheduler:
         peer = task.peers.get(peer_id)
         if peer is None:
             pieces = Bitfield(task.layout.count) if have is None else have.copy()
-            self._gain(task, pieces.bits)
+            self._gain(task, pieces.bits, zone)
             peer = _Peer(peer_id, address, zone, slots, pieces=pieces, tie=self._rng.random())
             peer.ordinal = task.joined
             task.joined += 1
             task.peers[peer_id] = peer
         else:
             self._unindex(task, peer)
+            self._lose(task, peer.pieces.bits, peer.zone)
             peer.address, peer.zone, peer.slots = address, zone, slots
             if have is not None:
-                self._lose(task, peer.pieces.bits)
                 peer.pieces = have.copy()  # the peer's word is final, e.g. after losing its cache
-                self._gain(task, peer.pieces.bits)
+            self._gain(task, peer.pieces.bits, peer.zone)
             self._release_parents(task, peer)
             # Shed the newest children first if the peer now offers fewer slots.
             for child in list(peer.children.values())[slots:]:
@@ -391,11 +404,11 @@ class Scheduler:
             if isinstance(pieces, Bitfield):
                 if pieces.length != peer.pieces.length:
                     raise BitfieldError(f"{pieces.length} pieces, task has {peer.pieces.length}")
-                self._gain(task, peer.pieces.update(pieces.bits))
+                self._gain(task, peer.pieces.update(pieces.bits), peer.zone)
             else:
                 for index in pieces:
                     if peer.pieces.add(index):
-                        self._gain(task, 1 << index)
+                        self._gain(task, 1 << index, peer.zone)
         except BitfieldError as exc:
             raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
         self._touch(task, peer, self._clock(now))
@@ -558,19 +571,28 @@ class Scheduler:
         self._alive[key] = peer
         self._alive.move_to_end(key)
 
-    def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
+    def _zone_scarce(self, task: _Task, zone: str) -> int:
+        """Pieces a zone should fetch across zones: fewer than seeder_rare_below of its
+        peers hold them (everything when rarity is not tracked)."""
+        if not self._config.seeder_rare_below:
+            return (1 << task.layout.count) - 1
+        return task.rare_in(zone)
+
+    def _offer(self, task: _Task, parent: _Peer, child: _Peer) -> Bitfield:
+        """The pieces `parent` is offered to `child` with: the seeder's super-seeding offer;
+        a parent in another zone only for what the child's zone is short of."""
         count = task.layout.count
+        if parent.is_seeder:
+            return Bitfield(count, self._seeder_offer(task, child))
+        if parent.zone != child.zone:
+            return Bitfield(count, parent.pieces.bits & self._zone_scarce(task, child.zone))
+        return parent.pieces.copy()
+
+    def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
         return Assignment(
             task.state,
             tuple(
-                ParentInfo(
-                    p.peer_id,
-                    p.address,
-                    p.zone,
-                    Bitfield(count, self._seeder_offer(task, peer))
-                    if p.is_seeder
-                    else p.pieces.copy(),
-                )
+                ParentInfo(p.peer_id, p.address, p.zone, self._offer(task, p, peer))
                 for p in peer.parents.values()
             ),
         )
@@ -614,21 +636,21 @@ class Scheduler:
         for child in list(peer.children.values()):
             self._unlink(task, peer, child)
 
-    def _gain(self, task: _Task, bits: int) -> None:
+    def _gain(self, task: _Task, bits: int, zone: str) -> None:
         limit = self._config.seeder_rare_below
-        avail = task.avail
+        avail = task.zone_avail(zone)
         for i in iter_bits(bits):
             avail[i] += 1
             if avail[i] == limit:
-                task.rare &= ~(1 << i)
+                task.rare[zone] &= ~(1 << i)
 
-    def _lose(self, task: _Task, bits: int) -> None:
+    def _lose(self, task: _Task, bits: int, zone: str) -> None:
         limit = self._config.seeder_rare_below
-        avail = task.avail
+        avail = task.zone_avail(zone)
         for i in iter_bits(bits):
             avail[i] -= 1
             if avail[i] == limit - 1:
-                task.rare |= 1 << i
+                task.rare[zone] |= 1 << i
 
     def _seeder_offer(self, task: _Task, child: _Peer) -> int:
         """What the seeder offers `child` (super-seeding): of the pieces still rare in the
@@ -640,7 +662,7 @@ class Scheduler:
         seeder = task.seeder.pieces.bits
         if not self._config.seeder_rare_below:
             return seeder
-        rare = seeder & task.rare & ~child.pieces.bits
+        rare = seeder & task.rare_in(child.zone) & ~child.pieces.bits
         # no more stripes than peers, dealt in order of arrival: every stripe has an owner
         k = min(self._config.seeder_stripes, len(task.peers))
         if k > 1:
@@ -654,7 +676,7 @@ class Scheduler:
         return seeder
 
     def _drop(self, task: _Task, peer: _Peer) -> None:
-        self._lose(task, peer.pieces.bits)
+        self._lose(task, peer.pieces.bits, peer.zone)
         self._release_parents(task, peer)
         self._release_children(task, peer)
         self._unindex(task, peer)
@@ -677,7 +699,9 @@ class Scheduler:
         lacking = ~child.pieces.bits
         seeder = task.seeder
         for parent in list(child.parents.values()):
-            if not parent.is_seeder and not parent.pieces.bits & lacking:
+            # useless = nothing it is *offered* with (a parent in another zone only offers
+            # what this zone is short of)
+            if not parent.is_seeder and not self._offer(task, parent, child).bits & lacking:
                 self._unlink(task, parent, child)
         wanted = self._config.max_parents - len(child.parents) + (seeder.peer_id in child.parents)
         if wanted > 0:
@@ -686,7 +710,7 @@ class Scheduler:
         cover = 0
         for parent in child.parents.values():
             if not parent.is_seeder:
-                cover |= parent.pieces.bits
+                cover |= self._offer(task, parent, child).bits
         only_seeder = self._seeder_offer(task, child) & lacking & ~cover
         if seeder.peer_id in child.parents:
             if not only_seeder:
@@ -698,12 +722,17 @@ class Scheduler:
         """The `wanted` best new parents for `child`, best first (see the docstring)."""
         zone = child.zone
         picked = self._rank(task.free.get(zone, {}), child, lacking, wanted, False)
-        if len(picked) < wanted:
+        # Links between zones are scarce: other zones fill in, up to a cap per child.
+        cross = sum(1 for p in child.parents.values() if p.zone != zone and not p.is_seeder)
+        room = min(wanted - len(picked), self._config.max_cross_zone_parents - cross)
+        if room > 0:
+            # ...and only for what the child's zone is short of
+            scarce = lacking & self._zone_scarce(task, zone)
+            others: list[tuple[bool, float, int, float, str]] = []
             for other, bucket in task.free.items():
-                if other != zone:
-                    picked += self._rank(bucket, child, lacking, wanted, True)
-            # Same-zone picks keep their lead: their key starts with False.
-            picked = heapq.nsmallest(wanted, picked)
+                if other != zone and scarce:
+                    others += self._rank(bucket, child, scarce, room, True)
+            picked += heapq.nsmallest(room, others)
         return [task.peers[key[-1]] for key in picked]
 
     @staticmethod

@@ -312,7 +312,7 @@ def test_zone_comes_first() -> None:
 
 
 def test_other_zones_fill_what_the_own_zone_cannot() -> None:
-    s = sched(max_parents=3, seeder_stripes=1)
+    s = sched(max_parents=3, seeder_stripes=1, max_cross_zone_parents=3)
     s.register(D, "x1", "", "b", 0.0, have=bf("1..."))
     s.register(D, "x2", "", "c", 0.0, have=bf(".1.."))
     s.register(D, "near", "", "a", 0.0, have=bf("..1."))
@@ -808,3 +808,28 @@ def test_pieces_held_by_enough_peers_are_not_offered_by_the_seeder() -> None:
     kid = s.announce(D, "kid", [], 1.0)
     offer = {p.peer_id: p.pieces for p in kid.parents}[SEEDER]
     assert list(offer) == [0, 1, 2, 3]
+
+
+def test_parents_from_other_zones_are_capped() -> None:
+    s = sched(max_parents=4, max_cross_zone_parents=1)
+    s.register(D, "x1", "", "b", 0.0, have=bf("1..."))
+    s.register(D, "x2", "", "c", 0.0, have=bf(".1.."))
+    s.register(D, "near", "", "a", 0.0, have=bf("..1."))
+    kid = s.register(D, "kid", "", "a", 0.0)
+    peers = [n for n in names(kid) if n != SEEDER]
+    assert peers[0] == "near" and len(peers) == 2  # one own-zone parent, one from elsewhere
+    assert SEEDER in names(kid)  # what nobody reachable covers comes from the seeder
+
+
+def test_the_seeder_counts_rarity_per_zone() -> None:
+    s = sched(2, seeder_stripes=1, seeder_rare_below=1, max_cross_zone_parents=0)
+    s.register(D, "far", "", "b", 0.0, have=bf("1."))
+    kid = s.register(D, "kid", "", "a", 0.0)
+    # piece 0 exists in zone b, but zone a has no copy: the seeder still offers it there
+    offer = {p.peer_id: p.pieces for p in kid.parents}[SEEDER]
+    assert list(offer) == [0, 1]
+    s.register(D, "near", "", "a", 0.0, have=bf("1."))
+    kid = s.announce(D, "kid", [], 1.0)
+    assert "near" in names(kid)
+    offer = {p.peer_id: p.pieces for p in kid.parents}[SEEDER]
+    assert list(offer) == [1]  # zone a has piece 0 now
