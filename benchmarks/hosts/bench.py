@@ -58,6 +58,7 @@ from benchmarks.hosts.cluster import (
 from benchmarks.storm.report import (
     Scenario,
     StormResult,
+    jsonable,
     percentile,
     plot_png,
     storm_bound,
@@ -307,17 +308,6 @@ def solo_report(runs: list[dict[str, float]]) -> dict[str, Any]:
     return {"runs": runs, "ratio": ratios[len(ratios) // 2]}  # the median (upper) run
 
 
-def _jsonable(value: Any) -> Any:
-    """Strict JSON: an unlimited link's infinite time or rate becomes null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def format_report(r: dict[str, Any]) -> str:
     c, b = r["config"], r["bound"]
     terms = "  ".join(f"{k} {v:.2f}" for k, v in b["terms"].items() if v)
@@ -452,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_report(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    args.out.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
     png = args.png or args.out.with_suffix(".png")
     plot_png(result, png)
     print(f"\nJSON: {args.out}\nplot: {png}")

@@ -374,7 +374,7 @@ def summarize(result: StormResult) -> dict[str, Any]:
         "goals": goals,
         "all_goals_met": all(g["met"] for g in goals.values()),
     }
-    out: dict[str, Any] = _jsonable(summary)
+    out: dict[str, Any] = jsonable(summary)
     return out
 
 
@@ -391,12 +391,12 @@ def _duration(result: StormResult, i: int) -> float:
     return done - result.start[i]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Strict JSON: tuples become lists, infinities and NaN become None (unbounded, undefined)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -502,7 +502,7 @@ def write_json(summary: dict[str, Any], result: StormResult, path: str | Path) -
         "registry_egress_timeline": result.registry_egress_timeline,
     }
     with Path(path).open("w", encoding="utf-8") as out:
-        json.dump(_jsonable(doc), out, allow_nan=False, indent=1)
+        json.dump(jsonable(doc), out, allow_nan=False, indent=1)
         out.write("\n")
 
 
