@@ -112,7 +112,7 @@ class FakeRegistry:
         while pos < len(body):
             end = min(len(body), pos + self.chunk)
             # Chunk edges fall on the hold and cut points, so "held" means the reader has
-            # consumed (and the seeder absorbed) everything before them.
+            # taken everything before them (the seeder absorbs it soon after).
             for mark in (self.hold_after, cut):
                 if mark is not None and pos < mark < end:
                     end = mark

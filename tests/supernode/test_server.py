@@ -83,7 +83,10 @@ async def test_peers_see_hashes_and_pieces_before_the_seeder_finishes(tmp_path: 
     async with running(tmp_path, upstream) as h:
         await h.register("a")
         with trio.fail_after(10):
-            await upstream.held.wait()  # the seeder has absorbed pieces 0 and 1, no more
+            await upstream.held.wait()  # the registry has sent pieces 0 and 1, no more
+            # ... and the seeder has absorbed them (in a worker thread: nothing to wait on)
+            while h.task().manifest.known < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
         got = await h.announce("a")
         assert (got.state, got.sealed) == ("fetching", False)
         manifest = manifest_of(got)
@@ -360,3 +363,36 @@ async def test_upstream_allowlist_is_normalised(tmp_path: Path) -> None:
         await h.wait_done()
     [get] = upstream.blob_gets()
     assert str(get.url) == f"{UPSTREAM}/v2/team/app/blobs/{DIGEST}"
+
+
+async def test_the_registry_is_read_while_a_piece_is_being_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing and writing a piece must not pause the registry download (it did, issue 5)."""
+    import threading
+
+    from p2pd.store import PartialBlob
+
+    unblock = threading.Event()
+    original = PartialBlob.write_piece
+
+    def slow_write(self: PartialBlob, index: int, data: memoryview) -> None:
+        if index == 0:
+            unblock.wait(10)
+        original(self, index, data)
+
+    monkeypatch.setattr(PartialBlob, "write_piece", slow_write)
+    upstream = registry()
+    upstream.hold_after = 2 * PIECE
+    async with running(tmp_path, upstream) as h:
+        await h.register("a")
+        try:
+            with trio.fail_after(10):
+                await upstream.held.wait()  # two pieces read while piece 0 is still stored
+            assert h.task().manifest.known == 0
+        finally:
+            unblock.set()
+            upstream.release.set()
+        task = await h.wait_done()
+        assert task.failure is None and task.manifest.known == LAYOUT.count
+        assert (await h.piece(0)).content == BLOB[:PIECE]
