@@ -158,6 +158,23 @@ def test_stall_and_failed_task_give_up() -> None:
     assert "could not fetch" in (t.poll(0.0).gave_up or "")
 
 
+def test_a_congested_swarm_is_not_a_stalled_one() -> None:
+    """Slow transfers and a seeder still publishing pieces keep the session in the swarm;
+    only idleness with neither gives up, ``stall_timeout`` after the last sign of life."""
+    s = session()
+    s.apply("fetching", 2, [parent("a")], 0.0)
+    slow = s.poll(0.0).fetch
+    assert slow  # in flight for longer than the stall timeout (the request timeout is 30 s)
+    assert s.poll(25.0).gave_up is None
+    for r in slow:
+        s.on_failure(r, True, 25.0)  # the parent lacks them after all: nothing in flight now
+    s.apply("fetching", 2, [], 25.0)
+    assert s.poll(34.9).gave_up is None
+    s.apply("fetching", 3, [], 34.9)  # the seeder published a piece: still alive
+    assert s.poll(44.8).gave_up is None
+    assert "no piece arrived" in (s.poll(44.9).gave_up or "")
+
+
 def test_late_results_for_cancelled_requests_are_ignored() -> None:
     s = session()
     s.apply("ready", 8, [parent("a")], 0.0)
