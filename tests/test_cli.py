@@ -33,6 +33,15 @@ def test_p2pd_refuses_a_bad_option_by_name(capsys: pytest.CaptureFixture[str]) -
     assert "mirror_listen" in capsys.readouterr().err
 
 
+def test_p2pd_refuses_a_bad_variable_by_name(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("P2PD_UPLOAD_RATE", "fast")
+    assert p2pd_cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "option upload_rate: want an integer, got 'fast' (set by P2PD_UPLOAD_RATE)" in err
+
+
 def test_p2pd_layout(capsys: pytest.CaptureFixture[str]) -> None:
     assert p2pd_cli.main(["layout", str(5 * 1024 * 1024 * 1024)]) == 0
     assert capsys.readouterr().out.split() == [

@@ -86,8 +86,14 @@ def test_p2pd_readiness_reload_and_stop(tmp_path: Path) -> None:
     )
     log_file = (tmp_path / "p2pd.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "p2pd.cli", "run", "--config", str(config)],
-        env={"NOTIFY_SOCKET": str(notify.path), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-m", "p2pd.cli", "run"],
+        # the file and one option from the environment, as a unit's Environment= would
+        env={
+            "NOTIFY_SOCKET": str(notify.path),
+            "PATH": "/usr/bin:/bin",
+            "P2PD_CONFIG": str(config),
+            "P2PD_DOWNLOAD_RATE": "4242",
+        },
         stdout=subprocess.DEVNULL,
         stderr=log_file,
     )
@@ -116,7 +122,8 @@ def test_p2pd_readiness_reload_and_stop(tmp_path: Path) -> None:
         notify.close()
         log_file.close()
     log = (tmp_path / "p2pd.log").read_text()
-    assert "reloaded: upload_rate=12345" in log
+    # the reload re-read the file and still honoured the environment
+    assert "reloaded: upload_rate=12345 download_rate=4242" in log
 
 
 def test_supernode_readiness_and_stop(tmp_path: Path) -> None:
