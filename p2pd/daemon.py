@@ -112,7 +112,17 @@ class Daemon:
         }
 
     def stats(self) -> dict[str, object]:
-        return {"peer_id": self.config.peer_id, **self.counters()}
+        """/stats: the counters, and each download in progress (`p2pd status` shows them)."""
+        downloads = [
+            {
+                "digest": str(d.digest),
+                "size": d.layout.total_size,
+                "have": sum(d.layout.length(i) for i in d.have),
+                "sources": dict(sorted(d.sources.items())),
+            }
+            for d in list(self.blobs.downloads.values())
+        ]
+        return {"peer_id": self.config.peer_id, **self.counters(), "downloads": downloads}
 
     def reload(self, config: P2pdConfig) -> None:
         """SIGHUP: take the new rate limits and log level; the rest needs a restart."""

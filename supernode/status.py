@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from p2pd.core.layout import LayoutError, PieceLayout
+from p2pd.status import human
 from supernode.config import DEFAULT_LISTEN, format_hostport, parse_hostport
 
 
@@ -120,14 +121,6 @@ def seeded_bytes(task: Mapping[str, Any]) -> int:
     if seeded >= layout.count:
         return layout.total_size
     return seeded * layout.piece_size
-
-
-def human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def render(

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from benchmarks.harness.procs import free_port
+from p2pd.status import human
 from supernode import cli
-from supernode.status import human
 from tests.supernode.helpers import BLOB, DIGEST, SIZE, FakeRegistry, make_blob, running
 
 OTHER_SIZE = 3_000_000
