@@ -104,11 +104,13 @@ class Daemon:
             "pieces_verified": self.swarm.pieces_verified,
             "bad_pieces": self.swarm.bad_pieces,
             "back_to_source": blobs.back_to_source,
+            "uncached": blobs.uncached,
             "downloads_completed": blobs.completed,
             "downloads_failed": blobs.failed,
             "downloads_active": len(blobs.downloads),
             "uploads_active": self.piece_server.busy,
             "cache_bytes": self.store.usage(),
+            "cache_quota": self.config.quota_bytes,
         }
 
     def stats(self) -> dict[str, object]:

@@ -71,7 +71,9 @@ def render(
 
     lines = [
         f"p2pd {stats.get('peer_id', '?')}",
-        f"cache: {human(num('cache_bytes'))}, {num('cache_hits')} hits; downloads: "
+        f"cache: {human(num('cache_bytes'))}"
+        + (f" of {human(num('cache_quota'))}" if num("cache_quota") else "")
+        + f", {num('cache_hits')} hits, {num('uncached')} streamed uncached; downloads: "
         f"{num('downloads_active')} active, {num('downloads_completed')} completed, "
         f"{num('downloads_failed')} failed; uploads active: {num('uploads_active')}",
         f"pieces verified: {num('pieces_verified')}, bad: {num('bad_pieces')}; "

@@ -94,7 +94,7 @@ def test_p2pd_status_renders_traffic_rates_and_downloads() -> None:
     }
     lines = render(after, before, 2.0).splitlines()
     assert lines[0] == "p2pd h1"
-    assert "cache: 20.0 MB, 0 hits; downloads: 1 active" in lines[1]
+    assert "cache: 20.0 MB, 0 hits, 0 streamed uncached; downloads: 1 active" in lines[1]
     rows = {line.split("  ")[0]: line.split() for line in lines}
     assert rows["from peers"][-4:] == ["5.0", "MB", "2.0", "MB/s"]
     assert rows["to runtimes"][-4:] == ["4.0", "MB", "2.0", "MB/s"]
