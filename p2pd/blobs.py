@@ -552,6 +552,8 @@ class BlobManager:
             except FillerGaveUp as exc:
                 log.info("%s gave up on %s: %s", type(filler).__name__, download.digest, exc)
                 jitter = exc.fleetwide
+            except StorageError:
+                raise  # the cache's trouble, not the filler's: the next one would meet it too
             except Exception:
                 if n == len(self.fillers) - 1:
                     raise
