@@ -48,6 +48,29 @@ def test_example_configs_load() -> None:
     assert supernode.allowed_upstreams
 
 
+def test_example_configs_name_every_option() -> None:
+    """The annotated files are the configuration reference: no option may be missing."""
+    from p2pd.config import OPTIONS as P2PD_OPTIONS
+    from supernode.config import OPTIONS as SUPERNODE_OPTIONS
+
+    def keys(path: Path) -> set[str]:
+        found, table = set(), ""
+        for line in path.read_text().splitlines():
+            text = line.lstrip("# ").split("#")[0].strip()
+            if text.startswith("["):
+                table = text.strip("[]") + "."
+                found.add(table.rstrip("."))
+            elif "=" in text:
+                found.add(table + text.split("=")[0].strip())
+        return found
+
+    p2pd = keys(DEPLOY / "p2pd.toml")
+    assert set(P2PD_OPTIONS) <= p2pd, set(P2PD_OPTIONS) - p2pd
+    supernode = keys(DEPLOY / "supernode.toml")
+    names = {o.name for o in SUPERNODE_OPTIONS}
+    assert names <= supernode, names - supernode
+
+
 class Notifications:
     """A NOTIFY_SOCKET like systemd's: a unix datagram socket we read states from."""
 
