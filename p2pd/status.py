@@ -99,11 +99,13 @@ def render(
             sources = ", ".join(f"{k}={human(v)}" for k, v in d.get("sources", {}).items())
             percent = 100.0 if size == 0 else 100.0 * have / size
             rows.append(
-                (str(d["digest"])[:19], f"{percent:5.1f}%", human(size), rate, sources or "-")
+                (str(d["digest"])[:19], f"{percent:.1f}%", human(size), rate, sources or "-")
             )
     lines += _table(rows)
     lines += ["", "counters:"]
-    lines += [f"  {k}  {v}" for k, v in stats.items() if isinstance(v, int | float)]
+    counters = {k: v for k, v in stats.items() if isinstance(v, int | float)}
+    width = max(map(len, counters), default=0)
+    lines += [f"  {k:<{width}}  {v}" for k, v in counters.items()]
     return "\n".join(lines)
 
 

@@ -38,6 +38,15 @@ from supernode.config import (
 log = logging.getLogger("supernode")
 
 
+_METAVARS = {
+    "listen": "HOST:PORT",
+    "advertise": "HOST:PORT",
+    "data_dir": "DIR",
+    "cluster_secret_file": "FILE",
+    "seeder_id": "ID",
+}
+
+
 def _dest(option: Option) -> str:
     return option.name.replace(".", "_")
 
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif option.name in choices:
             kwargs.update(choices=choices[option.name])
         else:
-            kwargs.update(metavar=option.name.upper().rsplit(".", 1)[-1])
+            kwargs.update(metavar=_METAVARS.get(option.name, option.name.upper()))
         parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
     parser.add_argument("--version", action="version", version=f"supernode {__version__}")
     return parser

@@ -162,7 +162,7 @@ def render(
                 (
                     str(task["digest"])[:19],
                     str(task["state"]),
-                    f"{percent:5.1f}%",
+                    f"{percent:.1f}%",
                     human(size),
                     rate,
                     str(task.get("peers", 0)),
