@@ -3,6 +3,7 @@ clean stop, metrics."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from benchmarks.harness.procs import free_port
-from p2pd.config import P2pdConfig
+from p2pd.config import P2pdConfig, add_arguments, from_args
 from supernode.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,27 @@ def test_example_configs_name_every_option() -> None:
     supernode = keys(DEPLOY / "supernode.toml")
     names = {o.name for o in SUPERNODE_OPTIONS}
     assert names <= supernode, names - supernode
+
+
+def test_kubernetes_example_config_and_variables_are_valid(tmp_path: Path) -> None:
+    """Kubernetes is not run here; its file's p2pd configuration and variables are checked."""
+    text = (DEPLOY / "kubernetes" / "p2pd-daemonset.yaml").read_text()
+    block = text.split("p2pd.toml: |\n", 1)[1].split("\n---", 1)[0]
+    toml_path = tmp_path / "p2pd.toml"
+    env = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("- name: P2PD_"):
+            name = line.split(":", 1)[1].strip()
+            value = lines[i + 1].split("value:", 1)[1].split("#")[0].strip().strip('"')
+            env[name] = value.replace("$(NODE_IP)", "10.1.2.3")
+    assert set(env) == {"P2PD_ADVERTISE", "P2PD_ZONE"}
+    toml_path.write_text("\n".join(line.removeprefix("    ") for line in block.splitlines()))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--config", str(toml_path)]), env)
+    assert str(config.advertise) == "10.1.2.3:65003" and config.peer_listen.is_wildcard
+    assert config.supernodes and config.quota_bytes == 50_000_000_000
 
 
 class Notifications:
