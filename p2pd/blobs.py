@@ -18,6 +18,10 @@ as it grows. Rules:
 - Only then is the blob committed to the cache (`PartialBlob.commit`).
 - A download is not cancelled when a client goes away: other clients, and other hosts through
   the piece server, may want it, and the runtime will usually retry.
+- When the cache cannot take the blob (the quota is all in use, the disk is full, or it fills
+  up during the download) the runtime still gets it: straight from the registry, not cached,
+  hashed on the way with the last bytes held back until the sha256 matched
+  (`BackSource.stream_verified`). Nothing half written is ever committed.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.http.server import FileRegion, ResponseAborted
-from p2pd.store import BlobStore, PartialBlob, StorageError
+from p2pd.store import BlobStore, PartialBlob, StorageError, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ class Download:
         self._changed = trio.Event()
         self.finished = trio.Event()  # set once COMPLETE or FAILED
         self.keep_partial = False
+        self.storage_full = False  # failed for want of room: readers go to the registry
         self.on_fail: list[Callable[[], None]] = []
         # Pieces a previous run claimed to have written: not trusted (nor released to
         # readers) until a filler that knows their hashes checks them (`adopt`).
@@ -234,6 +239,7 @@ class Download:
             # fsync of a multi-GB file can take seconds: not on the event loop
             await trio.to_thread.run_sync(self.partial.commit)
         except StorageError as exc:
+            self.storage_full = isinstance(exc, StorageFull)
             self.fail(str(exc))
             return
         if self.state is DownloadState.RUNNING:
@@ -280,6 +286,40 @@ class BackSource:
                     raise DownloadFailed(f"registry fetch failed: {exc}") from exc
                 log.info("registry fetch of %s: %s; retrying", download.digest, exc)
                 await trio.sleep(0.5 * attempt)
+
+    async def stream_verified(
+        self, digest: Digest, source: BlobSource, start: int
+    ) -> AsyncIterator[bytes]:
+        """The blob from byte `start`, straight from the registry and not cached. The whole
+        body is hashed (from byte 0 even for a later `start`), and the last chunk is held back
+        until the sha256 and the size matched: a wrong blob ends in `ResponseAborted`, never
+        as a complete body."""
+        url = f"{source.upstream}/v2/{source.repository}/blobs/{digest}"
+        headers = {"Authorization": source.authorization} if source.authorization else {}
+        sha = hashlib.sha256()
+        position = 0
+        held = b""
+        try:
+            async with self.client.stream(
+                "GET", url, headers=headers, follow_redirects=True
+            ) as response:
+                if response.status_code != 200:
+                    raise ResponseAborted(f"registry answered {response.status_code} for {url}")
+                async for chunk in response.aiter_raw():
+                    sha.update(chunk)
+                    end = position + len(chunk)
+                    if end > source.size:
+                        raise ResponseAborted("registry sent more bytes than the blob's size")
+                    if held:
+                        yield held
+                    held = chunk[max(0, start - position) :] if end > start else b""
+                    position = end
+        except httpx.HTTPError as exc:
+            raise ResponseAborted(f"registry fetch broke off: {type(exc).__name__}") from exc
+        if position != source.size or sha.digest() != digest.raw:
+            raise ResponseAborted(f"registry's {digest} is not the blob: size or sha256 differ")
+        if held:
+            yield held
 
     async def _fetch(self, download: Download, source: BlobSource) -> None:
         layout = download.layout
@@ -339,6 +379,7 @@ class BlobManager:
         self.bytes_to_clients = 0
         self.cache_hits = 0
         self.back_to_source = 0  # downloads handed to a fallback filler
+        self.uncached = 0  # blobs streamed from the registry because the cache had no room
         self.completed = 0
         self.failed = 0
 
@@ -358,13 +399,26 @@ class BlobManager:
             return
         download = self.downloads.get(digest)
         if download is None:
-            download = self._start(digest, source)
+            try:
+                download = self._start(digest, source)
+            except StorageError as exc:
+                async for chunk in self._uncached(digest, source, start, exc):
+                    yield chunk
+                return
         fd = os.dup(download.partial.fd)
         try:
             with self.store.lease(digest):
                 position = start
                 while True:
-                    released = await download.wait_released(position)
+                    try:
+                        released = await download.wait_released(position)
+                    except ResponseAborted as exc:
+                        if not download.storage_full:
+                            raise
+                        # the disk filled up under the download: the rest from the registry
+                        async for chunk in self._uncached(digest, source, position, exc):
+                            yield chunk
+                        return
                     if released > position:
                         end = min(released, position + _STREAM_CHUNK)
                         yield FileRegion(fd, position, end - position)
@@ -386,14 +440,25 @@ class BlobManager:
             finally:
                 os.close(fd)
 
+    async def _uncached(
+        self, digest: Digest, source: BlobSource, start: int, why: Exception
+    ) -> AsyncIterator[bytes]:
+        back = next((f for f in self.fillers if isinstance(f, BackSource)), None)
+        if back is None:
+            raise ResponseAborted(f"cannot cache {digest}: {why}")
+        log.warning("cannot cache %s (%s): streaming it from the registry", digest, why)
+        self.uncached += 1
+        async for chunk in back.stream_verified(digest, source, start):
+            self.bytes_from["registry"] = self.bytes_from.get("registry", 0) + len(chunk)
+            self.bytes_to_clients += len(chunk)
+            yield chunk
+
     def _start(self, digest: Digest, source: BlobSource) -> Download:
+        """Start the download (StorageError if the cache has no room for it)."""
         layout = PieceLayout.for_size(source.size)
-        try:
-            # a resumed partial is counted already
-            self.store.reserve(layout.total_size - self.store.partial_size(digest))
-            partial = self.store.open_partial(digest, layout)
-        except StorageError as exc:
-            raise ResponseAborted(f"cannot cache {digest}: {exc}") from exc
+        # a resumed partial is counted already
+        self.store.reserve(layout.total_size - self.store.partial_size(digest), keep=digest)
+        partial = self.store.open_partial(digest, layout)
         download = Download(digest, partial, self.bytes_from)
         self.downloads[digest] = download
         self.nursery.start_soon(self._run, download, source)
@@ -466,6 +531,7 @@ class BlobManager:
         except DownloadFailed as exc:
             download.fail(str(exc))
         except StorageError as exc:
+            download.storage_full = isinstance(exc, StorageFull)
             download.fail(f"cache: {exc}")
         except Exception as exc:
             log.exception("download of %s crashed", download.digest)
@@ -486,6 +552,8 @@ class BlobManager:
             except FillerGaveUp as exc:
                 log.info("%s gave up on %s: %s", type(filler).__name__, download.digest, exc)
                 jitter = exc.fleetwide
+            except StorageError:
+                raise  # the cache's trouble, not the filler's: the next one would meet it too
             except Exception:
                 if n == len(self.fillers) - 1:
                     raise

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-import httpx
 import trio
 
 from p2pd import __version__, logs
@@ -27,8 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon until SIGINT/SIGTERM")
     add_arguments(run)
     status = sub.add_parser(
-        "status", help="print the running daemon's counters (its /stats, on the peer port)"
+        "status",
+        help="print the running daemon's traffic, rates, cache and downloads (its /stats)",
     )
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="time between the two samples for rates (0: one sample, no rates)",
+    )
+    status.add_argument("--json", action="store_true", help="print /stats as JSON")
     add_arguments(status)
     preheat = sub.add_parser(
         "preheat",
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"p2pd: bad configuration: {exc}", file=sys.stderr)
         return 2
     if args.command == "status":
-        return _status(config)
+        return _status(config, args)
     if args.command == "preheat":
         return _preheat(config, args)
     logs.setup(config.log_level_number, config.log_format)
@@ -102,20 +111,24 @@ def _preheat(config: P2pdConfig, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _status(config: P2pdConfig) -> int:
+def _status(config: P2pdConfig, args: argparse.Namespace) -> int:
+    from p2pd.status import StatusError, render, sample
+
     host = config.peer_listen.host
     if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    url = f"http://{host}:{config.peer_listen.port}/stats"
+        host = "127.0.0.1" if host != "::" else "::1"
+    url = f"http://{format_host(host)}:{config.peer_listen.port}/stats"
     try:
-        stats = httpx.get(url, timeout=5).json()
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"p2pd: no daemon answers at {url}: {exc}", file=sys.stderr)
+        stats, before, seconds = sample(url, 0.0 if args.json else args.interval)
+    except StatusError as exc:
+        print(f"p2pd: {exc}", file=sys.stderr)
         return 1
-    width = max(len(k) for k in stats)
-    for key, value in stats.items():
-        print(f"{key:<{width}}  {value}")
+    print(json.dumps(stats, indent=2) if args.json else render(stats, before, seconds))
     return 0
+
+
+def format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""The daemon's settings: one frozen `P2pdConfig`, from a TOML file and then command-line flags.
+"""The daemon's settings: one frozen `P2pdConfig`, from a TOML file, the environment and flags.
 
 Rules:
 - Every option has one name, the same in the TOML file and in `P2pdConfig` (``mirror_listen``);
-  its flag is that name with dashes (``--mirror-listen``). An unknown key in the file is an
-  error (a typo must not silently fall back to a default).
-- Flags override the file. A list flag (``--supernodes a,b``) replaces the file's list; a table
-  flag (``--registry NAME=URL``, ``--prefix PREFIX=URL``, repeatable) adds to or overrides the
-  file's entries one by one.
+  its flag is that name with dashes (``--mirror-listen``) and its environment variable is
+  ``P2PD_`` and the name in capitals (``P2PD_MIRROR_LISTEN``; the file itself: ``P2PD_CONFIG``).
+  An unknown key in the file, or an unknown ``P2PD_*`` variable, is an error (a typo must not
+  silently fall back to a default). An empty variable counts as unset.
+- Precedence: the file, then the environment, then flags. A list (``--supernodes a,b``,
+  ``P2PD_SUPERNODES=a,b``) replaces the list below it; a table (``--registry NAME=URL``,
+  repeatable; ``P2PD_REGISTRIES=NAME=URL,NAME=URL``) adds to or overrides the entries below it
+  one by one.
 - Everything is checked once, when the config is built; a bad value raises `ConfigError`
-  naming the option, so the daemon refuses to start instead of misbehaving later.
+  naming the option, and the variable or flag that set it, so the daemon refuses to start
+  instead of misbehaving later. SIGHUP builds the config again the same way.
 - Upstream registries are an allow-list: the mirror only talks to the base URLs named here
   (``default_upstream``, ``registries``, ``prefixes``); it is not an open proxy.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -50,11 +55,15 @@ from p2pd.wire import MAX_UPLOAD_SLOTS
 
 
 class ConfigError(ValueError):
-    """A bad option value; `option` names it as in the TOML file."""
+    """A bad option value; `option` names it as in the TOML file, `source` (if known) the
+    environment variable or flag that set it."""
 
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"option {option}: {message}")
+    def __init__(self, option: str, message: str, source: str | None = None) -> None:
+        where = f" (set by {source})" if source else ""
+        super().__init__(f"option {option}: {message}{where}")
         self.option = option
+        self.message = message
+        self.source = source
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +146,20 @@ class P2pdConfig:
 
 
 OPTIONS = tuple(f.name for f in fields(P2pdConfig))
+ENV_PREFIX = "P2PD_"
+_INT_OPTIONS = frozenset({"quota_bytes", "upload_rate", "download_rate", "upload_slots"})
+_FLOAT_OPTIONS = frozenset({"back_to_source_after", "access_cache_ttl"})
+_TABLE_OPTIONS = frozenset({"registries", "prefixes"})
+_FLAG_NAMES = {"registries": "--registry", "prefixes": "--prefix"}
+
+
+def env_name(option: str) -> str:
+    """The environment variable of `option` (``quota_bytes`` -> ``P2PD_QUOTA_BYTES``)."""
+    return ENV_PREFIX + option.upper()
+
+
+def flag_name(option: str) -> str:
+    return _FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -194,32 +217,91 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-format", default=s, choices=LOG_FORMATS)
 
 
-def from_args(args: argparse.Namespace) -> P2pdConfig:
-    """The config file named by ``--config`` (if any), overridden by the flags given."""
+def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> P2pdConfig:
+    """The config file (``--config``, else ``P2PD_CONFIG``, else none), overridden by the
+    ``P2PD_*`` variables of `environ` (default: this process's), overridden by the flags."""
+    env = _from_environ(os.environ if environ is None else environ)
     given = vars(args)
-    raw: dict[str, Any] = dict(read_toml(given["config"])) if "config" in given else {}
+    if "config" in given:
+        raw: dict[str, Any] = dict(read_toml(given["config"]))
+    elif "config" in env:
+        raw = dict(read_toml(Path(env.pop("config"))))
+    else:
+        raw = {}
+    env.pop("config", None)
+    origin: dict[str, str] = {}
+    for name, value in env.items():
+        raw[name] = _merge_table(raw, name, value) if name in _TABLE_OPTIONS else value
+        origin[name] = env_name(name)
     for name in OPTIONS:
         if name not in given:
             continue
         value = given[name]
         if name == "supernodes":
-            value = [u.strip() for u in str(value).split(",") if u.strip()]
-        elif name in ("registries", "prefixes"):
-            table = dict(raw.get(name) or {}) if isinstance(raw.get(name), dict) else {}
-            table.update(_pairs(name, value))
-            value = table
+            value = _split_list(str(value))
+        elif name in _TABLE_OPTIONS:
+            value = _merge_table(raw, name, _pairs(name, value, flag_name(name)))
         elif name in ("data_dir", "cluster_secret_file"):
             value = str(value)
         raw[name] = value
-    return _build(raw)
+        origin[name] = flag_name(name)
+    try:
+        return _build(raw)
+    except ConfigError as exc:
+        source = origin.get(exc.option.split(".", 1)[0])
+        if source is None or exc.source is not None:
+            raise
+        raise ConfigError(exc.option, exc.message, source) from None
 
 
-def _pairs(option: str, items: Sequence[str]) -> dict[str, str]:
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The options set by ``P2PD_*`` variables, parsed to the TOML file's types."""
+    out: dict[str, Any] = {}
+    known = {env_name(o): o for o in (*OPTIONS, "config")}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        text = environ[var].strip()
+        name = known.get(var)
+        if name is None:
+            options = ", ".join(sorted(known))
+            raise ConfigError(var, f"unknown environment variable (known: {options})")
+        if not text:
+            continue
+        value: Any = text
+        try:
+            if name in _INT_OPTIONS:
+                value = int(text)
+            elif name in _FLOAT_OPTIONS:
+                value = float(text)
+        except ValueError:
+            kind = "an integer" if name in _INT_OPTIONS else "a number"
+            raise ConfigError(name, f"want {kind}, got {text!r}", var) from None
+        if name == "supernodes":
+            value = _split_list(text)
+        elif name in _TABLE_OPTIONS:
+            value = _pairs(name, _split_list(text), var)
+        out[name] = value
+    return out
+
+
+def _split_list(text: str) -> list[str]:
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
+def _merge_table(raw: Mapping[str, Any], name: str, pairs: Mapping[str, str]) -> dict[str, Any]:
+    below = raw.get(name)
+    table = dict(below) if isinstance(below, dict) else {}
+    table.update(pairs)
+    return table
+
+
+def _pairs(option: str, items: Sequence[str], source: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         key, sep, url = item.partition("=")
         if not sep or not key.strip() or not url.strip():
-            raise ConfigError(option, f"want KEY=URL, got {item!r}")
+            raise ConfigError(option, f"want KEY=URL, got {item!r}", source)
         out[key.strip()] = url.strip()
     return out
 

@@ -104,15 +104,27 @@ class Daemon:
             "pieces_verified": self.swarm.pieces_verified,
             "bad_pieces": self.swarm.bad_pieces,
             "back_to_source": blobs.back_to_source,
+            "uncached": blobs.uncached,
             "downloads_completed": blobs.completed,
             "downloads_failed": blobs.failed,
             "downloads_active": len(blobs.downloads),
             "uploads_active": self.piece_server.busy,
             "cache_bytes": self.store.usage(),
+            "cache_quota": self.config.quota_bytes,
         }
 
     def stats(self) -> dict[str, object]:
-        return {"peer_id": self.config.peer_id, **self.counters()}
+        """/stats: the counters, and each download in progress (`p2pd status` shows them)."""
+        downloads = [
+            {
+                "digest": str(d.digest),
+                "size": d.layout.total_size,
+                "have": sum(d.layout.length(i) for i in d.have),
+                "sources": dict(sorted(d.sources.items())),
+            }
+            for d in list(self.blobs.downloads.values())
+        ]
+        return {"peer_id": self.config.peer_id, **self.counters(), "downloads": downloads}
 
     def reload(self, config: P2pdConfig) -> None:
         """SIGHUP: take the new rate limits and log level; the rest needs a restart."""

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any
 
+_HANDLER_NAME = "p2p-layers"
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -37,8 +39,10 @@ def setup(level: int, fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # replace our own handler from an earlier call, keep anyone else's (pytest's capture)
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(level)
     # httpx logs every request URL at INFO; redirects to blob storage carry signatures
     logging.getLogger("httpx").setLevel(max(logging.WARNING, level))

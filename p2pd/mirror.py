@@ -32,6 +32,7 @@ body bytes sent and duration. Never the Authorization value.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -208,7 +209,12 @@ class Mirror:
             start, end = span
             status = 206
             headers.append(("content-range", f"bytes {start}-{end - 1}/{size}"))
-        if end == start:  # an empty blob: nothing to fetch
+        if end == start:  # an empty blob: nothing to fetch, but it must be *the* empty blob
+            if size == 0 and digest.raw != _EMPTY_SHA256:
+                log.warning("mirror: the registry sizes %s at 0 bytes", digest)
+                return oci_error(
+                    502, "UNAVAILABLE", f"the registry says {digest} is empty, which it is not"
+                )
             return Response(status, headers, b"")
         source = BlobSource(route.upstream, target.name, authorization, size)
         body = _BlobBody(self.blobs.stream(digest, source, start), end - start, cut=end < size)
@@ -223,6 +229,8 @@ class Mirror:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+_EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
 def _query_without_ns(target: str) -> str:

@@ -13,10 +13,16 @@ Rules:
 - ``.meta`` is written atomically (temp file + rename) but not fsynced per piece, so after a
   crash it may claim a piece whose bytes did not reach the disk. A resumed download therefore
   re-verifies every claimed piece against the manifest before trusting it (`recheck`).
-- The quota counts complete and partial bytes. `reserve` evicts the least recently used complete
-  blobs that nobody holds a lease on (a download or a client being served holds one); when that
-  is not enough it raises `StorageFull` and nothing is evicted that is in use.
-- Disk errors surface as `StorageError` subclasses, which the daemon maps to 507/500 answers.
+- The quota counts complete and partial bytes. `reserve` evicts the least recently used blobs
+  that nobody holds a lease on (a download or a client being served holds one), and partial
+  downloads nobody has open (abandoned by an earlier run), until the new blob fits; when that
+  is not enough it raises `StorageFull` and evicts nothing. It also keeps the new blob from
+  filling the disk itself: the free space, less what open downloads will still write and a
+  small margin, must hold it, evicting the same way if not. Callers that get `StorageFull`
+  stream the blob without caching it rather than fail.
+- Recency survives a restart: a use stamps the blob file's mtime (nanoseconds, never going
+  backwards), and the scan at start-up orders blobs by it.
+- Disk errors surface as `StorageError` subclasses (ENOSPC/EDQUOT as `StorageFull`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,8 @@ from p2pd.core.manifest import PieceManifest
 log = logging.getLogger(__name__)
 
 _META_VERSION = 1
+# Room kept free on the cache's file system: 1% of it, at most this much.
+_DISK_MARGIN_MAX = 1 << 30
 
 
 class StorageError(Exception):
@@ -52,7 +61,7 @@ class StorageFull(StorageError):
 @dataclass(slots=True)
 class _Entry:
     size: int
-    atime: float
+    atime: int  # nanoseconds; the blob file's mtime
 
 
 class BlobStore:
@@ -65,8 +74,10 @@ class BlobStore:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self._complete: dict[Digest, _Entry] = {}
         self._partial_bytes: dict[Digest, int] = {}
+        self._partial_atime: dict[Digest, int] = {}
+        self._open: dict[Digest, int] = {}  # open `PartialBlob`s per digest
         self._leases: dict[Digest, int] = {}
-        self._clock = 0.0
+        self._clock = 0
         self._scan()
 
     # -- startup ------------------------------------------------------------------------------
@@ -78,7 +89,7 @@ class BlobStore:
                 log.warning("ignoring stray file in the cache: %s", path)
                 continue
             st = path.stat()
-            self._complete[digest] = _Entry(st.st_size, st.st_mtime)
+            self._complete[digest] = _Entry(st.st_size, st.st_mtime_ns)
         for path in self.partial_dir.iterdir():
             if path.suffix == ".tmp":
                 path.unlink(missing_ok=True)
@@ -91,9 +102,20 @@ class BlobStore:
                 if not path.with_suffix(".meta").exists() or digest in self._complete:
                     path.unlink(missing_ok=True)
                 else:
-                    self._partial_bytes[digest] = path.stat().st_size
-        # latest access first is what LRU needs; start the logical clock past every mtime
-        self._clock = max((e.atime for e in self._complete.values()), default=0.0)
+                    st = path.stat()
+                    self._partial_bytes[digest] = st.st_size
+                    self._partial_atime[digest] = st.st_mtime_ns
+            elif path.suffix == ".meta" and (
+                digest in self._complete or not path.with_suffix(".part").exists()
+            ):
+                path.unlink(missing_ok=True)  # the state of a download that is gone
+        stamps = [e.atime for e in self._complete.values()] + list(self._partial_atime.values())
+        self._clock = max(stamps, default=0)
+
+    def _now(self) -> int:
+        """A use's time stamp: wall-clock nanoseconds, strictly increasing."""
+        self._clock = max(self._clock + 1, time.time_ns())
+        return self._clock
 
     # -- complete blobs -----------------------------------------------------------------------
 
@@ -111,10 +133,9 @@ class BlobStore:
         """Mark a complete blob as just used (for LRU eviction)."""
         entry = self._complete.get(digest)
         if entry is not None:
-            self._clock += 1
-            entry.atime = self._clock
+            entry.atime = self._now()
             with contextlib.suppress(OSError):
-                os.utime(self.path_of(digest), (self._clock, self._clock))
+                os.utime(self.path_of(digest), ns=(entry.atime, entry.atime))
 
     def open_complete(self, digest: Digest) -> int:
         """An fd on a complete blob (the caller closes it); touches it for LRU."""
@@ -152,29 +173,76 @@ class BlobStore:
     def usage(self) -> int:
         return sum(e.size for e in self._complete.values()) + sum(self._partial_bytes.values())
 
-    def reserve(self, size: int) -> list[Digest]:
-        """Make room for `size` more bytes under the quota; return what was evicted."""
-        if self.quota is None:
-            return []
-        need = self.usage() + size - self.quota
+    def reserve(self, size: int, keep: Digest | None = None) -> list[Digest]:
+        """Make room for `size` more bytes under the quota and on the disk; return what was
+        evicted. `keep` (a partial download about to be resumed) is not a candidate.
+        `StorageFull` (and nothing evicted) if that cannot be done."""
         evicted: list[Digest] = []
-        if need <= 0:
-            return evicted
-        victims = sorted((e.atime, d) for d, e in self._complete.items() if d not in self._leases)
-        freeable = sum(self._complete[d].size for _, d in victims)
-        if freeable < need:
+        if self.quota is not None:
+            need = self.usage() + size - self.quota
+            if need > 0:
+                evicted += self._evict(need, f"under the {self.quota}-byte quota", keep)
+        short = self._disk_shortfall(size)
+        if short > 0:
+            evicted += self._evict(short, "on the disk", keep)
+        return evicted
+
+    def _evict(self, need: int, where: str, keep: Digest | None) -> list[Digest]:
+        """Free `need` bytes: abandoned partial downloads and unleased complete blobs, least
+        recently used first."""
+        victims = sorted(
+            [(e.atime, d, False) for d, e in self._complete.items() if d not in self._leases]
+            + [
+                (self._partial_atime.get(d, 0), d, True)
+                for d in self._partial_bytes
+                if d not in self._open and d not in self._leases and d != keep
+            ]
+        )
+        sizes = {
+            (d, partial): self._partial_bytes[d] if partial else self._complete[d].size
+            for _, d, partial in victims
+        }
+        if sum(sizes.values()) < need:
             raise StorageFull(
-                f"need {size} bytes but only {self.quota - self.usage() + freeable} can be freed "
-                f"under the {self.quota}-byte quota"
+                f"{need} more bytes needed {where}, but only {sum(sizes.values())} can be freed "
+                "(the rest is in use)"
             )
-        for _, digest in victims:
+        evicted: list[Digest] = []
+        for _, digest, partial in victims:
             if need <= 0:
                 break
-            need -= self._complete[digest].size
-            self.remove(digest)
+            need -= sizes[digest, partial]
+            if partial:
+                self._remove_partial(digest)
+                log.info("removed the abandoned partial download of %s (%s)", digest, where)
+            else:
+                self.remove(digest)
+                log.info("evicted %s from the cache (room %s)", digest, where)
             evicted.append(digest)
-            log.info("evicted %s from the cache (quota)", digest)
         return evicted
+
+    def _disk_shortfall(self, size: int) -> int:
+        """Bytes missing on the file system for `size` more, counting what open downloads
+        (sparse files) will still write and a margin; <= 0 if there is room."""
+        try:
+            fs = os.statvfs(self.root)
+        except OSError:
+            return 0
+        free = fs.f_bavail * fs.f_frsize
+        margin = min(_DISK_MARGIN_MAX, fs.f_blocks * fs.f_frsize // 100)
+        pending = 0
+        for digest in self._open:
+            try:
+                st = os.stat(self.partial_dir / f"{digest.hex}.part")
+            except OSError:
+                continue
+            pending += max(0, st.st_size - st.st_blocks * 512)
+        return size + pending + margin - free
+
+    def _remove_partial(self, digest: Digest) -> None:
+        (self.partial_dir / f"{digest.hex}.part").unlink(missing_ok=True)
+        (self.partial_dir / f"{digest.hex}.meta").unlink(missing_ok=True)
+        self._forget_partial(digest)
 
     # -- partial blobs ------------------------------------------------------------------------
 
@@ -201,17 +269,29 @@ class BlobStore:
             os.close(fd)
             raise _storage_error(exc, f"cannot size {part}") from exc
         self._partial_bytes[digest] = layout.total_size
+        self._partial_atime[digest] = self._now()
+        self._open[digest] = self._open.get(digest, 0) + 1
         blob = PartialBlob(self, digest, layout, fd, part, meta, have)
         blob.save_meta()
         return blob
 
     def _forget_partial(self, digest: Digest) -> None:
         self._partial_bytes.pop(digest, None)
+        self._partial_atime.pop(digest, None)
+
+    def _closed(self, digest: Digest) -> None:
+        left = self._open.get(digest, 0) - 1
+        if left > 0:
+            self._open[digest] = left
+        else:
+            self._open.pop(digest, None)
 
     def _adopt(self, digest: Digest, size: int) -> None:
-        self._partial_bytes.pop(digest, None)
-        self._clock += 1
-        self._complete[digest] = _Entry(size, self._clock)
+        self._forget_partial(digest)
+        entry = _Entry(size, self._now())
+        self._complete[digest] = entry
+        with contextlib.suppress(OSError):
+            os.utime(self.path_of(digest), ns=(entry.atime, entry.atime))
 
 
 class PartialBlob:
@@ -318,6 +398,7 @@ class PartialBlob:
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+            self.store._closed(self.digest)
 
 
 def _digest_from_name(name: str) -> Digest | None:

@@ -1,26 +1,54 @@
-"""The ``supernode`` command: run the tracker and first seed until SIGINT or SIGTERM.
+"""The ``supernode`` command: run the tracker and first seed, or show a running one's status.
 
-Configuration comes from ``--config FILE`` (TOML, see `supernode.config`) with the flags below
-overriding it. A bad configuration exits 2 with a message naming the option; a start-up
-failure (the port is taken, the data directory is not writable) exits 1; a signal shuts down
-cleanly (open connections and fetches are cancelled) and exits 0. Logs go to stderr.
+``supernode [run] [FLAGS]`` runs until SIGINT or SIGTERM. Configuration comes from the TOML
+file (``--config FILE`` or ``SUPERNODE_CONFIG``, see `supernode.config`), then the
+``SUPERNODE_*`` environment variables, then the flags below (one per option). A bad
+configuration exits 2 with a message naming the option (and the variable or flag that set it);
+a start-up failure (the port is taken, the data directory is not writable) exits 1; a signal
+shuts down cleanly (open connections and fetches are cancelled) and exits 0. Logs go to
+stderr, as text or one JSON object per line (``--log-format json``).
+
+``supernode status`` prints a running supernode's tasks, peers and progress (`supernode.status`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 import trio
 
-from p2pd import __version__, sdnotify
+from p2pd import __version__, logs, sdnotify
 from p2pd.store import StorageError
-from supernode.config import DEFAULT_LISTEN, LOG_LEVELS, ConfigError, SupernodeConfig, load_config
+from supernode.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    OPTIONS,
+    ConfigError,
+    Option,
+    SupernodeConfig,
+    load_config,
+    parse_bool,
+)
 
 log = logging.getLogger("supernode")
+
+
+_METAVARS = {
+    "listen": "HOST:PORT",
+    "advertise": "HOST:PORT",
+    "data_dir": "DIR",
+    "cluster_secret_file": "FILE",
+    "seeder_id": "ID",
+}
+
+
+def _dest(option: Option) -> str:
+    return option.name.replace(".", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,69 +59,57 @@ def build_parser() -> argparse.ArgumentParser:
             "allowed upstream registry once, serves its pieces, and tells p2pd peers who holds "
             "what. Runs until SIGINT/SIGTERM."
         ),
+        epilog=(
+            "Every option is also an environment variable: SUPERNODE_ and its name in capitals "
+            "(SUPERNODE_QUOTA_BYTES, SUPERNODE_FETCH_RETRIES, SUPERNODE_CONFIG; lists "
+            "comma-separated). Precedence: file < environment < flags. "
+            "`supernode status --help`: show a running supernode's tasks."
+        ),
     )
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML config file; the flags below override it"
     )
-    parser.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help=f"address of the control API and piece server (default {DEFAULT_LISTEN})",
-    )
-    parser.add_argument(
-        "--advertise",
-        metavar="HOST:PORT",
-        help="address peers dial for pieces (default: the listen address; required when "
-        "listening on 0.0.0.0 or ::)",
-    )
-    parser.add_argument(
-        "--data-dir", metavar="DIR", help="cache directory (required here or in the file)"
-    )
-    parser.add_argument(
-        "--upstream",
-        metavar="URL",
-        nargs="+",
-        action="extend",
-        help="registry base URL the supernode may fetch from (repeatable; replaces the file's "
-        "allowed_upstreams; at least one is required)",
-    )
-    parser.add_argument(
-        "--quota", metavar="BYTES", type=int, help="cache quota in bytes (default: unlimited)"
-    )
-    parser.add_argument(
-        "--cluster-secret-file",
-        metavar="FILE",
-        help="the fleet's shared secret: control messages and piece requests must be signed",
-    )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
+    choices = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
+    for option in OPTIONS:
+        flags = [option.flag]
+        if option.name == "quota_bytes":
+            flags.append("--quota-bytes")
+        kwargs: dict[str, object] = {"dest": _dest(option), "help": option.help}
+        if option.kind is list:
+            kwargs.update(nargs="+", action="extend", metavar="URL")
+        elif option.kind is bool:
+            kwargs.update(type=parse_bool, metavar="true|false")
+        elif option.kind in (int, float):
+            kwargs.update(type=option.kind, metavar="N" if option.kind is int else "SECONDS")
+        elif option.name in choices:
+            kwargs.update(choices=choices[option.name])
+        else:
+            kwargs.update(metavar=_METAVARS.get(option.name, option.name.upper()))
+        parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
     parser.add_argument("--version", action="version", version=f"supernode {__version__}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        from supernode.status import main as status_main
+
+        return status_main(argv[1:])
+    if argv[:1] == ["run"]:
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
-    flags = {
-        "listen": args.listen,
-        "advertise": args.advertise,
-        "data_dir": args.data_dir,
-        "allowed_upstreams": args.upstream,
-        "quota_bytes": args.quota,
-        "log_level": args.log_level,
-        "cluster_secret_file": args.cluster_secret_file,
-    }
+    flags = {o.name: getattr(args, _dest(o)) for o in OPTIONS}
     try:
-        config = load_config(args.config, {k: v for k, v in flags.items() if v is not None})
+        config = load_config(
+            args.config, {k: v for k, v in flags.items() if v is not None}, os.environ
+        )
     except ConfigError as exc:
         print(f"supernode: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # httpx logs every request URL at INFO, redirects included, and a redirect to blob
-    # storage carries a signature in its query: keep those out of the log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.setup(logging.getLevelNamesMapping()[config.log_level.upper()], config.log_format)
+    # httpcore's debug lines carry request targets; redirects to blob storage carry a
+    # signature in their query: keep those out of the log.
     logging.getLogger("httpcore").setLevel(logging.INFO)
     try:
         trio.run(_serve_until_signalled, config)

@@ -1,4 +1,4 @@
-"""Supernode configuration: a TOML file, then command-line overrides, validated in one place.
+"""Supernode configuration: a TOML file, the environment, then flags, validated in one place.
 
 The file (every key optional unless marked; `load_config` documents the override keys)::
 
@@ -12,6 +12,7 @@ The file (every key optional unless marked; `load_config` documents the override
     seeder_id = "supernode"           # the seeder's peer id in every task
     zone = ""                         # the seeder's zone
     log_level = "info"
+    log_format = "text"               # or "json": one object per line, one per fetched blob
     cluster_secret_file = "/etc/p2pd/cluster.secret"   # shared by the fleet; absent = open
 
     [scheduler]                       # p2pd.core.scheduler.SchedulerConfig
@@ -28,6 +29,12 @@ The file (every key optional unless marked; `load_config` documents the override
     backoff_max = 8.0                 # ... up to this
     trust_env = false                 # use HTTP(S)_PROXY / NO_PROXY from the environment
 
+Every option is also an environment variable, ``SUPERNODE_`` and its name in capitals with the
+table's name joined by ``_`` (``SUPERNODE_QUOTA_BYTES``, ``SUPERNODE_FETCH_RETRIES``; the file
+itself: ``SUPERNODE_CONFIG``; lists comma-separated; booleans true/false), and a flag
+(`OPTIONS` lists them). Precedence: the file, then the environment, then flags. An empty
+variable counts as unset; an unknown ``SUPERNODE_*`` variable is an error.
+
 Rules: an unknown key, a wrong type (``true`` is not a number, ``1`` is not a string) or a
 value out of range is a `ConfigError` whose text starts with the option's name
 (``fetch.retries: ...``), so an operator knows what to fix. Upstream URLs are normalised
@@ -38,6 +45,7 @@ entry of the allowlist.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +59,8 @@ from p2pd.core.scheduler import SchedulerConfig, SchedulerError
 
 DEFAULT_LISTEN = "127.0.0.1:65002"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+ENV_PREFIX = "SUPERNODE_"
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -58,7 +68,74 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the text names the option and the rule it broke."""
+    """A configuration that cannot run; the text names the option and the rule it broke.
+
+    `option` is the option's dotted name (``fetch.retries``, ``allowed_upstreams[0]``) when
+    the error is about one option."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option: its dotted name in the file, its TOML type, its flag and its variable."""
+
+    name: str  # "quota_bytes", "fetch.retries"
+    kind: type  # int, float, str, bool or list (of strings)
+    flag: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.replace(".", "_").upper()
+
+
+def _option(name: str, kind: type, help: str, flag: str | None = None) -> Option:
+    return Option(name, kind, flag or "--" + name.replace(".", "-").replace("_", "-"), help)
+
+
+OPTIONS: tuple[Option, ...] = (
+    _option("listen", str, f"address of the control API and piece server ({DEFAULT_LISTEN})"),
+    _option("advertise", str, "address peers dial (default: listen; required with 0.0.0.0)"),
+    _option("data_dir", str, "cache directory (required)"),
+    _option("quota_bytes", int, "cache quota in bytes (default: unlimited)", "--quota"),
+    _option(
+        "allowed_upstreams",
+        list,
+        "registry base URL the supernode may fetch from (repeatable; at least one)",
+        "--upstream",
+    ),
+    _option("failed_task_ttl", float, "seconds a failed blob is remembered (30)"),
+    _option("seed", int, "scheduler random seed (default: random)"),
+    _option("seeder_id", str, "the seeder's peer id (supernode)"),
+    _option("zone", str, "the seeder's zone"),
+    _option("log_level", str, "debug, info, warning or error (info)"),
+    _option("log_format", str, "text or json (text)"),
+    _option("cluster_secret_file", str, "the fleet's shared secret: sign and check messages"),
+    _option("scheduler.max_parents", int, "parents per peer (8)"),
+    _option("scheduler.seeder_upload_slots", int, "peers the seeder feeds at once (64)"),
+    _option("scheduler.peer_ttl", float, "seconds a silent peer is kept (60)"),
+    _option("scheduler.max_blame", int, "bad pieces before a parent is banned (1)"),
+    _option("fetch.connect_timeout", float, "seconds to connect to the registry (10)"),
+    _option("fetch.read_timeout", float, "seconds a registry read may stall (30)"),
+    _option("fetch.retries", int, "extra attempts after a transient error (3)"),
+    _option("fetch.backoff", float, "first retry delay in seconds, doubled per attempt (0.5)"),
+    _option("fetch.backoff_max", float, "longest retry delay in seconds (8)"),
+    _option("fetch.trust_env", bool, "use HTTP(S)_PROXY / NO_PROXY (false)"),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case); ValueError otherwise."""
+    low = text.strip().lower()
+    if low in _TRUE or low in _FALSE:
+        return low in _TRUE
+    raise ValueError(f"want true or false, got {text!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +165,7 @@ class SupernodeConfig:
     seeder_id: str = "supernode"
     zone: str = ""
     log_level: str = "info"
+    log_format: str = "text"
     cluster_secret_file: Path | None = None  # see p2pd.clusterauth
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
@@ -150,14 +228,22 @@ def normalize_upstream(url: str) -> str:
 
 
 def load_config(
-    path: Path | None = None, overrides: Mapping[str, object] | None = None
+    path: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> SupernodeConfig:
-    """Read the TOML file at `path` (if any), apply `overrides`, validate.
+    """Read the TOML file at `path` (if any; else ``SUPERNODE_CONFIG`` of `environ`), apply
+    the ``SUPERNODE_*`` variables of `environ` and then `overrides`, and validate.
 
-    `overrides` uses the file's top-level keys (``listen``, ``advertise``, ``data_dir``,
-    ``quota_bytes``, ``allowed_upstreams``, ``log_level``, ...); a value replaces the file's.
-    A relative ``data_dir`` from the file is taken relative to the file's directory.
+    `overrides` are the flags' values by dotted option name (``listen``, ``quota_bytes``,
+    ``fetch.retries``, ...); a value replaces what the file or the environment said. A relative
+    ``data_dir`` from the file is taken relative to the file's directory. `environ` defaults to
+    none at all: the command passes ``os.environ``.
     """
+    env = _from_environ(environ or {})
+    if path is None and "config" in env:
+        path = Path(str(env["config"]))
+    env.pop("config", None)
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -170,8 +256,75 @@ def load_config(
         data_dir = raw.get("data_dir")
         if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
             raw["data_dir"] = str(path.parent / data_dir)
-    raw.update(overrides or {})
-    return from_mapping(raw)
+    origin: dict[str, str] = {}
+    for name, value in env.items():
+        _put(raw, name, value)
+        origin[name] = _BY_NAME[name].env
+    for name, value in (overrides or {}).items():
+        _put(raw, name, value)
+        option = _BY_NAME.get(name)
+        origin[name] = option.flag if option else name
+    try:
+        return from_mapping(raw)
+    except ConfigError as exc:
+        source = origin.get(re.sub(r"\[\d+\]$", "", exc.option or ""))
+        if source is None:
+            raise
+        raise ConfigError(f"{exc} (set by {source})", exc.option) from None
+
+
+def _put(raw: dict[str, Any], name: str, value: object) -> None:
+    """Set dotted option `name` in the document `raw` (a table is copied, not changed)."""
+    section, dot, key = name.partition(".")
+    if not dot:
+        raw[name] = value
+        return
+    table = raw.get(section)
+    raw[section] = {**table, key: value} if isinstance(table, dict) else {key: value}
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, object]:
+    """The options set by ``SUPERNODE_*`` variables, parsed to the TOML file's types."""
+    known = {o.env: o for o in OPTIONS}
+    out: dict[str, object] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        text = environ[var].strip()
+        if var == ENV_PREFIX + "CONFIG":
+            if text:
+                out["config"] = text
+            continue
+        option = known.get(var)
+        if option is None:
+            names = ", ".join([ENV_PREFIX + "CONFIG", *sorted(known)])
+            raise ConfigError(f"{var}: unknown environment variable (known: {names})")
+        if not text:
+            continue
+        try:
+            out[option.name] = parse_text(option, text)
+        except ValueError as exc:
+            raise ConfigError(f"{option.name}: {exc} (set by {var})", option.name) from None
+    return out
+
+
+def parse_text(option: Option, text: str) -> object:
+    """A variable's text as the option's TOML type; ValueError saying what was wanted."""
+    if option.kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"want an integer, got {text!r}") from None
+    if option.kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"want a number, got {text!r}") from None
+    if option.kind is bool:
+        return parse_bool(text)
+    if option.kind is list:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
 
 
 def from_mapping(raw: Mapping[str, Any]) -> SupernodeConfig:
@@ -211,6 +364,9 @@ def from_mapping(raw: Mapping[str, Any]) -> SupernodeConfig:
     log_level = top.get("log_level", str, "info").lower()
     if log_level not in LOG_LEVELS:
         top.fail("log_level", f"one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_format = top.get("log_format", str, "text").lower()
+    if log_format not in LOG_FORMATS:
+        top.fail("log_format", f"one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     seeder_id = top.get("seeder_id", str, "supernode")
     zone = top.get("zone", str, "")
     secret_file = top.get("cluster_secret_file", str, None)
@@ -249,6 +405,7 @@ def from_mapping(raw: Mapping[str, Any]) -> SupernodeConfig:
         seeder_id=seeder_id,
         zone=zone,
         log_level=log_level,
+        log_format=log_format,
         cluster_secret_file=Path(secret_file) if secret_file is not None else None,
         scheduler=scheduler,
         fetch=fetch,
@@ -306,7 +463,7 @@ class _Section:
 
     def fail(self, key: str, problem: str) -> NoReturn:
         name = f"{self.prefix}{key}" if key else self.prefix.rstrip(".") or "config"
-        raise ConfigError(f"{name}: {problem}")
+        raise ConfigError(f"{name}: {problem}", name)
 
     def get(self, key: str, kind: type[T], default: T) -> T:
         self.seen.add(key)

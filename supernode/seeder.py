@@ -40,7 +40,8 @@ import logging
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import cast
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -149,20 +150,27 @@ class Seeder:
     async def run(self, task: Task) -> None:
         """Seed `task` to READY or FAILED. Never raises, except on cancellation."""
         digest = task.digest
+        started = trio.current_time()
         try:
             origin = "the store"
             if not await self._from_store(task):
                 origin = task.source.upstream
                 await self._fetch(task)
-            log.info("%s ready from %s: %d bytes", digest, origin, task.layout.total_size)
+            log.info(
+                "%s ready from %s: %d bytes",
+                digest,
+                origin,
+                task.layout.total_size,
+                extra=_fetch_fields(task, started, "store" if origin == "the store" else None),
+            )
         except SeedError as exc:
-            self._fail(task, exc)
+            self._fail(task, exc, started)
         except StorageError as exc:
-            self._fail(task, SeedError(f"storage: {exc}"))
+            self._fail(task, SeedError(f"storage: {exc}"), started)
         except Exception as exc:
             # A bug here must cost this task, not the daemon.
             log.exception("seeding %s crashed", digest)
-            self._fail(task, SeedError(f"internal error: {type(exc).__name__}"))
+            self._fail(task, SeedError(f"internal error: {type(exc).__name__}"), started)
         finally:
             if task.partial is not None:
                 # Failed or cancelled: a fresh fetch starts from scratch, so nothing to keep.
@@ -172,8 +180,8 @@ class Seeder:
                 task.partial = None
             task.done.set()
 
-    def _fail(self, task: Task, exc: SeedError) -> None:
-        log.warning("%s failed: %s", task.digest, exc)
+    def _fail(self, task: Task, exc: SeedError, started: float) -> None:
+        log.warning("%s failed: %s", task.digest, exc, extra=_fetch_fields(task, started, exc))
         task.failure = exc
         task.finished_at = trio.current_time()
         if self.scheduler.task_state(task.digest) is TaskState.FETCHING:
@@ -377,6 +385,25 @@ class Seeder:
         await trio.to_thread.run_sync(work)
         task.manifest.extend(index, builder.manifest.hash_of(index))
         self.scheduler.seeder_progress(task.digest, task.manifest.known)
+
+
+def _fetch_fields(task: Task, started: float, outcome: SeedError | str | None) -> dict[str, Any]:
+    """The structured fields of a task's one log line (`p2pd.logs` renders them as JSON):
+    the registry's host only -- never the credentials, nor a redirect's signed URL."""
+    failed = isinstance(outcome, SeedError)
+    return {
+        "fields": {
+            "event": "fetch",
+            "digest": str(task.digest),
+            "state": "failed" if failed else "ready",
+            "bytes": task.layout.total_size,
+            "seconds": round(trio.current_time() - started, 3),
+            "source": "store" if outcome == "store" else "upstream",
+            "upstream": urlsplit(task.source.upstream).netloc,
+            "repository": task.source.repository,
+            "error": str(outcome) if failed else None,
+        }
+    }
 
 
 def _hash_from_file(builder: ManifestBuilder, fd: int, offset: int, buf: memoryview) -> None:

@@ -350,9 +350,8 @@ class Tracker:
             self._forget(digest, "failed task expired")
 
     def _reserve(self, digest: Digest, size: int) -> None:
-        """Room for a new partial file of `size` bytes; evicts only blobs nobody uses."""
-        if self.store.quota is None:
-            return
+        """Room for a new partial file of `size` bytes (under the quota and on the disk);
+        evicts only blobs nobody uses."""
         with contextlib.ExitStack() as in_use:
             for other, task in self._tasks.items():
                 busy = not task.done.is_set() or self.scheduler.peers(other)

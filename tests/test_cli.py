@@ -33,6 +33,15 @@ def test_p2pd_refuses_a_bad_option_by_name(capsys: pytest.CaptureFixture[str]) -
     assert "mirror_listen" in capsys.readouterr().err
 
 
+def test_p2pd_refuses_a_bad_variable_by_name(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("P2PD_UPLOAD_RATE", "fast")
+    assert p2pd_cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "option upload_rate: want an integer, got 'fast' (set by P2PD_UPLOAD_RATE)" in err
+
+
 def test_p2pd_layout(capsys: pytest.CaptureFixture[str]) -> None:
     assert p2pd_cli.main(["layout", str(5 * 1024 * 1024 * 1024)]) == 0
     assert capsys.readouterr().out.split() == [
@@ -54,3 +63,57 @@ def test_bench_micro_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFix
     assert report["verify"]["ratio_to_raw"] > 0
     assert report["scheduler"]["decisions_per_s"] > 0
     assert report["manifest"]["pieces"] == 2560
+
+
+def test_p2pd_status_renders_traffic_rates_and_downloads() -> None:
+    from p2pd.status import render
+
+    digest = "sha256:" + "ab" * 32
+    before = {
+        "peer_id": "h1",
+        "bytes_from_peers": 1_000_000,
+        "bytes_to_clients": 0,
+        "downloads": [{"digest": digest, "size": 20_000_000, "have": 1_000_000, "sources": {}}],
+    }
+    after = {
+        "peer_id": "h1",
+        "bytes_from_registry": 0,
+        "bytes_from_peers": 5_000_000,
+        "bytes_to_peers": 0,
+        "bytes_to_clients": 4_000_000,
+        "cache_bytes": 20_000_000,
+        "downloads_active": 1,
+        "downloads": [
+            {
+                "digest": digest,
+                "size": 20_000_000,
+                "have": 5_000_000,
+                "sources": {"peer:h2": 3_000_000, "registry": 2_000_000},
+            }
+        ],
+    }
+    lines = render(after, before, 2.0).splitlines()
+    assert lines[0] == "p2pd h1"
+    assert "cache: 20.0 MB, 0 hits, 0 streamed uncached; downloads: 1 active" in lines[1]
+    rows = {line.split("  ")[0]: line.split() for line in lines}
+    assert rows["from peers"][-4:] == ["5.0", "MB", "2.0", "MB/s"]
+    assert rows["to runtimes"][-4:] == ["4.0", "MB", "2.0", "MB/s"]
+    (download,) = [line.split() for line in lines if line.startswith("sha256:abab")]
+    assert download[1:6] == ["25.0%", "20.0", "MB", "2.0", "MB/s"]
+    assert " ".join(download[6:]) == "peer:h2=3.0 MB, registry=2.0 MB"
+    # the raw counters follow, one "name value" per line, for scripts
+    assert ["bytes_to_clients", "4000000"] in [line.split() for line in lines]
+
+
+def test_p2pd_status_says_when_nothing_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.harness.procs import free_port
+
+    port = free_port()
+    assert (
+        p2pd_cli.main(
+            ["status", "--peer-listen", f"0.0.0.0:{port}", "--advertise", f"10.0.0.1:{port}"]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith(f"p2pd: no daemon answers at http://127.0.0.1:{port}/stats")

@@ -3,6 +3,7 @@ clean stop, metrics."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from benchmarks.harness.procs import free_port
-from p2pd.config import P2pdConfig
+from p2pd.config import P2pdConfig, add_arguments, from_args
 from supernode.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,50 @@ def test_example_configs_load() -> None:
     assert p2pd.supernodes and str(p2pd.advertise) == "10.0.0.7:65003"
     supernode = load_config(DEPLOY / "supernode.toml", {})
     assert supernode.allowed_upstreams
+
+
+def test_example_configs_name_every_option() -> None:
+    """The annotated files are the configuration reference: no option may be missing."""
+    from p2pd.config import OPTIONS as P2PD_OPTIONS
+    from supernode.config import OPTIONS as SUPERNODE_OPTIONS
+
+    def keys(path: Path) -> set[str]:
+        found, table = set(), ""
+        for line in path.read_text().splitlines():
+            text = line.lstrip("# ").split("#")[0].strip()
+            if text.startswith("["):
+                table = text.strip("[]") + "."
+                found.add(table.rstrip("."))
+            elif "=" in text:
+                found.add(table + text.split("=")[0].strip())
+        return found
+
+    p2pd = keys(DEPLOY / "p2pd.toml")
+    assert set(P2PD_OPTIONS) <= p2pd, set(P2PD_OPTIONS) - p2pd
+    supernode = keys(DEPLOY / "supernode.toml")
+    names = {o.name for o in SUPERNODE_OPTIONS}
+    assert names <= supernode, names - supernode
+
+
+def test_kubernetes_example_config_and_variables_are_valid(tmp_path: Path) -> None:
+    """Kubernetes is not run here; its file's p2pd configuration and variables are checked."""
+    text = (DEPLOY / "kubernetes" / "p2pd-daemonset.yaml").read_text()
+    block = text.split("p2pd.toml: |\n", 1)[1].split("\n---", 1)[0]
+    toml_path = tmp_path / "p2pd.toml"
+    env = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("- name: P2PD_"):
+            name = line.split(":", 1)[1].strip()
+            value = lines[i + 1].split("value:", 1)[1].split("#")[0].strip().strip('"')
+            env[name] = value.replace("$(NODE_IP)", "10.1.2.3")
+    assert set(env) == {"P2PD_ADVERTISE", "P2PD_ZONE"}
+    toml_path.write_text("\n".join(line.removeprefix("    ") for line in block.splitlines()))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--config", str(toml_path)]), env)
+    assert str(config.advertise) == "10.1.2.3:65003" and config.peer_listen.is_wildcard
+    assert config.supernodes and config.quota_bytes == 50_000_000_000
 
 
 class Notifications:
@@ -86,8 +131,14 @@ def test_p2pd_readiness_reload_and_stop(tmp_path: Path) -> None:
     )
     log_file = (tmp_path / "p2pd.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "p2pd.cli", "run", "--config", str(config)],
-        env={"NOTIFY_SOCKET": str(notify.path), "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-m", "p2pd.cli", "run"],
+        # the file and one option from the environment, as a unit's Environment= would
+        env={
+            "NOTIFY_SOCKET": str(notify.path),
+            "PATH": "/usr/bin:/bin",
+            "P2PD_CONFIG": str(config),
+            "P2PD_DOWNLOAD_RATE": "4242",
+        },
         stdout=subprocess.DEVNULL,
         stderr=log_file,
     )
@@ -116,7 +167,8 @@ def test_p2pd_readiness_reload_and_stop(tmp_path: Path) -> None:
         notify.close()
         log_file.close()
     log = (tmp_path / "p2pd.log").read_text()
-    assert "reloaded: upload_rate=12345" in log
+    # the reload re-read the file and still honoured the environment
+    assert "reloaded: upload_rate=12345 download_rate=4242" in log
 
 
 def test_supernode_readiness_and_stop(tmp_path: Path) -> None:

@@ -141,3 +141,45 @@ def test_partial_bytes_count_against_the_quota(tmp_path: Path) -> None:
     part.close()
     assert store.usage() == 0
     assert store.reserve(1000) == []
+
+
+def test_lru_order_survives_a_restart(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, quota_bytes=3000)
+    a, b, c = (fill(store, s) for s in (1, 2, 3))
+    store.touch(a)
+    store.touch(b)  # c is now the least recently used, then a
+    store = BlobStore(tmp_path, quota_bytes=3000)
+    assert store.reserve(1500) == [c, a]
+    assert store.has(b)
+
+
+def test_abandoned_partials_are_evicted_but_never_an_open_one(tmp_path: Path) -> None:
+    old, _ = blob(1000, 11)
+    part = BlobStore(tmp_path).open_partial(old, PieceLayout(1000, 256))
+    part.save_meta()
+    part.close()  # an earlier run left it behind
+    store = BlobStore(tmp_path, quota_bytes=2500)
+    complete = fill(store, 1)  # used after the partial was last written
+    assert store.usage() == 2000
+    # the partial about to be resumed is not a candidate; the complete blob is
+    assert store.reserve(1000, keep=old) == [complete]
+    fill(store, 2)
+    assert store.reserve(1000) == [old]  # abandoned, least recently used: it goes first
+    assert not (tmp_path / "partial" / f"{old.hex}.part").exists()
+    assert not (tmp_path / "partial" / f"{old.hex}.meta").exists()
+    running, _ = blob(1000, 12)
+    live = store.open_partial(running, PieceLayout(1000, 256))  # a download in progress
+    with pytest.raises(StorageFull, match="in use"), store.lease(blob(1000, 2)[0]):
+        store.reserve(1500)
+    assert live.store.partial_size(running) == 1000
+    live.close()
+
+
+def test_orphaned_meta_files_are_removed_at_start(tmp_path: Path) -> None:
+    digest = fill(BlobStore(tmp_path), 1)
+    other, _ = blob(1000, 5)
+    partial = tmp_path / "partial"
+    (partial / f"{digest.hex}.meta").write_bytes(b"stale")  # its blob is complete
+    (partial / f"{other.hex}.meta").write_bytes(b"stale")  # its .part is gone
+    BlobStore(tmp_path)
+    assert list(partial.iterdir()) == []

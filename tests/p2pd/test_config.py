@@ -175,3 +175,79 @@ def test_bad_files_and_flags(tmp_path: Path) -> None:
         parse(["--registry", "docker.io"])
     with pytest.raises(ConfigError, match="option upload_slots"):
         parse(["--upload-slots", "-3"])
+
+
+def parse_env(argv: list[str], environ: dict[str, str]) -> P2pdConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_args(parser.parse_args(argv), environ)
+
+
+def test_environment_sits_between_the_file_and_the_flags(tmp_path: Path) -> None:
+    path = tmp_path / "p2pd.toml"
+    path.write_text(TOML)
+    env = {
+        "P2PD_CONFIG": str(path),
+        "P2PD_QUOTA_BYTES": "7_000",
+        "P2PD_ZONE": "rack-env",
+        "P2PD_SUPERNODES": "http://e1:1, http://e2:2",
+        "P2PD_REGISTRIES": "docker.io=https://env-mirror.example,quay.io=https://quay.io",
+        "P2PD_BACK_TO_SOURCE_AFTER": "2.5",
+        "P2PD_LOG_FORMAT": "json",
+        "P2PD_PEER_ID": "",  # empty: unset, the file's/derived value stays
+        "HOME": "/root",  # other variables are none of our business
+    }
+    config = parse_env([], env)
+    assert config.zone == "rack-env" and config.quota_bytes == 7000  # env over the file
+    assert config.upload_rate == 1_000_000  # the file's, untouched by env
+    assert config.supernodes == ("http://e1:1", "http://e2:2")
+    assert dict(config.registries) == {
+        "docker.io": "https://env-mirror.example",  # overridden entry
+        "example.test": "http://127.0.0.1:5000",  # the file's entry stays
+        "quay.io": "https://quay.io",  # added
+    }
+    assert config.back_to_source_after == 2.5 and config.log_format == "json"
+    assert config.peer_id == "10.0.0.7:7003"
+    flagged = parse_env(
+        ["--zone", "rack-flag", "--registry", "docker.io=https://flag.example"], env
+    )
+    assert flagged.zone == "rack-flag" and flagged.quota_bytes == 7000  # flags over env
+    assert flagged.registries["docker.io"] == "https://flag.example"
+    assert flagged.registries["quay.io"] == "https://quay.io"
+    # --config beats P2PD_CONFIG
+    other = tmp_path / "other.toml"
+    other.write_text('zone = "from-other"\n')
+    assert parse_env(["--config", str(other)], {"P2PD_CONFIG": str(path)}).zone == "from-other"
+
+
+@pytest.mark.parametrize(
+    ("environ", "option", "source"),
+    [
+        ({"P2PD_QUOTA_BYTES": "ten"}, "quota_bytes", "P2PD_QUOTA_BYTES"),
+        ({"P2PD_QUOTA_BYTES": "-5"}, "quota_bytes", "P2PD_QUOTA_BYTES"),
+        ({"P2PD_ACCESS_CACHE_TTL": "soon"}, "access_cache_ttl", "P2PD_ACCESS_CACHE_TTL"),
+        ({"P2PD_MIRROR_LISTEN": "nowhere"}, "mirror_listen", "P2PD_MIRROR_LISTEN"),
+        ({"P2PD_REGISTRIES": "docker.io"}, "registries", "P2PD_REGISTRIES"),
+        ({"P2PD_REGISTRIES": "docker.io=ftp://x"}, "registries.docker.io", "P2PD_REGISTRIES"),
+        ({"P2PD_SUPERNODES": "http://a:1,sn:2"}, "supernodes", "P2PD_SUPERNODES"),
+        ({"P2PD_LOG_LEVEL": "chatty"}, "log_level", "P2PD_LOG_LEVEL"),
+        ({"P2PD_CONFIG": "/nonexistent.toml"}, "config", None),
+        ({"P2PD_QUOTA": "5"}, "P2PD_QUOTA", None),  # a typo is not silently ignored
+    ],
+)
+def test_bad_environment_values_name_the_variable(
+    environ: dict[str, str], option: str, source: str | None
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_env([], environ)
+    assert info.value.option == option
+    assert info.value.source == source
+    if source is not None:
+        assert str(info.value).startswith(f"option {option}: ")
+        assert str(info.value).endswith(f"(set by {source})")
+
+
+def test_a_bad_flag_is_named_and_beats_a_good_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_env(["--upload-slots", "100000"], {"P2PD_UPLOAD_SLOTS": "4"})
+    assert (info.value.option, info.value.source) == ("upload_slots", "--upload-slots")

@@ -616,3 +616,19 @@ async def test_one_log_line_per_request_without_the_credential(
     assert "GET /v2/a/manifests/v1 -> 200" in lines[1]
     assert "-> 400, " in lines[2]
     assert all("sekrit" not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_zero_size_only_passes_for_the_empty_blobs_digest() -> None:
+    """A registry that sizes a blob at 0 bytes must be naming the empty blob: anything else
+    would hand the runtime an empty body under a digest it does not have."""
+    empty = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return raw_response(200, [("Content-Length", "0")])
+
+    mirror, _ = make_mirror(transport=httpx.MockTransport(upstream))
+    lying = await mirror.handle(make_request("GET", BLOB_PATH))
+    assert lying.status == 502
+    assert b"is empty, which it is not" in await body_bytes(lying)
+    honest = await mirror.handle(make_request("GET", f"/v2/library/app/blobs/{empty}"))
+    assert honest.status == 200 and await body_bytes(honest) == b""

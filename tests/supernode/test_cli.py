@@ -83,3 +83,26 @@ def test_unusable_data_dir_exits_1(tmp_path: Path, caplog: pytest.LogCaptureFixt
     argv += ["--listen", "127.0.0.1:0"]
     assert cli.main(argv) == 1
     assert "cannot run" in caplog.text
+
+
+def test_environment_errors_exit_2_naming_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUPERNODE_DATA_DIR", "d")
+    monkeypatch.setenv("SUPERNODE_ALLOWED_UPSTREAMS", "http://r")
+    monkeypatch.setenv("SUPERNODE_FETCH_READ_TIMEOUT", "-3")
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "fetch.read_timeout: must be > 0, got -3.0 (set by SUPERNODE_FETCH_READ_TIMEOUT)" in err
+    # a flag wins over the variable
+    assert cli.main(["--fetch-read-timeout", "1", "--listen", "bad"]) == 2
+    assert "listen: expected HOST:PORT, got 'bad' (set by --listen)" in capsys.readouterr().err
+
+
+def test_every_option_has_a_flag() -> None:
+    from supernode.config import OPTIONS
+
+    text = cli.build_parser().format_help()
+    for option in OPTIONS:
+        assert option.flag in text, option
+    assert "SUPERNODE_" in text

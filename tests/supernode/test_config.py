@@ -129,3 +129,67 @@ def test_address_helpers() -> None:
             parse_hostport(bad)
     assert normalize_upstream("HTTP://[::1]:80/v/") == "http://[::1]/v"
     assert normalize_upstream("https://r:8443") == "https://r:8443"
+
+
+def test_environment_sits_between_the_file_and_the_flags(tmp_path: Path) -> None:
+    path = tmp_path / "supernode.toml"
+    path.write_text(
+        'data_dir = "/tmp/sn"\nallowed_upstreams = ["https://r.example"]\nzone = "file"\n'
+        "quota_bytes = 100\n[fetch]\nretries = 1\nbackoff = 0.25\n"
+    )
+    env = {
+        "SUPERNODE_CONFIG": str(path),
+        "SUPERNODE_ZONE": "env",
+        "SUPERNODE_ALLOWED_UPSTREAMS": "https://a.example, https://b.example",
+        "SUPERNODE_FETCH_RETRIES": "7",
+        "SUPERNODE_FETCH_TRUST_ENV": "yes",
+        "SUPERNODE_SCHEDULER_PEER_TTL": "12.5",
+        "SUPERNODE_LOG_FORMAT": "json",
+        "SUPERNODE_SEED": "",  # empty: unset
+        "PATH": "/usr/bin",
+    }
+    config = load_config(None, {}, env)
+    assert config.zone == "env" and config.quota_bytes == 100  # env over the file
+    assert config.allowed_upstreams == ("https://a.example", "https://b.example")
+    assert (config.fetch.retries, config.fetch.backoff) == (7, 0.25)  # table merged
+    assert config.fetch.trust_env is True and config.scheduler.peer_ttl == 12.5
+    assert config.log_format == "json" and config.seed is None
+    flagged = load_config(None, {"zone": "flag", "fetch.retries": 2}, env)
+    assert (flagged.zone, flagged.fetch.retries, flagged.fetch.trust_env) == ("flag", 2, True)
+    # without an environment given, none is read
+    assert load_config(path, {}).zone == "file"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SUPERNODE_QUOTA_BYTES": "lots"}, "quota_bytes: want an integer, got 'lots' (set by "),
+        ({"SUPERNODE_QUOTA_BYTES": "-1"}, "quota_bytes: must be positive, got -1 (set by "),
+        ({"SUPERNODE_FETCH_RETRIES": "500"}, "fetch.retries: must be 0..100, got 500 (set by "),
+        ({"SUPERNODE_FETCH_TRUST_ENV": "maybe"}, "fetch.trust_env: want true or false"),
+        ({"SUPERNODE_SCHEDULER_PEER_TTL": "0"}, "scheduler.peer_ttl: must be > 0"),
+        ({"SUPERNODE_ALLOWED_UPSTREAMS": "ftp://x"}, "allowed_upstreams[0]: not an http(s)"),
+        ({"SUPERNODE_LISTEN": "nowhere"}, "listen: expected HOST:PORT"),
+        ({"SUPERNODE_LOG_FORMAT": "xml"}, "log_format: one of text, json"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    (var,) = env
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {}, {**BASE_ENV, **env})
+    assert str(info.value).startswith(message), str(info.value)
+    assert str(info.value).endswith(f"(set by {var})")
+
+
+BASE_ENV = {"SUPERNODE_DATA_DIR": "/d", "SUPERNODE_ALLOWED_UPSTREAMS": "https://r.example"}
+
+
+def test_an_unknown_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="SUPERNODE_UPSTREAMS: unknown environment variable"):
+        load_config(None, {}, {**BASE_ENV, "SUPERNODE_UPSTREAMS": ""})
+
+
+def test_a_bad_flag_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"fetch.retries": 101}, BASE_ENV)
+    assert str(info.value) == "fetch.retries: must be 0..100, got 101 (set by --fetch-retries)"
