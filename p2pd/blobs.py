@@ -35,6 +35,7 @@ from typing import Protocol
 import httpx
 import trio
 
+from p2pd import offload
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
@@ -219,7 +220,7 @@ class Download:
         while self.state is DownloadState.RUNNING:
             target = self.prefix_bytes
             if self._hashed < target:
-                await trio.to_thread.run_sync(self._hash_range, self._hashed, target)
+                await offload.run_sync(self._hash_range, self._hashed, target)
                 self._hashed = target
                 continue
             if self._hashed == size:
@@ -232,7 +233,7 @@ class Download:
             return
         try:
             # fsync of a multi-GB file can take seconds: not on the event loop
-            await trio.to_thread.run_sync(self.partial.commit)
+            await offload.run_sync(self.partial.commit)
         except StorageError as exc:
             self.fail(str(exc))
             return
