@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -57,7 +58,9 @@ class _Pipe:
 
     src: int
     dst: int
-    buffer: bytearray = field(default_factory=bytearray)
+    # Delivered chunks, each as sent (no copy), and how far the reader is into the first.
+    chunks: deque[bytes] = field(default_factory=deque)
+    offset: int = 0
     eof: bool = False  # the writer closed or half-closed: reads end after the buffer
     reset: bool = False  # the reader went away (or a host crashed): writes fail
     sending: _Wait | None = None
@@ -95,7 +98,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         await self._fabric.transfer(pipe, len(payload))
         if pipe.reset:
             raise trio.BrokenResourceError("the other end is closed")
-        pipe.buffer += payload
+        if payload:
+            pipe.chunks.append(payload)
         pipe.wake()
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -114,11 +118,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("this end is closed")
-            if pipe.buffer:
-                n = min(len(pipe.buffer), max_bytes or DEFAULT_RECEIVE)
-                chunk = bytes(pipe.buffer[:n])
-                del pipe.buffer[:n]
-                return chunk
+            if pipe.chunks:
+                return _take(pipe, max_bytes or DEFAULT_RECEIVE)
             if pipe.eof:
                 return b""
             if pipe.reset:  # a crash of either host: the connection is gone
@@ -130,9 +131,26 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._out.eof = True
             self._out.wake()
-            self._in.buffer.clear()
+            self._in.chunks.clear()
             self._fabric.cut(self._in)
         await trio.lowlevel.checkpoint()
+
+
+def _take(pipe: _Pipe, most: int) -> bytes:
+    """Up to `most` bytes from the front of `pipe`: a whole chunk when it fits (no copy)."""
+    first = pipe.chunks[0]
+    start = pipe.offset
+    end = min(len(first), start + most)
+    if start == 0 and end == len(first):
+        pipe.chunks.popleft()
+        return first
+    piece = first[start:end]
+    if end == len(first):
+        pipe.chunks.popleft()
+        pipe.offset = 0
+    else:
+        pipe.offset = end
+    return piece
 
 
 Handler = Callable[[MemoryStream], Awaitable[None]]
