@@ -247,6 +247,7 @@ class FullStorm:
                         nursery.start_soon(self._leave, fabric, node, state)
                 with trio.move_on_after(self.time_limit):
                     await finished.wait()
+                fabric.close()
                 nursery.cancel_scope.cancel()
             if not finished.is_set():
                 raise Stuck(

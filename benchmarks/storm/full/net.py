@@ -181,6 +181,7 @@ class Fabric:
         self._now = -math.inf
         self.on_sent: Callable[[int, int, int, float], None] | None = None
         self.flows = 0
+        self.closed = False  # `close`: every connection attempt is refused
 
     # -- topology ---------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class Fabric:
         await trio.lowlevel.checkpoint()
         me = self._by_index[src]
         there = self._hosts.get(host)
-        if not me.alive:
+        if self.closed or not me.alive:
             raise OSError(errno.ENETUNREACH, f"{me.name} is down")
         if there is None or not there.alive or port not in there.servers:
             raise OSError(errno.ECONNREFUSED, f"connection to {host}:{port} refused")
@@ -220,8 +221,16 @@ class Fabric:
             there.pipes.add(pipe)
         client = MemoryStream(self, up, down, f"{host}:{port}")
         server = MemoryStream(self, down, up, me.name)
-        nursery.start_soon(handler, server)
+        try:
+            nursery.start_soon(handler, server)
+        except RuntimeError as exc:  # the server is shutting down (its nursery is closed)
+            raise OSError(errno.ECONNREFUSED, f"{host}:{port} is shutting down") from exc
         return client
+
+    def close(self) -> None:
+        """The end of the experiment: refuse new connections (daemons shutting down try to
+        say goodbye; nobody is listening any more)."""
+        self.closed = True
 
     def remove_host(self, name: str) -> None:
         """A crash: cut the host's flows, break its connections, refuse new ones."""
