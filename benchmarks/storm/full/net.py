@@ -244,7 +244,7 @@ class Fabric:
             if wait is not None:
                 wait.broken = True
                 wait.event.set()
-        for pipe in host.pipes:
+        for pipe in list(host.pipes):
             pipe.reset = True
             pipe.eof = True
             pipe.wake()
