@@ -234,7 +234,16 @@ async def test_offload_inline_runs_on_the_trio_thread() -> None:
 SMALL = replace(PRESETS["small"], name="tiny", nodes=8, layers=(4 * MiB, 12 * MiB))
 
 
-def test_full_stack_and_fast_simulator_agree_on_a_small_storm(tmp_path: Path) -> None:
+def test_full_stack_and_fast_simulator_agree_on_a_small_storm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_threads_or_sockets(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread or a socket under the virtual clock")
+
+    # the rule for this engine: no threads and no real sockets under the virtual clock
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_threads_or_sockets)
+    monkeypatch.setattr(trio, "open_tcp_stream", no_threads_or_sockets)
+    monkeypatch.setattr(trio, "open_tcp_listeners", no_threads_or_sockets)
     fast = summarize(Sim(SMALL).run())
     result = FullStorm(SMALL, workdir=tmp_path).run()
     full = summarize(result)
