@@ -18,6 +18,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from benchmarks.storm.compare import compare, format_comparison
 from benchmarks.storm.presets import GBIT, MBIT, PRESETS, MiB
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fast", "full", "compare"),
         default="fast",
         help="fast simulator, full stack, or both side by side",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="compare: runs per engine, seeds --seed, --seed+1, ...; the means are compared",
     )
     p.add_argument(
         "--workdir", type=Path, help="full engine: where the stores go (default: tmpfs or /tmp)"
@@ -109,20 +116,29 @@ def main(argv: list[str] | None = None) -> int:
             plot_png(result, args.plot)
             print(f"plot: {args.plot}")
         return 0
-    summaries = {}
-    for engine in ("fast", "full"):
-        result = _run(scenario, engine, args)
-        summaries[engine] = summarize(result)
-        print(format_table(summaries[engine]) + "\n")
-        path = args.out.with_name(f"{args.out.stem}-{engine}{args.out.suffix}")
-        write_json(summaries[engine], result, path)
-        print(f"JSON: {path}\n")
-        if args.plot is not None:
-            plot = args.plot.with_name(f"{args.plot.stem}-{engine}{args.plot.suffix}")
-            plot_png(result, plot)
-            print(f"plot: {plot}\n")
+    summaries: dict[str, list[dict[str, Any]]] = {"fast": [], "full": []}
+    for k in range(max(1, args.repeat)):
+        run_scenario = replace(scenario, seed=scenario.seed + k)
+        for engine in ("fast", "full"):
+            result = _run(run_scenario, engine, args)
+            summary = summarize(result)
+            summaries[engine].append(summary)
+            tag = engine if args.repeat <= 1 else f"{engine}-seed{run_scenario.seed}"
+            if args.repeat <= 1:
+                print(format_table(summary) + "\n")
+            else:
+                d = summary["durations"]
+                print(
+                    f"seed {run_scenario.seed} {engine}: p50 {d['p50']:.3f} s  "
+                    f"p99 {d['p99']:.3f} s  wall {summary['wall_seconds']:.1f} s"
+                )
+            path = args.out.with_name(f"{args.out.stem}-{tag}{args.out.suffix}")
+            write_json(summary, result, path)
+            if args.plot is not None:
+                plot = args.plot.with_name(f"{args.plot.stem}-{tag}{args.plot.suffix}")
+                plot_png(result, plot)
     verdict = compare(summaries["fast"], summaries["full"])
-    print(format_comparison(verdict))
+    print("\n" + format_comparison(verdict))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as out:
         json.dump(jsonable({"comparison": verdict, **summaries}), out, indent=1, allow_nan=False)

@@ -247,7 +247,7 @@ def test_full_stack_and_fast_simulator_agree_on_a_small_storm(
     fast = summarize(Sim(SMALL).run())
     result = FullStorm(SMALL, workdir=tmp_path).run()
     full = summarize(result)
-    verdict = compare(fast, full)
+    verdict = compare([fast], [full])
     print(format_comparison(verdict))
     assert full["completed"] == SMALL.nodes
     # each layer left the registry once (plus a few hundred bytes of HTTP heads)
