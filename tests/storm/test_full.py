@@ -18,7 +18,7 @@ from benchmarks.storm.full.engine import FakeRegistry, FullStorm, make_layers
 from benchmarks.storm.full.net import Fabric, MemoryStream
 from benchmarks.storm.full.transport import FabricTransport
 from benchmarks.storm.presets import PRESETS, MiB
-from benchmarks.storm.report import summarize
+from benchmarks.storm.report import StormResult, summarize
 from benchmarks.storm.sim import Sim
 from p2pd import offload
 from p2pd.http.server import FileRegion, Request, Response, serve_stream
@@ -264,3 +264,42 @@ def test_full_stack_and_fast_simulator_agree_on_a_small_storm(
         assert abs(rel) <= AGREEMENT, (key, fast["durations"][key], full["durations"][key])
     assert verdict["agree"]
     assert list(tmp_path.iterdir()) == []  # the stores are cleaned up
+
+
+def _summary(durations: list[float], seed: int = 1) -> dict[str, object]:
+    scenario = replace(SMALL, nodes=len(durations), seed=seed)
+    n = len(durations)
+    return summarize(
+        StormResult(
+            scenario=scenario,
+            engine="test",
+            start=[0.0] * n,
+            completion=list[float | None](durations),
+            node_up=[scenario.node_up] * n,
+            node_down=[scenario.node_down] * n,
+            registry_egress_bytes=float(scenario.image_size),
+            registry_egress_timeline=[(0.0, 0.0)],
+            cross_zone_bytes=0.0,
+            supernode_upload_bytes=0.0,
+            control_messages=n,
+            naive_completion=[],
+            wall_seconds=0.0,
+        )
+    )
+
+
+def test_compare_judges_the_means_of_p50_and_p99_at_ten_per_cent() -> None:
+    base = [1.0] * 50 + [2.0] * 50  # p50 1.0, p99 2.0
+    close = [1.05] * 50 + [2.15] * 50
+    far = [1.0] * 50 + [2.3] * 50  # p99 15% off
+    assert compare([_summary(base)], [_summary(close)])["agree"]
+    verdict = compare([_summary(base)], [_summary(far)])
+    assert not verdict["agree"]
+    assert "DISAGREE" in format_comparison(verdict)
+    # two runs each: means are compared (1.0 and 1.2 vs 1.1 and 1.1: equal means), ranges kept
+    a = [_summary([1.0] * 100), _summary([1.2] * 100, seed=2)]
+    b = [_summary([1.1] * 100), _summary([1.1] * 100, seed=2)]
+    verdict = compare(a, b)
+    assert verdict["agree"]
+    p50 = next(r for r in verdict["rows"] if r["figure"] == "duration p50 (s)")
+    assert p50["fast_range"] == [1.0, 1.2] and p50["rel"] == pytest.approx(0.0)
