@@ -365,7 +365,6 @@ class _Progress:
     ) -> None:
         self.total = total
         self.done = 0
-        self.completed = 0
         self.finished = finished
         self.report = report
 
