@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare: runs per engine, seeds --seed, --seed+1, ...; the means are compared",
     )
     p.add_argument(
+        "--free-below",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="full engine: sends under BYTES (control messages, HTTP heads) take no time, as in "
+        "the fast engine (default 0: every byte is paced)",
+    )
+    p.add_argument(
         "--workdir", type=Path, help="full engine: where the stores go (default: tmpfs or /tmp)"
     )
     p.add_argument("--out", type=Path, default=Path("bench-out/storm.json"), help="JSON report")
@@ -154,7 +162,9 @@ def _run(scenario: Scenario, engine: str, args: argparse.Namespace) -> StormResu
         if engine == "full":
             from benchmarks.storm.full.engine import FullStorm
 
-            return FullStorm(scenario, workdir=args.workdir, progress=progress).run()
+            return FullStorm(
+                scenario, workdir=args.workdir, progress=progress, free_below=args.free_below
+            ).run()
         return Sim(scenario, progress=progress).run()
     finally:
         if bar is not None:

@@ -303,3 +303,18 @@ def test_compare_judges_the_means_of_p50_and_p99_at_ten_per_cent() -> None:
     assert verdict["agree"]
     p50 = next(r for r in verdict["rows"] if r["figure"] == "duration p50 (s)")
     assert p50["fast_range"] == [1.0, 1.2] and p50["rel"] == pytest.approx(0.0)
+
+
+async def test_sends_under_free_below_take_no_time(autojump_clock: trio.testing.MockClock) -> None:
+    fabric = Fabric(free_below=100)
+    a = fabric.add_host("a", up=10.0, down=10.0)
+    fabric.add_host("b", up=10.0, down=10.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fabric.run)
+        fabric.listen("b", 1, _sink, nursery)
+        stream = await fabric.connect(a, "b", 1)
+        await stream.send_all(b"h" * 99)
+        assert trio.current_time() < 0.01
+        await stream.send_all(b"b" * 100)
+        assert trio.current_time() == pytest.approx(10.0)
+        nursery.cancel_scope.cancel()

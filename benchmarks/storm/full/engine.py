@@ -165,8 +165,10 @@ class FullStorm:
         workdir: Path | None = None,
         progress: Callable[[int, float], None] | None = None,
         time_limit: float | None = None,
+        free_below: int = 0,
     ) -> None:
         self.s = scenario
+        self.free_below = free_below  # see `Fabric`: sends this small cost no time
         self.workdir = workdir
         self.progress = progress
         # The fast engine's draws, so both engines storm with the same population.
@@ -193,7 +195,7 @@ class FullStorm:
     async def _main(self, root: Path) -> StormResult:
         s = self.s
         with offload.inline():
-            fabric = Fabric()
+            fabric = Fabric(self.free_below)
             registry_host = fabric.add_host(REGISTRY, s.registry_up, math.inf, zone=0)
             if s.zones > 1 and s.zone_link is not None:
                 for a in range(s.zones):

@@ -10,7 +10,10 @@ engines disagree, the difference is in the daemons' code (HTTP, the swarm loop, 
 not in two ideas of a network.
 
 Rules:
-- A host sending to itself (a runtime talking to its own mirror on loopback) costs no time.
+- A host sending to itself (a runtime talking to its own mirror on loopback) costs no time,
+  nor does a send smaller than ``free_below`` bytes (0 by default: every byte is paced). The
+  fast engine's control messages and request heads take no time; ``free_below`` lets the full
+  engine do the same, to tell what their time on a congested link does to a storm.
 - ``send_all`` returns once its bytes are delivered (store and forward per call). The piece
   server sends a piece as one call (`p2pd.http.server.sendfile` reads at most 4 MiB at a
   time), which is the fast simulator's flow of one piece.
@@ -172,8 +175,9 @@ class Fabric:
     `on_sent(src, dst, bytes, now)` is called for every completed flow between two hosts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, free_below: int = 0) -> None:
         self.net = Network()
+        self.free_below = free_below
         self._hosts: dict[str, _Host] = {}
         self._by_index: dict[int, _Host] = {}
         self._active: dict[int, _Wait] = {}
@@ -266,7 +270,7 @@ class Fabric:
 
     async def transfer(self, pipe: _Pipe, size: int) -> None:
         """Move `size` bytes along `pipe` at the model's pace; BrokenResourceError if cut."""
-        if pipe.src == pipe.dst or size == 0:
+        if pipe.src == pipe.dst or size == 0 or size < self.free_below:
             await trio.lowlevel.checkpoint()
             return
         wait = _Wait(pipe, size)
