@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the fast engine (default 0: every byte is paced)",
     )
     p.add_argument(
-        "--workdir", type=Path, help="full engine: where the stores go (default: tmpfs or /tmp)"
+        "--workdir",
+        type=Path,
+        help="full engine: where the stores go (default: the system temp dir)",
     )
     p.add_argument("--out", type=Path, default=Path("bench-out/storm.json"), help="JSON report")
     p.add_argument("--plot", type=Path, help="also write a PNG plot here")
