@@ -39,6 +39,7 @@ from typing import Protocol
 import httpx
 import trio
 
+from p2pd import offload
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
@@ -224,7 +225,7 @@ class Download:
         while self.state is DownloadState.RUNNING:
             target = self.prefix_bytes
             if self._hashed < target:
-                await trio.to_thread.run_sync(self._hash_range, self._hashed, target)
+                await offload.run_sync(self._hash_range, self._hashed, target)
                 self._hashed = target
                 continue
             if self._hashed == size:
@@ -237,7 +238,7 @@ class Download:
             return
         try:
             # fsync of a multi-GB file can take seconds: not on the event loop
-            await trio.to_thread.run_sync(self.partial.commit)
+            await offload.run_sync(self.partial.commit)
         except StorageError as exc:
             self.storage_full = isinstance(exc, StorageFull)
             self.fail(str(exc))

@@ -29,7 +29,7 @@ from p2pd.config import P2pdConfig
 from p2pd.core.session import SessionConfig
 from p2pd.http.server import Handler, Request, Response, bound_port, serve
 from p2pd.mirror import Mirror, upstream_client
-from p2pd.peers import PieceClient, PieceServer, RateLimiter
+from p2pd.peers import Connector, PieceClient, PieceServer, RateLimiter
 from p2pd.store import BlobStore
 from p2pd.swarm import Swarm, SwarmConfig
 
@@ -57,18 +57,33 @@ _RELOADABLE = ("upload_rate", "download_rate", "log_level")
 
 
 class Daemon:
-    def __init__(self, config: P2pdConfig, nursery: trio.Nursery) -> None:
+    """`transport`, `connect` and `rng` replace the network and the randomness (the storm's
+    full-stack engine runs many daemons in one process on an in-memory network); by default
+    the daemon uses real sockets and an unseeded generator."""
+
+    def __init__(
+        self,
+        config: P2pdConfig,
+        nursery: trio.Nursery,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        connect: Connector | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
+        rng = rng or random.Random()
         self.store = BlobStore(config.data_dir, config.quota_bytes or None)
-        self.upstream = upstream_client()
-        self.control = httpx.AsyncClient(timeout=10.0)
+        self.upstream = upstream_client(transport=transport)
+        self.control = httpx.AsyncClient(timeout=10.0, transport=transport)
         self.auth = ClusterAuth.from_file(config.cluster_secret_file)
         if not self.auth.enabled:
             log.warning(
                 "no cluster_secret_file: any host that reaches %s can fetch the pieces held here",
                 config.peer_listen,
             )
-        self.pieces = PieceClient(RateLimiter(config.download_rate), auth=self.auth)
+        self.pieces = PieceClient(
+            RateLimiter(config.download_rate), auth=self.auth, connect=connect
+        )
         self.swarm = Swarm(
             SwarmConfig(
                 peer_id=config.peer_id,
@@ -81,11 +96,12 @@ class Daemon:
             self.pieces,
             list(config.supernodes),
             nursery,
+            rng=random.Random(rng.random()),
             auth=self.auth,
         )
         fillers: list[Filler] = [self.swarm, BackSource(self.upstream)]
         self.blobs = BlobManager(
-            self.store, nursery, fillers, rng=random.Random(), fallback_jitter=FALLBACK_JITTER
+            self.store, nursery, fillers, rng=rng, fallback_jitter=FALLBACK_JITTER
         )
         self.mirror = Mirror(config, self.upstream, self.blobs)
         self.piece_server = PieceServer(

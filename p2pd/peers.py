@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -152,11 +152,30 @@ class PieceFetchError(Exception):
         self.unreachable = unreachable  # refused, reset or closed: it may be gone
 
 
+# Opens a stream to (host, port); the storm's full-stack engine passes an in-memory one.
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
 class _Conn:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.sock = stream.socket
+        # A socket's bytes go straight into the caller's buffer (recv_into); any other stream
+        # is read with receive_some and copied.
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.idle_since = 0.0
+
+    async def receive_into(self, view: memoryview) -> int:
+        if self.sock is not None:
+            return await self.sock.recv_into(view)
+        data = await self.stream.receive_some(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close_now(self) -> None:
+        """Close without waiting (a socket's close is synchronous; other streams are closed
+        by their far end's timeout)."""
+        if self.sock is not None:
+            self.sock.close()
 
 
 class _Stale(Exception):
@@ -178,9 +197,11 @@ class PieceClient:
         idle_per_parent: int = 4,
         idle_seconds: float = 15.0,
         auth: ClusterAuth | None = None,
+        connect: Connector | None = None,
     ) -> None:
         self.limiter = limiter or RateLimiter(0)
         self.auth = auth or ClusterAuth(None)
+        self.open_stream: Connector = connect or _open_tcp
         self.connect_timeout = connect_timeout
         self.idle_per_parent = idle_per_parent
         self.idle_seconds = idle_seconds
@@ -242,7 +263,7 @@ class PieceClient:
             conn = idle.pop()
             if conn.idle_since >= oldest_ok:
                 return conn
-            conn.stream.socket.close()  # too old: the server may have closed it already
+            conn.close_now()  # too old: the server may have closed it already
         return None
 
     async def _connect(self, address: str) -> _Conn:
@@ -250,7 +271,7 @@ class PieceClient:
         host = host.strip("[]")
         try:
             with trio.fail_after(self.connect_timeout):
-                stream = await trio.open_tcp_stream(host, int(port))
+                stream = await self.open_stream(host, int(port))
         except (OSError, trio.TooSlowError, ValueError) as exc:
             raise PieceFetchError(f"cannot connect to {address}: {exc}", unreachable=True) from exc
         return _Conn(stream)
@@ -294,7 +315,7 @@ class PieceClient:
         buffer[: len(body)] = body
         got = len(body)
         while got < length:
-            n = await conn.sock.recv_into(buffer[got:])
+            n = await conn.receive_into(buffer[got:])
             if n == 0:
                 raise PieceFetchError(
                     f"{address}: connection closed at {got} of {length}", unreachable=True
@@ -303,6 +324,10 @@ class PieceClient:
             await self.limiter.consume(n)
         self.bytes_received += length
         return True
+
+
+async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
+    return await trio.open_tcp_stream(host, port)
 
 
 def _parse_head(head: bytes, address: str) -> tuple[int, int]:

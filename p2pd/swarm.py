@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from p2pd import wire
+from p2pd import offload, wire
 from p2pd.blobs import BlobSource, Download, DownloadState, FillerGaveUp
 from p2pd.clusterauth import ClusterAuth
 from p2pd.core.manifest import ManifestError, PieceManifest
@@ -170,7 +170,7 @@ class _Run:
             )
         self._extend_manifest(assignment)
         # pieces on disk from before a restart count only once their hash matches
-        good = await trio.to_thread.run_sync(self._recheck_claims)
+        good = await offload.run_sync(self._recheck_claims)
         for index in good:
             self.download.adopt(index, "resumed")
         now = trio.current_time()
@@ -318,7 +318,7 @@ class _Run:
         buffer = result.buffer
         piece = memoryview(buffer)[: self.layout.length(request.index)]
         try:
-            ok = await trio.to_thread.run_sync(self._verify_and_write, request.index, piece)
+            ok = await offload.run_sync(self._verify_and_write, request.index, piece)
         finally:
             piece.release()
             self.swarm.give_buffer(buffer)

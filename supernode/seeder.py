@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from p2pd import offload
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import ManifestBuilder, PieceManifest
@@ -210,9 +211,7 @@ class Seeder:
                     offset, length = layout.span(index)
                     # One thread call per piece, so that shutdown is never stuck behind a
                     # whole-blob hash.
-                    await trio.to_thread.run_sync(
-                        _hash_from_file, builder, fd, offset, buf[:length]
-                    )
+                    await offload.run_sync(_hash_from_file, builder, fd, offset, buf[:length])
             finally:
                 os.close(fd)
         if not builder.finish():
@@ -261,7 +260,7 @@ class Seeder:
         if not builder.finish():
             raise BlobMismatch("sha256 mismatch: the upstream bytes do not hash to the digest")
         # fsync may take a while for a big file; the rename and the store's books stay here.
-        await trio.to_thread.run_sync(os.fsync, partial.fd)
+        await offload.run_sync(os.fsync, partial.fd)
         partial.commit()
         partial.close()
         task.partial = None
@@ -382,7 +381,7 @@ class Seeder:
             builder.feed(data)
             partial.write_piece(index, data)
 
-        await trio.to_thread.run_sync(work)
+        await offload.run_sync(work)
         task.manifest.extend(index, builder.manifest.hash_of(index))
         self.scheduler.seeder_progress(task.digest, task.manifest.known)
 

@@ -3,17 +3,35 @@
 Prints a table, writes JSON (and a PNG plot with ``--plot``). Every figure is also given as a
 ratio to the lower bound computed for the same scenario in the same run, next to the time a
 naive pull (every host straight from the registry) takes on the same network model.
+
+Engines: ``fast`` (default) is the discrete-event simulator on the scheduling core; ``full``
+runs the real p2pd daemons and supernode in one process on an in-memory network with the same
+model, on a virtual clock (up to ~100 nodes and small images: every byte is really moved,
+hashed and written, under ``--workdir``); ``compare`` runs both and prints them side by side
+(the issue's honesty check: p50 and p99 must agree within 10%).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from benchmarks.storm.compare import compare, format_comparison
 from benchmarks.storm.presets import GBIT, MBIT, PRESETS, MiB
-from benchmarks.storm.report import ProgressBar, format_table, plot_png, summarize, write_json
+from benchmarks.storm.report import (
+    ProgressBar,
+    Scenario,
+    StormResult,
+    format_table,
+    jsonable,
+    plot_png,
+    summarize,
+    write_json,
+)
 from benchmarks.storm.sim import Sim
 
 
@@ -37,6 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zone-link-gbit", type=float, help="capacity between two zones, Gbit/s")
     p.add_argument("--arrival-spread", type=float, help="seconds over which hosts start")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--engine",
+        choices=("fast", "full", "compare"),
+        default="fast",
+        help="fast simulator, full stack, or both side by side",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="compare: runs per engine, seeds --seed, --seed+1, ...; the means are compared",
+    )
+    p.add_argument(
+        "--free-below",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="full engine: sends under BYTES (control messages, HTTP heads) take no time, as in "
+        "the fast engine (default 0: every byte is paced)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="full engine: where the stores go (default: the system temp dir)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out/storm.json"), help="JSON report")
     p.add_argument("--plot", type=Path, help="also write a PNG plot here")
     p.add_argument("--no-progress", action="store_true")
@@ -73,18 +116,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         changes["seed"] = args.seed
     scenario = replace(s, **changes) if changes else s  # type: ignore[arg-type]
-    bar = None if args.no_progress else ProgressBar(scenario.nodes)
-    result = Sim(scenario, progress=bar.update if bar else None).run()
-    if bar is not None:
-        bar.close()
-    summary = summarize(result)
-    print(format_table(summary))
-    write_json(summary, result, args.out)
+    if args.engine != "compare":
+        result = _run(scenario, args.engine, args)
+        summary = summarize(result)
+        print(format_table(summary))
+        write_json(summary, result, args.out)
+        print(f"\nJSON: {args.out}")
+        if args.plot is not None:
+            plot_png(result, args.plot)
+            print(f"plot: {args.plot}")
+        return 0
+    summaries: dict[str, list[dict[str, Any]]] = {"fast": [], "full": []}
+    for k in range(max(1, args.repeat)):
+        run_scenario = replace(scenario, seed=scenario.seed + k)
+        for engine in ("fast", "full"):
+            result = _run(run_scenario, engine, args)
+            summary = summarize(result)
+            summaries[engine].append(summary)
+            tag = engine if args.repeat <= 1 else f"{engine}-seed{run_scenario.seed}"
+            if args.repeat <= 1:
+                print(format_table(summary) + "\n")
+            else:
+                d = summary["durations"]
+                print(
+                    f"seed {run_scenario.seed} {engine}: p50 {d['p50']:.3f} s  "
+                    f"p99 {d['p99']:.3f} s  wall {summary['wall_seconds']:.1f} s"
+                )
+            path = args.out.with_name(f"{args.out.stem}-{tag}{args.out.suffix}")
+            write_json(summary, result, path)
+            if args.plot is not None:
+                plot = args.plot.with_name(f"{args.plot.stem}-{tag}{args.plot.suffix}")
+                plot_png(result, plot)
+    verdict = compare(summaries["fast"], summaries["full"])
+    print("\n" + format_comparison(verdict))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", encoding="utf-8") as out:
+        json.dump(jsonable({"comparison": verdict, **summaries}), out, indent=1, allow_nan=False)
+        out.write("\n")
     print(f"\nJSON: {args.out}")
-    if args.plot is not None:
-        plot_png(result, args.plot)
-        print(f"plot: {args.plot}")
     return 0
+
+
+def _run(scenario: Scenario, engine: str, args: argparse.Namespace) -> StormResult:
+    bar = None if args.no_progress else ProgressBar(scenario.nodes)
+    progress = bar.update if bar else None
+    try:
+        if engine == "full":
+            from benchmarks.storm.full.engine import FullStorm
+
+            return FullStorm(
+                scenario, workdir=args.workdir, progress=progress, free_below=args.free_below
+            ).run()
+        return Sim(scenario, progress=progress).run()
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 if __name__ == "__main__":

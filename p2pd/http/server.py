@@ -160,13 +160,18 @@ Handler = Callable[[Request], Awaitable[Response]]
 class _Connection:
     """One client connection: read a request, run the handler, send the response, repeat."""
 
-    def __init__(self, stream: trio.SocketStream, handler: Handler, limits: ServerLimits) -> None:
+    def __init__(
+        self, stream: trio.abc.HalfCloseableStream, handler: Handler, limits: ServerLimits
+    ) -> None:
         self.stream = stream
         self.handler = handler
         self.limits = limits
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         try:
-            peer = stream.socket.getpeername()
+            # Not every stream is a socket (the storm's in-memory network): those say who
+            # they are with a `peer` attribute, if at all.
+            sock = getattr(stream, "socket", None)
+            peer = sock.getpeername() if sock is not None else getattr(stream, "peer", "?")
             self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         except OSError:
             self.client = "?"
@@ -177,7 +182,7 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             data = await self.stream.receive_some(65536)
-            self.conn.receive_data(data)
+            self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
 
     async def _send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
@@ -330,10 +335,16 @@ class _Connection:
 
 
 async def sendfile(
-    stream: trio.SocketStream, fd: int, offset: int, length: int, stall: float = math.inf
+    stream: trio.abc.Stream, fd: int, offset: int, length: int, stall: float = math.inf
 ) -> None:
     """Send `length` bytes of `fd` from `offset` on `stream` with ``os.sendfile``; raise
-    `trio.TooSlowError` if the socket stays unwritable for `stall` seconds."""
+    `trio.TooSlowError` if the socket stays unwritable for `stall` seconds.
+
+    A stream that is not a socket (the storm's in-memory network) gets the bytes read and
+    sent in pieces of at most `READ_CHUNK`, each write bounded by `stall` the same way."""
+    if not isinstance(stream, trio.SocketStream):
+        await _send_read(stream, fd, offset, length, stall)
+        return
     sock = stream.socket
     end = offset + length
     while offset < end:
@@ -351,6 +362,22 @@ async def sendfile(
             raise trio.BrokenResourceError(f"file ended {end - offset} bytes early")
         offset += sent
         await trio.lowlevel.checkpoint()
+
+
+READ_CHUNK = 4 * 1024 * 1024
+
+
+async def _send_read(
+    stream: trio.abc.Stream, fd: int, offset: int, length: int, stall: float
+) -> None:
+    end = offset + length
+    while offset < end:
+        data = os.pread(fd, min(READ_CHUNK, end - offset), offset)
+        if not data:
+            raise trio.BrokenResourceError(f"file ended {end - offset} bytes early")
+        with trio.fail_after(stall):
+            await stream.send_all(data)
+        offset += len(data)
 
 
 def error_response(status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
@@ -380,6 +407,17 @@ async def serve(
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
         await trio.serve_listeners(on_connection, listeners, handler_nursery=nursery)
+
+
+async def serve_stream(
+    stream: trio.abc.HalfCloseableStream, handler: Handler, limits: ServerLimits | None = None
+) -> None:
+    """Serve one connection that is already open (any trio stream) until it ends; never
+    raises except on cancellation. `serve` does this for every accepted socket."""
+    try:
+        await _Connection(stream, handler, limits or ServerLimits()).run()
+    except Exception:
+        log.exception("connection handler failed")
 
 
 def bound_port(listeners: Sequence[trio.SocketListener]) -> int:
