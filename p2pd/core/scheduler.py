@@ -97,9 +97,7 @@ class SchedulerConfig:
     # The seeder offers a child only pieces fewer than this many peers (of the child's zone)
     # hold (0: all it has), so it pushes each piece into the swarm about once per zone and
     # peers spread it from there. 1 rather than 2: behind a supernode no faster than its
-    # hosts every extra copy halves how fast new pieces get out (simulator, 32 hosts at
-    # 100 Mbit/s: 3.9x -> 2.6x the bound); Storm-A is unchanged and the zones preset sends
-    # 3.1x instead of 4.9x the image across zones.
+    # hosts every extra copy slows how fast new pieces get out; Storm-A is unchanged.
     seeder_rare_below: int = 1
     seeder_stripes: int = 32  # see Scheduler._seeder_offer
     max_cross_zone_parents: int = 1  # peer parents from other zones one child may have
@@ -667,11 +665,16 @@ class Scheduler:
         swarm, those of the child's stripe (every k-th piece, k = ``seeder_stripes`` or the
         number of peers if fewer, dealt in order of arrival so every stripe has an owner), so
         that children of the seeder get *different* pieces and trade them; when its stripe
-        has nothing left for it, any rare piece -- in a swarm small enough that every stripe
-        has a single owner, only those no other child of the seeder is about to fetch for its
-        own stripe (else, while the seeder holds its first few pieces, every child fetches the
-        same ones and they crawl out at 1/N of the seeder's uplink each); when nothing is
-        rare, everything, but only to a child with no peer parent at all (the last resort)."""
+        has nothing left for it, any rare piece; when nothing is rare, everything, but only to
+        a child with no peer parent at all (the last resort).
+
+        Not done, on purpose: keeping the other children off a piece while its stripe's owner
+        fetches it. Behind a supernode no faster than its hosts that sends each new piece out
+        once instead of to every child (simulator, 8 hosts at 100 Mbit/s: 2.2x -> 1.6x the
+        bound), but behind a fast one it starved small swarms (8 hosts, 1 Gbit/s, supernode
+        10 Gbit/s: p50 0.23 s -> 0.62 s) and depended on the order of registrations, so the
+        full-stack engine disagreed with the fast one. It needs the supernode to know how its
+        uplink compares with its children's downlinks (see the issue notes)."""
         seeder = task.seeder.pieces.bits
         if not self._config.seeder_rare_below:
             return seeder
@@ -682,23 +685,11 @@ class Scheduler:
             stripe = rare & task.stripe(child.ordinal % k, k)
             if stripe:
                 return stripe
-            if rare and k == len(task.peers):
-                # not what another child of the seeder is about to fetch for its stripe
-                return rare & ~self._claimed(task, child, k)
         if rare:
             return rare
         if any(not p.is_seeder for p in child.parents.values()):
             return 0
         return seeder
-
-    @staticmethod
-    def _claimed(task: _Task, child: _Peer, k: int) -> int:
-        """Pieces the seeder's other children still lack in their own stripes."""
-        claimed = 0
-        for other in task.seeder.children.values():
-            if other is not child:
-                claimed |= task.stripe(other.ordinal % k, k) & ~other.pieces.bits
-        return claimed & task.seeder.pieces.bits
 
     def _drop(self, task: _Task, peer: _Peer) -> None:
         self._lose(task, peer.pieces.bits, peer.zone, peer.peer_id)

@@ -800,25 +800,6 @@ def test_fewer_peers_than_stripes_still_cover_every_piece() -> None:
     assert union == (1 << 12) - 1
 
 
-def test_a_small_swarm_gets_each_new_piece_from_the_seeder_once() -> None:
-    """While the seeder holds a single piece, only its stripe's owner is offered it; the
-    other children wait for that owner instead of all sharing the seeder's uplink for the
-    same bytes (an 8-host storm behind a 100 Mbit/s supernode: 2.2x -> 1.6x the bound)."""
-    s = sched(8, ready=False, seeder_stripes=32, seeder_upload_slots=64)
-    s.seeder_progress(D, 1)
-    for i in range(4):
-        s.register(D, f"k{i}", f"k{i}:1", "", 0.0)
-    offers = {}
-    for i in range(4):
-        got = {p.peer_id: list(p.pieces) for p in s.announce(D, f"k{i}", [], 1.0).parents}
-        offers[f"k{i}"] = got.get(SEEDER, [])
-    assert offers == {"k0": [0], "k1": [], "k2": [], "k3": []}
-    s.announce(D, "k0", [0], 2.0)
-    later = s.announce(D, "k1", [], 2.0)
-    assert "k0" in names(later)  # the piece now spreads from its first holder
-    assert 0 not in {p.peer_id: list(p.pieces) for p in later.parents}.get(SEEDER, [])
-
-
 def test_pieces_held_by_enough_peers_are_not_offered_by_the_seeder() -> None:
     s = sched(4, seeder_stripes=1, seeder_rare_below=2)
     s.register(D, "a", "", "", 0.0, have=bf("11.."))
