@@ -17,7 +17,9 @@ Rules:
 Task table life-cycle (the scheduler's FETCHING -> READY | FAILED, plus when a record goes)::
 
     (absent) --first register--> FETCHING (seeder started)
-    READY    --its blob evicted from the store (quota) or found missing--> (absent)
+    READY    --its blob evicted from the store (quota) while peers hold it--> READY, seeded
+                by the peers alone (the seeder offers nothing)
+    READY    --its blob evicted or found missing, no peer left to cover it--> (absent)
     FAILED   --register, failed_task_ttl after the failure--> (absent) -> FETCHING again
     FAILED   --register with other credentials, after a 401/403 upstream--> FETCHING again
     FAILED   --failed_task_ttl passed, when another task starts--> (absent)
@@ -26,7 +28,11 @@ Removing a task drops its peers; their next call gets 404 ``unknown_task`` or ``
 and they register again, which is the p2pd protocol's recovery path anyway.
 
 Quota: before a fetch the tracker asks the store for room while it holds a lease on every blob
-in use (fetching, or with peers), so eviction only takes blobs nobody is downloading.
+in use -- being fetched, or with a peer still downloading it -- so eviction only takes blobs
+nobody is downloading. Peers that merely seed a blob do not pin it: after a rollout they seed
+for minutes, and pinning their blobs left the supernode without room for the next image (every
+host then went to the registry). An evicted blob's task stays, served by its peers; a newcomer
+that finds pieces no peer holds any more restarts the fetch.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class Tracker:
         # The seeder's address in assignments; set by the server once its port is bound.
         self.advertise = config.advertise or ""
         self._tasks: dict[Digest, Task] = {}
+        self._evicted: set[Digest] = set()  # READY tasks whose blob left the store; peers seed
         self._seeder = Seeder(client, store, self.scheduler, config.fetch, self._reserve)
         self._nursery: trio.Nursery | None = None
         self._peer_joined = trio.Event()
@@ -138,6 +145,8 @@ class Tracker:
                     "peers": len(peers),
                     "peers_complete": complete,
                     "failure": str(task.failure) if task.failure else None,
+                    # READY, but the blob left this supernode's store: its peers seed it
+                    "evicted": digest in self._evicted,
                 }
             )
         return {"seeder": self.advertise, "tasks": tasks, "scheduler": self.scheduler.stats()}
@@ -266,7 +275,7 @@ class Tracker:
         if not 0 <= index < task.layout.count:
             raise _bad_request(f"piece index {index} out of range 0..{task.layout.count - 1}")
         state = self.scheduler.task_state(digest)
-        if state is TaskState.FAILED or index >= task.manifest.known:
+        if state is TaskState.FAILED or index >= task.manifest.known or digest in self._evicted:
             raise ApiError(404, "piece_not_held", f"piece {index} of {digest} is not held")
         offset, length = task.layout.span(index)
         # The fd is our own (a dup, or a fresh open under a lease), so a commit, a failure's
@@ -307,6 +316,10 @@ class Tracker:
     def _should_restart(self, task: Task, msg: wire.Register, now: float) -> bool:
         state = self.scheduler.task_state(task.digest)
         if state is TaskState.READY:
+            if task.digest in self._evicted:
+                # the peers seed it alone: fetch again once they cannot cover it (a peer that
+                # registers again has lost what it had, whatever its old record says)
+                return not self.scheduler.coverage(task.digest, msg.peer_id).is_full()
             return not self.store.has(task.digest)
         if state is not TaskState.FAILED or task.finished_at is None:
             return False
@@ -334,6 +347,7 @@ class Tracker:
         return task
 
     def _forget(self, digest: Digest, why: str) -> None:
+        self._evicted.discard(digest)
         del self._tasks[digest]
         self.scheduler.remove_task(digest)
         log.info("forgot task %s: %s", digest, why)
@@ -354,12 +368,21 @@ class Tracker:
         evicts only blobs nobody uses."""
         with contextlib.ExitStack() as in_use:
             for other, task in self._tasks.items():
-                busy = not task.done.is_set() or self.scheduler.peers(other)
-                if other != digest and busy:
+                busy = not task.done.is_set() or self.scheduler.downloading(other)
+                if other != digest and busy and other not in self._evicted:
                     in_use.enter_context(self.store.lease(other))
             evicted = self.store.reserve(size)
         for gone in evicted:
-            if gone in self._tasks:
+            if gone not in self._tasks:
+                continue
+            if (
+                self.scheduler.task_state(gone) is TaskState.READY
+                and self.scheduler.coverage(gone).is_full()
+            ):
+                self.scheduler.seeder_evicted(gone)
+                self._evicted.add(gone)
+                log.info("evicted %s from the store (quota); its peers seed it on", gone)
+            else:
                 self._forget(gone, "evicted from the store (quota)")
 
     def _reply(self, task: Task, assignment: Assignment, start: int) -> wire.Assignment:

@@ -333,6 +333,16 @@ class Scheduler:
             for peer in task.peers.values():
                 self._release_parents(task, peer)
 
+    def seeder_evicted(self, digest: Digest) -> None:
+        """The supernode dropped a READY blob from its store (quota) while peers hold it:
+        the seeder offers nothing from now on and gives up its children, and the peers keep
+        serving each other with the hashes already known. The task stays READY."""
+        task = self._task(digest)
+        if task.state is not TaskState.READY:
+            raise SchedulerError(f"seeder eviction of task {digest} in state {task.state.name}")
+        task.seeder.pieces = Bitfield(task.layout.count)
+        self._release_children(task, task.seeder)
+
     def remove_task(self, digest: Digest) -> None:
         task = self._task(digest)
         for peer_id in task.peers:
@@ -528,6 +538,20 @@ class Scheduler:
 
     def is_banned(self, digest: Digest, peer_id: str) -> bool:
         return peer_id in self._task(digest).banned
+
+    def downloading(self, digest: Digest) -> int:
+        """How many of the task's peers still lack some piece."""
+        return sum(1 for p in self._task(digest).peers.values() if not p.pieces.is_full())
+
+    def coverage(self, digest: Digest, excluding: str | None = None) -> Bitfield:
+        """The pieces some peer that may serve them holds (banned peers, and `excluding`,
+        left out)."""
+        task = self._task(digest)
+        bits = 0
+        for peer in task.peers.values():
+            if peer.peer_id not in task.banned and peer.peer_id != excluding:
+                bits |= peer.pieces.bits
+        return Bitfield(task.layout.count, bits)
 
     def stats(self) -> dict[str, int]:
         """Counters for status pages and the simulator.

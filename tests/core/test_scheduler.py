@@ -836,3 +836,21 @@ def test_the_seeder_counts_rarity_per_zone() -> None:
     assert "near" in names(kid)
     offer = {p.peer_id: p.pieces for p in kid.parents}[SEEDER]
     assert list(offer) == [1]  # zone a has piece 0 now
+
+
+def test_an_evicted_seeder_offers_nothing_and_peers_carry_on() -> None:
+    s = sched(4, seeder_stripes=1)
+    s.register(D, "full", "", "", 0.0, have=bf("1111"))
+    kid = s.register(D, "kid", "", "", 0.0, have=bf("1..."))
+    assert (s.downloading(D), s.coverage(D)) == (1, bf("1111"))
+    s.seeder_evicted(D)
+    assert s.task_state(D) is TaskState.READY and s.children(D, SEEDER) == []
+    kid = s.announce(D, "kid", [], 1.0)
+    assert names(kid) == ["full"]  # the peer that holds everything; no seeder
+    new = s.register(D, "new", "", "", 1.0)
+    assert SEEDER not in names(new)
+    s.leave(D, "full")
+    assert s.coverage(D) == bf("1...")
+    with pytest.raises(SchedulerError, match="state FETCHING"):
+        fetching = sched(4, ready=False)
+        fetching.seeder_evicted(D)

@@ -343,6 +343,44 @@ async def test_quota_evicts_idle_blobs_only(tmp_path: Path) -> None:
         assert got.size == SIZE
 
 
+async def test_seeding_peers_do_not_pin_a_blob_in_the_quota(tmp_path: Path) -> None:
+    """After a rollout peers seed for minutes; their blobs may still be evicted for the next
+    image. The task stays and its peers serve it; a newcomer that needs pieces no peer holds
+    any more makes the supernode fetch the blob again."""
+    other_digest, other = make_blob(SIZE, seed=8)
+    upstream = FakeRegistry(blobs={str(DIGEST): BLOB, str(other_digest): other})
+    every = tuple(range(LAYOUT.count))
+    async with running(tmp_path, upstream, quota_bytes=SIZE * 3 // 2) as h:
+        await h.register("a")
+        await h.wait_done()
+        await h.announce("a", every)  # "a" is complete and seeds DIGEST
+        await h.register("b", digest=other_digest)  # no room unless DIGEST goes
+        task = await h.wait_done(other_digest)
+        assert task.failure is None
+        assert not (tmp_path / "blobs" / DIGEST.hex).exists()
+        row = {t["digest"]: t for t in h.supernode.tracker.status()["tasks"]}[str(DIGEST)]
+        assert (row["state"], row["evicted"], row["peers"]) == ("ready", True, 1)
+        assert (await h.piece(0)).status_code == 404
+        # the seeding peer still talks to its task, and a newcomer is sent to it, not to us
+        assert (await h.announce("a")).state == "ready"
+        newcomer = await h.register("n")
+        assert [p.peer_id for p in newcomer.parents] == ["a"]
+        assert manifest_of(newcomer).known == LAYOUT.count  # hashes to verify a's pieces
+        assert len([r for r in upstream.blob_gets() if DIGEST.hex in str(r.url)]) == 1
+        # "a" registering again has lost its copy, and "n" has nothing yet: nobody covers the
+        # blob, so it is fetched again -- making room by evicting other_digest, which "b" now
+        # seeds (and so keeps serving).
+        await h.announce("b", every, digest=other_digest)
+        assert (await h.register("a")).state == "fetching"
+        refetched = await h.wait_done()
+        assert refetched.failure is None
+        assert (await h.piece(0)).content == BLOB[:PIECE]
+        assert len([r for r in upstream.blob_gets() if DIGEST.hex in str(r.url)]) == 2
+        rows = {t["digest"]: t for t in h.supernode.tracker.status()["tasks"]}
+        assert rows[str(DIGEST)]["evicted"] is False and rows[str(other_digest)]["evicted"]
+        assert (await h.announce("b", digest=other_digest)).state == "ready"
+
+
 async def test_zero_byte_blob(tmp_path: Path) -> None:
     digest, data = make_blob(0)
     async with running(tmp_path, FakeRegistry(blobs={str(digest): data})) as h:
