@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zones", type=int, help="number of zones (registry, supernode in zone 0)")
     p.add_argument("--zone-link-gbit", type=float, help="capacity between two zones, Gbit/s")
     p.add_argument("--arrival-spread", type=float, help="seconds over which hosts start")
+    p.add_argument(
+        "--supernode-failure-at",
+        type=float,
+        metavar="SECONDS",
+        help="supernode 0 dies at this time (fast engine only)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--engine",
@@ -113,9 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         changes["zone_link"] = args.zone_link_gbit * GBIT
     if args.arrival_spread is not None:
         changes["arrival_spread"] = args.arrival_spread
+    if args.supernode_failure_at is not None:
+        changes["supernode_failure_at"] = args.supernode_failure_at
     if args.seed is not None:
         changes["seed"] = args.seed
     scenario = replace(s, **changes) if changes else s  # type: ignore[arg-type]
+    if args.engine != "fast" and scenario.supernode_failure_at is not None:
+        print(
+            "p2p-bench storm: a supernode failure is modelled by the fast engine only",
+            file=sys.stderr,
+        )
+        return 2
     if args.engine != "compare":
         result = _run(scenario, args.engine, args)
         summary = summarize(result)

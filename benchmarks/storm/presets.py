@@ -31,4 +31,8 @@ PRESETS: dict[str, Scenario] = {
     "zones": replace(STORM_A, name="zones", zones=3, zone_link=10 * GBIT),
     "rolling": replace(STORM_A, name="rolling", arrival_spread=30.0),
     "small": replace(STORM_A, name="small", nodes=50, layers=(4 * MiB, 20 * MiB, 60 * MiB)),
+    # two supernodes; the one in charge of layers 0 and 2 dies 3 s into the storm
+    "supernode-failure": replace(
+        STORM_A, name="supernode-failure", supernodes=2, supernode_failure_at=3.0
+    ),
 }

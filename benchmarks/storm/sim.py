@@ -15,8 +15,15 @@ Deterministic for a seed: all randomness comes from ``random.Random(scenario.see
 events at equal times are ordered by a sequence number, and no set of strings is iterated
 where order matters.
 
-Not modelled yet (see the issue notes): supernode failure mid-storm, several supernodes
-failing over, per-request latency inside the piece path beyond a fixed delay, TCP dynamics.
+A supernode failing mid-storm (``Scenario.supernode_failure_at``: supernode 0 dies then) is
+modelled as the daemon meets it: its host leaves the network (transfers from its seeder break),
+its scheduler state is lost, and each pull of its layers finds out at its next control call --
+connection refused -- and registers with the next live supernode, carrying the pieces it holds
+(`p2pd.tracker.TrackerSession`); that supernode's seeder fetches the layer from the registry
+again. With no live supernode left the pull falls back to the registry for what it lacks.
+Layers are dealt to supernodes by index, not by the daemon's rendezvous hashing.
+
+Not modelled yet (see the issue notes): per-request latency (``Scenario.latency``), TCP dynamics.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class _Supernode:
     host: int
     scheduler: Scheduler
     uploaded: float = 0.0
+    dead: bool = False
 
 
 @dataclass
@@ -74,6 +82,7 @@ class _Pull:
     wake: float = math.inf
     done: bool = False
     fallback_flow: int | None = None
+    supernode: int = 0  # the supernode this pull is registered with
 
 
 @dataclass
@@ -174,6 +183,8 @@ class Sim:
             self._push(self.leave_at[i], "leave", self.nodes[i])
         for node in self.nodes:
             self._push(node.start, "start", node)
+        if self.s.supernode_failure_at is not None:
+            self._push(self.s.supernode_failure_at, "supernode_fails", 0)
         while True:
             upcoming = self.net.next_completion()
             if self.events and (upcoming is None or self.events[0][0] <= upcoming[0]):
@@ -221,11 +232,16 @@ class Sim:
         elif kind == "leave":
             assert isinstance(payload, _Node)
             self._leave(payload)
+        elif kind == "supernode_fails":
+            assert isinstance(payload, int)
+            self._supernode_fails(payload)
 
     # -- the seeder ---------------------------------------------------------------------------
 
     def _seed(self, layer: _Layer) -> None:
         """Fetch the next piece of `layer` from the registry (the seeder reads in order)."""
+        if self.supernodes[layer.supernode].dead:
+            return
         if layer.known >= layer.layout.count:
             sn = self.supernodes[layer.supernode]
             sn.scheduler.seeder_done(layer.digest, ok=True)
@@ -255,8 +271,12 @@ class Sim:
                 self.session_config,
                 now=self.now,
             )
-            pull = _Pull(node.index, layer, session)
+            pull = _Pull(node.index, layer, session, supernode=layer.supernode)
             node.pulls.append(pull)
+            if sn.dead:
+                # no supernode left for this layer: straight to the registry
+                self._fall_back(pull)
+                continue
             self.control_messages += 1
             assignment = sn.scheduler.register(
                 layer.digest,
@@ -276,10 +296,12 @@ class Sim:
     def _drive(self, pull: _Pull) -> None:
         """Carry out what the session decided, as the daemon's swarm loop does."""
         node = self.nodes[pull.node]
-        sched = self.supernodes[pull.layer.supernode].scheduler
         digest = pull.layer.digest
         session = pull.session
         while not pull.done and not node.gone:
+            sched = self._control(pull)
+            if sched is None:
+                return
             out = session.poll(self.now)
             for request in out.cancel:
                 flow = pull.flows.pop(request, None)
@@ -316,6 +338,74 @@ class Sim:
             if wake < pull.wake:
                 pull.wake = wake
                 self._push(wake, "wake", pull)
+
+    def _control(self, pull: _Pull) -> Scheduler | None:
+        """The scheduler this pull talks to, after failing over if its supernode died (as
+        the daemon finds out: its next call is refused). None: no supernode is left and the
+        pull went to the registry."""
+        if pull.fallback_flow is not None:
+            return None  # already fetching the rest from the registry
+        if not self.supernodes[pull.supernode].dead:
+            return self.supernodes[pull.supernode].scheduler
+        if self.supernodes[pull.layer.supernode].dead:
+            self.control_messages += 1  # the refused call
+            self._fall_back(pull)
+            return None
+        node = self.nodes[pull.node]
+        sn = self.supernodes[pull.layer.supernode]
+        self.control_messages += 2  # the refused call, then the register elsewhere
+        pull.supernode = pull.layer.supernode
+        have = pull.session.have
+        assignment = sn.scheduler.register(
+            pull.layer.digest,
+            node.peer_id,
+            node.peer_id,
+            node.zone,
+            self.now,
+            upload_slots=self.upload_slots,
+            have=None if have.is_empty() else have,
+        )
+        self._apply(pull, assignment)
+        return sn.scheduler
+
+    def _supernode_fails(self, index: int) -> None:
+        """Supernode `index` dies: its transfers break, its layers move to the next live
+        supernode (whose seeder fetches them again), and pulls find out at their next call."""
+        dead = self.supernodes[index]
+        if dead.dead:
+            return
+        dead.dead = True
+        cut = [self.tags.pop(flow, None) for flow in self.net.remove_host(dead.host, self.now)]
+        alive = [k for k, sn in enumerate(self.supernodes) if not sn.dead]
+        for layer in self.layers:
+            if layer.supernode != index:
+                continue
+            layer.known = 0
+            if alive:
+                layer.supernode = alive[(index + 1) % len(alive)] if len(alive) > 1 else alive[0]
+                heir = self.supernodes[layer.supernode]
+                heir.scheduler.add_task(layer.digest, layer.layout, self.now)
+                if layer.layout.count == 0:
+                    heir.scheduler.seeder_done(layer.digest, ok=True)
+                else:
+                    self._seed(layer)
+        failed: list[tuple[_Pull, Request]] = []
+        for tag in cut:
+            if not isinstance(tag, tuple) or not isinstance(tag[0], _Pull):
+                continue
+            pull, request = tag
+            if not pull.done and pull.flows.pop(request, None) is not None:
+                failed.append((pull, request))
+        for pull, request in failed:
+            if not pull.done:
+                pull.session.on_failure(request, False, self.now)
+        # Every pull of the lost layers makes a call soon (its announce timer, at most
+        # announce_interval away) and fails over then; wake them all now, as a refused
+        # connection is noticed at once.
+        for node in self.nodes:
+            for pull in node.pulls:
+                if not pull.done and pull.supernode == index:
+                    self._drive(pull)
 
     def _fetch(self, pull: _Pull, request: Request) -> None:
         node = self.nodes[pull.node]

@@ -318,3 +318,8 @@ async def test_sends_under_free_below_take_no_time(autojump_clock: trio.testing.
         await stream.send_all(b"b" * 100)
         assert trio.current_time() == pytest.approx(10.0)
         nursery.cancel_scope.cancel()
+
+
+def test_the_full_engine_refuses_what_it_does_not_model() -> None:
+    with pytest.raises(ValueError, match="fast engine only"):
+        FullStorm(replace(SMALL, supernodes=2, supernode_failure_at=0.5))

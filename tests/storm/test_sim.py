@@ -79,3 +79,22 @@ def test_the_closed_form_naive_time_matches_the_flow_model() -> None:
     slower[-1] = scenario.node_down / 2
     flows = naive_completion(scenario, ups, slower, [0.0] * 30)
     assert flows[:-1] == pytest.approx(fast[:-1], rel=1e-6)
+
+
+def test_a_dead_supernode_hands_its_layers_to_the_next_one() -> None:
+    """Supernode 0 (layers 0 and 2) dies mid-storm: its pulls register with supernode 1,
+    whose seeder fetches those layers again; nobody falls back to the registry."""
+    calm = run(supernodes=2)
+    r = run(supernodes=2, supernode_failure_at=0.1)
+    assert all(c is not None for c in r.completion)
+    lost = SMALL.layers[0] + SMALL.layers[2]
+    assert SMALL.image_size < r.registry_egress_bytes <= SMALL.image_size + lost + 1
+    assert r.control_messages > calm.control_messages  # the re-registrations
+    assert max(r.completion) > max(c for c in calm.completion if c is not None)
+
+
+def test_with_no_supernode_left_every_pull_goes_to_the_registry() -> None:
+    r = run(supernodes=1, supernode_failure_at=0.1)
+    assert all(c is not None for c in r.completion)
+    # what the swarm had not delivered by then came from the registry, host by host
+    assert r.registry_egress_bytes > SMALL.nodes / 2 * SMALL.image_size

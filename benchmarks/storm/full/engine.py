@@ -19,7 +19,7 @@ random: the same slow hosts, start times and leavers (and their leave times) for
 the two engines can be compared node population for node population. A leaver crashes: its
 flows are cut, its connections reset, nothing is said to the supernode.
 
-Not modelled (as in the fast engine): supernode failure, latency. Several supernodes work,
+Not modelled: supernode failure (the fast engine has it), latency. Several supernodes work,
 but the real daemons pick a blob's supernode by rendezvous hashing, not by layer index.
 Trio's scheduler breaks ties between runnable tasks at random, so runs vary a little for a
 seed (unlike the fast engine's).
@@ -166,6 +166,8 @@ class FullStorm:
         time_limit: float | None = None,
         free_below: int = 0,
     ) -> None:
+        if scenario.supernode_failure_at is not None:
+            raise ValueError("a supernode failing mid-storm is modelled by the fast engine only")
         self.s = scenario
         self.free_below = free_below  # see `Fabric`: sends this small cost no time
         self.workdir = workdir
