@@ -286,8 +286,8 @@ class _Connection:
             head = h11.Response(status_code=response.status, headers=headers)
             if head_only or (isinstance(body, bytes) and len(body) <= _JOIN_BODY):
                 # A small answer (every control message) leaves in one send: a second send
-                # for the body cost a second trip through the TCP stack for a few hundred
-                # bytes, and on loopback that was a quarter of the supernode's CPU.
+                # for the body cost a second trip through the TCP stack (and a second wake-up
+                # of the client) for a few hundred bytes.
                 data = self.conn.send(head) or b""
                 if isinstance(body, bytes) and body and not head_only:
                     data += self.conn.send(h11.Data(data=body)) or b""
