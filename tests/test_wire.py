@@ -521,6 +521,21 @@ def test_invalid_messages_cannot_be_built(build: Callable[[], Message], fragment
         build()
 
 
+def test_trusted_parent_is_the_checked_one_without_the_checks() -> None:
+    checked = parent()
+    trusted = ParentInfo.trusted(checked.peer_id, checked.address, checked.zone, checked.pieces)
+    assert trusted == checked
+    assert decode(encode(assignment(parents=(trusted,)))) == assignment(parents=(checked,))
+    # the carrying Assignment still checks what relates the parent to the blob
+    short = ParentInfo.trusted("p", "10.0.0.2:7001", "", Bitfield(9))
+    with pytest.raises(ProtocolError, match="bitfield of 9 pieces for a blob of 10"):
+        assignment(parents=(short,))
+    # and from the wire, nothing is trusted: a bad parent field is refused as before
+    body = wire(assignment(parents=(trusted,)))
+    body["parents"] = ({**body["parents"][0], "peer_id": "bad id"},)
+    rejects(pack(body), "Assignment.parents[0]: ParentInfo.peer_id: not a peer id")
+
+
 def test_encode_refuses_non_messages() -> None:
     with pytest.raises(TypeError, match="not a wire message: ParentInfo"):
         encode(parent())  # type: ignore[arg-type]

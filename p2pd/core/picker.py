@@ -22,7 +22,11 @@ Which pieces may be asked for
 -----------------------------
 Piece ``i`` may be requested from parent ``P`` only when P holds i, ``i < verifiable`` (its
 hash is in the manifest, so we can check it), we do not HAVE it, and P has fewer than
-``max_in_flight_per_parent`` requests in flight.
+``max_in_flight_per_parent`` requests whose bytes are still coming. A request whose bytes
+arrived (`on_received`) stays on the books until `on_piece`, but no longer holds P's slot:
+the limit is about sharing P's upload, and checking and writing the piece is local work, so
+the next request to P overlaps it instead of leaving P's upload idle meanwhile. (The storm
+simulator verifies as the bytes land and never calls `on_received`.)
 
 Order of preference
 -------------------
@@ -152,7 +156,16 @@ def _lowest(bits: int) -> int:
 
 
 class _Parent:
-    __slots__ = ("bad", "banned", "bits", "bits_r", "inflight", "inflight_bits", "reported")
+    __slots__ = (
+        "bad",
+        "banned",
+        "bits",
+        "bits_r",
+        "inflight",
+        "inflight_bits",
+        "received_bits",
+        "reported",
+    )
 
     def __init__(self) -> None:
         self.reported = 0  # what the parent announced
@@ -161,7 +174,12 @@ class _Parent:
         self.bits_r = 0  # the same, in rank space
         self.inflight: dict[int, int] = {}  # piece -> request sequence number
         self.inflight_bits = 0
+        self.received_bits = 0  # those of `inflight` whose bytes arrived (being verified)
         self.bad = 0
+
+    def busy(self) -> int:
+        """Slots taken: requests in flight whose bytes are still coming."""
+        return len(self.inflight) - self.received_bits.bit_count()
 
 
 class PiecePicker:
@@ -317,7 +335,7 @@ class PiecePicker:
         turn = [
             (name, parents[name])
             for name in names[start:] + names[:start]
-            if len(parents[name].inflight) < limit
+            if parents[name].busy() < limit
         ]
         window = ((1 << self._config.prefix_window) - 1) << self._have.first_missing()
         while turn:
@@ -334,7 +352,7 @@ class PiecePicker:
                 self._request(name, p, index, now)
                 out.append(Request(name, index))
                 progress = True
-                if len(p.inflight) < limit:
+                if p.busy() < limit:
                     again.append((name, p))
             if not progress:
                 break
@@ -399,6 +417,17 @@ class PiecePicker:
         if p.bad >= self._config.max_bad_pieces:
             out.extend(Cancel(parent, i) for i in self._remove(parent))
         return out
+
+    def on_received(self, parent: str, index: int) -> None:
+        """A request's bytes arrived; its verdict (`on_piece`) follows once they are checked.
+
+        The request stays in flight (cancels, endgame and blame work as before) but frees
+        the parent's slot, so `pick` may ask that parent for the next piece meanwhile.
+        Idempotent.
+        """
+        self._check_index(index)
+        p = self._requested(parent, index)
+        p.received_bits |= 1 << index
 
     def on_failure(self, parent: str, index: int, *, lacks_piece: bool = False) -> None:
         """A transfer failed (broken connection, cancelled, 404); the request is restored.
@@ -468,6 +497,7 @@ class PiecePicker:
         """Take one request off the books without touching the piece's state."""
         del p.inflight[index]
         p.inflight_bits &= ~(1 << index)
+        p.received_bits &= ~(1 << index)
         self._downloading[index].discard(name)
         self._live -= 1
 

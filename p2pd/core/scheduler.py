@@ -614,6 +614,13 @@ class Scheduler:
             return Bitfield(count, parent.pieces.bits & self._zone_scarce(task, child.zone))
         return parent.pieces.copy()
 
+    def _offer_bits(self, task: _Task, parent: _Peer, child: _Peer) -> int:
+        """`_offer` of a parent other than the seeder, as bits: `_revise` asks it for every
+        parent of every announce, and the Bitfield it built each time was pure overhead."""
+        if parent.zone != child.zone:
+            return parent.pieces.bits & self._zone_scarce(task, child.zone)
+        return parent.pieces.bits
+
     def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
         return Assignment(
             task.state,
@@ -742,7 +749,7 @@ class Scheduler:
         for parent in list(child.parents.values()):
             # useless = nothing it is *offered* with (a parent in another zone only offers
             # what this zone is short of)
-            if not parent.is_seeder and not self._offer(task, parent, child).bits & lacking:
+            if not parent.is_seeder and not self._offer_bits(task, parent, child) & lacking:
                 self._unlink(task, parent, child)
         wanted = self._config.max_parents - len(child.parents) + (seeder.peer_id in child.parents)
         if wanted > 0:
@@ -751,7 +758,7 @@ class Scheduler:
         cover = 0
         for parent in child.parents.values():
             if not parent.is_seeder:
-                cover |= self._offer(task, parent, child).bits
+                cover |= self._offer_bits(task, parent, child)
         only_seeder = self._seeder_offer(task, child) & lacking & ~cover
         if seeder.peer_id in child.parents:
             if not only_seeder:

@@ -17,6 +17,7 @@ Driving it::
         if out.announce: pieces, want = session.take_announce(); send; apply the reply
         if session.is_complete(): done
         wait for a transfer result or session.next_wakeup()
+        session.on_received(request)               # bytes here, being verified (optional)
         session.on_piece(request, ok, now) / session.on_failure(request, not_found, now)
 
 Rules:
@@ -156,6 +157,13 @@ class DownloadSession:
         for parent_id, info in wanted.items():
             self.addresses[parent_id] = info.address
             self.picker.add_parent(parent_id, info.pieces)
+
+    def on_received(self, request: Request) -> None:
+        """A transfer's bytes arrived and are being checked and written; `on_piece` follows.
+        The parent's slot is free meanwhile (see the picker). Drivers that verify as the
+        bytes land (the storm simulator) need not call it."""
+        if request in self.live:
+            self.picker.on_received(request.parent, request.index)
 
     def on_piece(
         self, request: Request, ok: bool, now: float, parent_has: Bitfield | None = None

@@ -34,6 +34,9 @@ import trio
 
 log = logging.getLogger(__name__)
 
+# Bytes bodies up to this size are sent in the same write as the head (copying them is cheap).
+_JOIN_BODY = 64 * 1024
+
 Headers = list[tuple[str, str]]
 
 
@@ -285,7 +288,19 @@ class _Connection:
             # No deadline on the whole response: a big layer over a slow link, or one still
             # arriving from the swarm, takes as long as it takes. Each write may stall for at
             # most send_timeout (a receiver that stopped reading).
-            await self._send(h11.Response(status_code=response.status, headers=headers))
+            head = h11.Response(status_code=response.status, headers=headers)
+            if head_only or (isinstance(body, bytes) and len(body) <= _JOIN_BODY):
+                # A small answer (every control message) leaves in one send: a second send
+                # for the body cost a second trip through the TCP stack (and a second wake-up
+                # of the client) for a few hundred bytes.
+                data = self.conn.send(head) or b""
+                if isinstance(body, bytes) and body and not head_only:
+                    data += self.conn.send(h11.Data(data=body)) or b""
+                data += self.conn.send(h11.EndOfMessage()) or b""
+                with trio.fail_after(self.limits.send_timeout):
+                    await self.stream.send_all(data)
+                return
+            await self._send(head)
             if head_only:
                 pass
             elif isinstance(body, bytes):

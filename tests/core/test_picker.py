@@ -527,6 +527,11 @@ class Model:
     banned: dict[str, int] = field(default_factory=dict)
     bad: dict[str, int] = field(default_factory=dict)
     out: dict[tuple[str, int], float] = field(default_factory=dict)  # request -> deadline
+    received: set[tuple[str, int]] = field(default_factory=set)  # bytes in, verdict pending
+
+    def busy(self, name: str) -> int:
+        """The parent's slots taken: its requests whose bytes are still coming."""
+        return sum(1 for k in self.out if k[0] == name and k not in self.received)
 
     def held(self, name: str) -> int:
         return self.reported[name] & ~self.banned[name]
@@ -580,11 +585,12 @@ def check_pick(m: Model, got: list[Request]) -> None:
             assert counts[r.index] < cfg.endgame_duplicates
             assert counts[r.index] == min(counts.values()), "fewest requests first"
         m.out[(r.parent, r.index)] = m.now + cfg.request_timeout
-        assert m.count(r.parent) <= cfg.max_in_flight_per_parent
+        m.received.discard((r.parent, r.index))  # a request issued again: bytes not in yet
+        assert m.busy(r.parent) <= cfg.max_in_flight_per_parent
     # Nothing left undone: every parent with a free slot had nothing more it could be given.
     endgame = not any(m.held(name) & free for name in m.reported)
     for name in m.reported:
-        if m.count(name) < cfg.max_in_flight_per_parent:
+        if m.busy(name) < cfg.max_in_flight_per_parent:
             assert not m.held(name) & free
             if endgame:
                 for i in iter_bits(m.held(name)):
@@ -607,7 +613,8 @@ def check_states(m: Model, picker: PiecePicker) -> None:
 
 Event = tuple[str, str, int]
 # Picks and good pieces are most of a real download; the rest stir things up.
-KINDS = ["pick"] * 4 + ["ok"] * 3 + ["bad", "fail", "tick", "add", "update", "remove", "verify"]
+KINDS = ["pick"] * 4 + ["ok"] * 3 + ["recv"] * 2
+KINDS += ["bad", "fail", "tick", "add", "update", "remove", "verify"]
 
 
 @st.composite
@@ -684,6 +691,11 @@ def run(n: int, seed: int, config: PickerConfig, have: int, events: list[Event])
             said.append(got)
         elif m.out:
             parent, i = sorted(m.out)[arg % len(m.out)]
+            if op == "recv":
+                picker.on_received(parent, i)  # frees the parent's slot, request stays
+                m.received.add((parent, i))
+                check_states(m, picker)
+                continue
             if op == "fail":
                 lacks = arg >= 50  # the parent answered 404: it is not asked again for now
                 picker.on_failure(parent, i, lacks_piece=lacks)
@@ -790,3 +802,29 @@ def test_pipeline_depth_spreads_over_the_parents() -> None:
     requests = picker.pick(1.0)
     assert {r.parent for r in requests} == {"b", "c", "d"}  # a is still full
     assert all(picker.in_flight(p) <= 4 for p in "abcd")
+
+
+def test_received_bytes_free_the_parents_slot_until_the_verdict() -> None:
+    picker = make(4, max_in_flight_per_parent=1, prefix_window=4, max_bad_pieces=1)
+    picker.add_parent("a", Bitfield.full(4))
+    assert pairs(picker.pick(0.0)) == [("a", 0)]
+    assert picker.pick(0.0) == []  # the one slot is taken while the bytes come
+    picker.on_received("a", 0)
+    picker.on_received("a", 0)  # idempotent
+    assert pairs(picker.pick(0.0)) == [("a", 1)]  # asked while piece 0 is being checked
+    assert picker.in_flight("a") == 2
+    assert states(picker, 4) == "DD.."
+    assert picker.pick(0.0) == []
+    # a bad verdict still blames the parent, and its other request comes back
+    assert picker.on_piece("a", 0, False, 0.0) == [BadParent("a", 0), Cancel("a", 1)]
+    assert states(picker, 4) == "...."
+
+
+def test_received_for_a_request_not_in_flight_is_misuse() -> None:
+    picker = make(2)
+    picker.add_parent("a", Bitfield.full(2))
+    with pytest.raises(PickerError):
+        picker.on_received("a", 0)
+    picker.pick(0.0)
+    with pytest.raises(PickerError):
+        picker.on_received("b", 0)

@@ -194,3 +194,29 @@ async def test_a_slow_but_progressing_response_is_not_cut(nursery: trio.Nursery)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         r = await client.get("/slow")  # 0.6 s in all, no single write stalls
         assert r.content == b"s" * 60
+
+
+async def test_small_answers_leave_in_one_write(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head and body of a small bytes answer go out together: one trip through the TCP stack
+    per control message, not two."""
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async def counting(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", counting)
+    port = await start(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    writes.clear()
+    await send_all(stream, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    got = b""
+    with trio.fail_after(5):
+        while not got.endswith(b"hello"):
+            got += await stream.receive_some(65536)
+    await stream.aclose()
+    assert len(writes) == 1
+    assert writes[0].startswith(b"HTTP/1.1 200 ") and writes[0].endswith(b"\r\n\r\nhello")
