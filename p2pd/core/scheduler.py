@@ -189,7 +189,7 @@ class _Peer:
         self.parents: dict[str, _Peer] = {}
         self.children: dict[str, _Peer] = {}
         self.shunned: set[str] = set()  # membership only, never iterated
-        # the pieces the seeder offers this peer (its last assignment): _seeder_offer
+        # the rare pieces the seeder offers this peer (its last assignment): _seeder_offer
         self.claimed = 0
 
 
@@ -230,8 +230,8 @@ class _Task:
         self.avail: dict[str, list[int]] = {}
         self.rare: dict[str, int] = {}
         self.joined = 0  # peers that ever registered
-        # zone -> piece -> how many of the zone's peers the seeder offers it to, and the
-        # pieces it offers to at least one of them
+        # zone -> piece -> how many of the zone's peers the seeder offers it to as rare, and
+        # the pieces it offers to at least one of them
         self.claims: dict[str, dict[int, int]] = {}
         self.offered: dict[str, int] = {}
         self._stripes: dict[tuple[int, int], int] = {}
@@ -651,11 +651,11 @@ class Scheduler:
             ParentInfo(p.peer_id, p.address, p.zone, self._offer(task, p, peer))
             for p in peer.parents.values()
         )
-        # what the seeder now offers is what this peer claims (nothing without the seeder)
+        # the rare pieces the seeder now offers are this peer's claims (none without it)
         claimed = 0
         for info in parents:
             if info.peer_id == self._seeder_id:
-                claimed = info.pieces.bits & ~peer.pieces.bits
+                claimed = info.pieces.bits & task.rare_in(peer.zone) & ~peer.pieces.bits
         self._claim(task, peer, claimed)
         return Assignment(task.state, parents)
 
@@ -761,52 +761,50 @@ class Scheduler:
         has nothing left for it, any rare piece; when nothing is rare, everything, but only to
         a child with no peer parent at all (the last resort).
 
-        One copy at a time, when the seeder is slow: while a piece takes the seeder longer to
-        read from the registry than the average gap between two calls of a peer (both moving
-        averages; ``seeder_one_copy_above`` scales the comparison), a piece the seeder offers
-        one child of a zone -- rare, or as the last resort -- is offered to nobody else there
-        until that child holds it or its assignment no longer carries it, and a child keeps
-        being offered the rare pieces it was offered until it holds them or a peer announced
-        them. The others get the piece from a peer, one hop later. Why: the seeder's uplink
-        is shared by its copies, so behind a seeder no faster than its hosts eight copies of
-        the first pieces each go at an eighth of its speed, land late, and the seeder sends
-        each piece several times while new ones wait (simulator, 100 Mbit/s everywhere, 8 /
-        32 hosts: 2.21x -> 1.70x and 5.96x -> 2.60x the bound, supernode upload 1.80x ->
-        1.00x and 5.70x -> 1.45x the image). When pieces come in faster than peers call, a
-        hop through a peer costs more than the extra copy, and every child lacking a rare
-        piece is offered it as before (a small swarm behind a fast supernode waits a hop per
-        piece otherwise: 8 hosts at 1 Gbit/s, 1+3 pieces, 1.75x -> 4.6x the bound). The
-        reading time stands in for the seeder's uplink, which the scheduler cannot see: a
-        proxy that holds while the supernode's uplink is not much faster than its registry
-        link (a fast uplink behind a slow registry is held to one copy when more would do).
-        Which child of a zone gets a piece first depends on who calls first, not on the
-        order of registration."""
+        One copy at a time, when the seeder is slow: while a piece takes the seeder longer
+        to read from the registry than the average gap between two calls of a peer (both
+        moving averages; ``seeder_one_copy_above`` scales the comparison), a rare piece the
+        seeder offers one child of a zone is offered to nobody else there, and that child
+        keeps being offered it until it holds it or a peer announced it. The others get the
+        piece from a peer, one hop later. Why: the seeder's uplink is shared by its copies,
+        so behind a seeder no faster than its hosts eight copies of the first pieces each go
+        at an eighth of its speed, land late, and the seeder sends each piece several times
+        while new ones wait (simulator, 100 Mbit/s everywhere, 8 / 32 hosts: 2.21x -> 1.70x
+        and 5.96x -> 2.71x the bound, supernode upload 1.80x -> 1.00x and 5.70x -> 1.98x the
+        image; the full-stack engine, 8 hosts: 2.21x -> 1.54x). When pieces come in faster
+        than peers call, a hop through a peer costs more than the extra copy, and every
+        child lacking a rare piece is offered it as before (a small swarm behind a fast
+        supernode waits a hop per piece otherwise: 8 hosts at 1 Gbit/s, 1+3 pieces, 1.75x ->
+        4.6x the bound). The reading time stands in for the seeder's uplink, which the
+        scheduler cannot see: a proxy that holds while the supernode's uplink is not much
+        faster than its registry link (a fast uplink behind a slow registry is held to one
+        copy when more would do). Which child of a zone gets a piece first depends on who
+        calls first, not on the order of registration. Tried and not kept: holding the last
+        resort (everything, to a child without peer parents) to one copy too: less supernode
+        upload, no faster, and the two storm engines then disagreed by 16-18% on a 16-host
+        slow-seeder storm."""
         seeder = task.seeder.pieces.bits
         if not self._config.seeder_rare_below:
             return seeder
         rare = seeder & task.rare_in(child.zone) & ~child.pieces.bits
         one_copy = self._one_copy()
-        mine = others = taken = 0
+        mine = taken = 0
         if one_copy:
-            mine = seeder & child.claimed & ~child.pieces.bits
-            others = task.offered.get(child.zone, 0) & ~child.claimed
-            taken = rare & others
-            rare &= ~others
-            mine_rare = mine & task.rare_in(child.zone)
+            mine = rare & child.claimed
+            taken = rare & task.offered.get(child.zone, 0) & ~child.claimed
+            rare &= ~taken
         # no more stripes than peers, dealt in order of arrival: every stripe has an owner
         k = min(self._config.seeder_stripes, len(task.peers))
         if k > 1:
             stripe = rare & task.stripe(child.ordinal % k, k)
             if stripe:
-                return stripe | mine_rare if one_copy else stripe
-        if one_copy and mine_rare:
-            return mine_rare
+                return stripe | mine
+        if mine:
+            return mine
         if rare:
             return rare
         if taken or any(not p.is_seeder for p in child.parents.values()):
             return 0
-        if one_copy:
-            return seeder & ~others & ~child.pieces.bits
         return seeder
 
     def _drop(self, task: _Task, peer: _Peer) -> None:
