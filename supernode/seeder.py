@@ -383,7 +383,7 @@ class Seeder:
 
         await offload.run_sync(work)
         task.manifest.extend(index, builder.manifest.hash_of(index))
-        self.scheduler.seeder_progress(task.digest, task.manifest.known)
+        self.scheduler.seeder_progress(task.digest, task.manifest.known, trio.current_time())
 
 
 def _fetch_fields(task: Task, started: float, outcome: SeedError | str | None) -> dict[str, Any]:

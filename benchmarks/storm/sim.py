@@ -432,7 +432,7 @@ class Sim:
             self.egress_timeline.append((self.now, self.egress))
             layer.known += 1
             sn = self.supernodes[layer.supernode]
-            sn.scheduler.seeder_progress(layer.digest, layer.known)
+            sn.scheduler.seeder_progress(layer.digest, layer.known, self.now)
             self._seed(layer)
             return
         if isinstance(tag, tuple) and tag[0] == "fallback":

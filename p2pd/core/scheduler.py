@@ -101,6 +101,10 @@ class SchedulerConfig:
     seeder_rare_below: int = 1
     seeder_stripes: int = 32  # see Scheduler._seeder_offer
     max_cross_zone_parents: int = 1  # peer parents from other zones one child may have
+    # The seeder offers each rare piece to one child at a time while a piece takes it longer
+    # to read than this many times the gap between a peer's calls (both measured; 0: never).
+    # See Scheduler._seeder_offer.
+    seeder_one_copy_above: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_parents", "default_upload_slots", "seeder_upload_slots"):
@@ -119,6 +123,10 @@ class SchedulerConfig:
             raise SchedulerError(f"max_blame must be an int >= 1, got {self.max_blame!r}")
         if not self.peer_ttl > 0:
             raise SchedulerError(f"peer_ttl must be positive, got {self.peer_ttl!r}")
+        if not self.seeder_one_copy_above >= 0:
+            raise SchedulerError(
+                f"seeder_one_copy_above must be >= 0, got {self.seeder_one_copy_above!r}"
+            )
 
 
 class TaskState(enum.Enum):
@@ -152,6 +160,7 @@ class _Peer:
     __slots__ = (
         "address",
         "children",
+        "claimed",
         "is_seeder",
         "last_seen",
         "ordinal",
@@ -180,6 +189,8 @@ class _Peer:
         self.parents: dict[str, _Peer] = {}
         self.children: dict[str, _Peer] = {}
         self.shunned: set[str] = set()  # membership only, never iterated
+        # the rare pieces the seeder offers this peer (its last assignment): _seeder_offer
+        self.claimed = 0
 
 
 class _Task:
@@ -188,19 +199,23 @@ class _Task:
         "avail",
         "banned",
         "blame",
+        "claims",
         "digest",
         "free",
         "joined",
         "layout",
+        "offered",
         "peers",
+        "progress_at",
         "rare",
         "seeder",
         "state",
         "unreachable",
     )
 
-    def __init__(self, digest: Digest, layout: PieceLayout, seeder: _Peer) -> None:
+    def __init__(self, digest: Digest, layout: PieceLayout, seeder: _Peer, now: float) -> None:
         self.digest = digest
+        self.progress_at = now  # when the seeder last reported progress (or started)
         self.layout = layout
         self.state = TaskState.FETCHING
         self.seeder = seeder
@@ -215,6 +230,10 @@ class _Task:
         self.avail: dict[str, list[int]] = {}
         self.rare: dict[str, int] = {}
         self.joined = 0  # peers that ever registered
+        # zone -> piece -> how many of the zone's peers the seeder offers it to as rare, and
+        # the pieces it offers to at least one of them
+        self.claims: dict[str, dict[int, int]] = {}
+        self.offered: dict[str, int] = {}
         self._stripes: dict[tuple[int, int], int] = {}
 
     def zone_avail(self, zone: str) -> list[int]:
@@ -273,6 +292,10 @@ class Scheduler:
         self._alive: OrderedDict[tuple[Digest, str], _Peer] = OrderedDict()
         self._now = float("-inf")
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
+        # Moving averages (None until measured) of the time the seeder takes to read a piece
+        # and of the gap between two calls of a peer: see _seeder_offer.
+        self._piece_time: float | None = None
+        self._call_gap: float | None = None
 
     @property
     def config(self) -> SchedulerConfig:
@@ -298,7 +321,7 @@ class Scheduler:
             tie=0.0,
         )
         seeder.is_seeder = True
-        self._tasks[digest] = _Task(digest, layout, seeder)
+        self._tasks[digest] = _Task(digest, layout, seeder, self._now)
 
     def has_task(self, digest: Digest) -> bool:
         return digest in self._tasks
@@ -306,8 +329,9 @@ class Scheduler:
     def task_state(self, digest: Digest) -> TaskState:
         return self._task(digest).state
 
-    def seeder_progress(self, digest: Digest, known: int) -> None:
-        """The seeder now holds pieces ``[0, known)``; `known` never decreases."""
+    def seeder_progress(self, digest: Digest, known: int, now: float | None = None) -> None:
+        """The seeder now holds pieces ``[0, known)``; `known` never decreases. With `now`,
+        the time per new piece feeds the seeder's one-copy rule (see _seeder_offer)."""
         task = self._task(digest)
         if task.state is not TaskState.FETCHING:
             raise SchedulerError(f"seeder progress on task {digest} in state {task.state.name}")
@@ -316,6 +340,11 @@ class Scheduler:
             raise SchedulerError(
                 f"seeder progress {known!r} for task {digest}: want {held}..{task.layout.count}"
             )
+        if now is not None and known > held:
+            now = self._clock(now)
+            took = (now - task.progress_at) / (known - held)
+            task.progress_at = now
+            self._piece_time = _average(self._piece_time, took)
         task.seeder.pieces.update((1 << known) - 1)
 
     def seeder_done(self, digest: Digest, ok: bool) -> None:
@@ -386,6 +415,7 @@ class Scheduler:
         else:
             self._unindex(task, peer)
             self._lose(task, peer.pieces.bits, peer.zone, peer_id)
+            self._claim(task, peer, 0)  # in its old zone
             peer.address, peer.zone, peer.slots = address, zone, slots
             if have is not None:
                 peer.pieces = have.copy()  # the peer's word is final, e.g. after losing its cache
@@ -423,7 +453,9 @@ class Scheduler:
                         self._gain(task, 1 << index, peer.zone, peer_id)
         except BitfieldError as exc:
             raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
-        self._touch(task, peer, self._clock(now))
+        now = self._clock(now)
+        self._call_gap = _average(self._call_gap, now - peer.last_seen)
+        self._touch(task, peer, now)
         if not had_any:
             self._reindex(task, peer)
         if want_parents:
@@ -622,12 +654,47 @@ class Scheduler:
         return parent.pieces.bits
 
     def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
-        return Assignment(
-            task.state,
-            tuple(
-                ParentInfo(p.peer_id, p.address, p.zone, self._offer(task, p, peer))
-                for p in peer.parents.values()
-            ),
+        parents = tuple(
+            ParentInfo(p.peer_id, p.address, p.zone, self._offer(task, p, peer))
+            for p in peer.parents.values()
+        )
+        # the rare pieces the seeder now offers are this peer's claims (none without it)
+        claimed = 0
+        for info in parents:
+            if info.peer_id == self._seeder_id:
+                claimed = info.pieces.bits & task.rare_in(peer.zone) & ~peer.pieces.bits
+        self._claim(task, peer, claimed)
+        return Assignment(task.state, parents)
+
+    def _claim(self, task: _Task, child: _Peer, bits: int) -> None:
+        """The seeder now offers `child` exactly `bits`: keep the zone's counts and mask."""
+        old = child.claimed
+        if bits == old:
+            return
+        zone = child.zone
+        counts = task.claims.setdefault(zone, {})
+        offered = task.offered.get(zone, 0)
+        for i in iter_bits(old & ~bits):
+            if counts[i] == 1:
+                del counts[i]
+                offered &= ~(1 << i)
+            else:
+                counts[i] -= 1
+        for i in iter_bits(bits & ~old):
+            counts[i] = counts.get(i, 0) + 1
+            offered |= 1 << i
+        task.offered[zone] = offered
+        child.claimed = bits
+
+    def _one_copy(self) -> bool:
+        """Whether the seeder should offer each rare piece to one child at a time: its pieces
+        come in slower than peers call (see _seeder_offer)."""
+        ratio = self._config.seeder_one_copy_above
+        return (
+            ratio > 0
+            and self._piece_time is not None
+            and self._call_gap is not None
+            and self._piece_time > ratio * self._call_gap
         )
 
     def _unindex(self, task: _Task, peer: _Peer) -> None:
@@ -656,6 +723,8 @@ class Scheduler:
         self._reindex(task, parent)
 
     def _unlink(self, task: _Task, parent: _Peer, child: _Peer) -> None:
+        if parent.is_seeder:
+            self._claim(task, child, 0)
         del parent.children[child.peer_id]
         del child.parents[parent.peer_id]
         self._stats["releases"] += 1
@@ -699,26 +768,49 @@ class Scheduler:
         has nothing left for it, any rare piece; when nothing is rare, everything, but only to
         a child with no peer parent at all (the last resort).
 
-        Not done, on purpose: keeping the other children off a piece while its stripe's owner
-        fetches it. Behind a supernode no faster than its hosts that sends each new piece out
-        once instead of to every child (simulator, 8 hosts at 100 Mbit/s: 2.2x -> 1.6x the
-        bound), but behind a fast one it starved small swarms (8 hosts, 1 Gbit/s, supernode
-        10 Gbit/s: p50 0.23 s -> 0.62 s) and depended on the order of registrations, so the
-        full-stack engine disagreed with the fast one. It needs the supernode to know how its
-        uplink compares with its children's downlinks (see the issue notes)."""
+        One copy at a time, when the seeder is slow: while a piece takes the seeder longer
+        to read from the registry than the average gap between two calls of a peer (both
+        moving averages; ``seeder_one_copy_above`` scales the comparison), a rare piece the
+        seeder offers one child of a zone is offered to nobody else there, and that child
+        keeps being offered it until it holds it or a peer announced it. The others get the
+        piece from a peer, one hop later. Why: the seeder's uplink is shared by its copies,
+        so behind a seeder no faster than its hosts eight copies of the first pieces each go
+        at an eighth of its speed, land late, and the seeder sends each piece several times
+        while new ones wait (simulator, 100 Mbit/s everywhere, 8 / 32 hosts: 2.21x -> 1.70x
+        and 5.96x -> 2.71x the bound, supernode upload 1.80x -> 1.00x and 5.70x -> 1.98x the
+        image; the full-stack engine, 8 hosts: 2.21x -> 1.54x). When pieces come in faster
+        than peers call, a hop through a peer costs more than the extra copy, and every
+        child lacking a rare piece is offered it as before (a small swarm behind a fast
+        supernode waits a hop per piece otherwise: 8 hosts at 1 Gbit/s, 1+3 pieces, 1.75x ->
+        4.6x the bound). The reading time stands in for the seeder's uplink, which the
+        scheduler cannot see: a proxy that holds while the supernode's uplink is not much
+        faster than its registry link (a fast uplink behind a slow registry is held to one
+        copy when more would do). Which child of a zone gets a piece first depends on who
+        calls first, not on the order of registration. Tried and not kept: holding the last
+        resort (everything, to a child without peer parents) to one copy too: less supernode
+        upload, no faster, and the two storm engines then disagreed by 16-18% on a 16-host
+        slow-seeder storm."""
         seeder = task.seeder.pieces.bits
         if not self._config.seeder_rare_below:
             return seeder
         rare = seeder & task.rare_in(child.zone) & ~child.pieces.bits
+        one_copy = self._one_copy()
+        mine = taken = 0
+        if one_copy:
+            mine = rare & child.claimed
+            taken = rare & task.offered.get(child.zone, 0) & ~child.claimed
+            rare &= ~taken
         # no more stripes than peers, dealt in order of arrival: every stripe has an owner
         k = min(self._config.seeder_stripes, len(task.peers))
         if k > 1:
             stripe = rare & task.stripe(child.ordinal % k, k)
             if stripe:
-                return stripe
+                return stripe | mine
+        if mine:
+            return mine
         if rare:
             return rare
-        if any(not p.is_seeder for p in child.parents.values()):
+        if taken or any(not p.is_seeder for p in child.parents.values()):
             return 0
         return seeder
 
@@ -796,6 +888,13 @@ class Scheduler:
             if (useful := p.pieces.bits & lacking) and pid not in parents and pid not in shunned
         ]
         return heapq.nsmallest(wanted, keys)
+
+
+_EWMA = 0.1  # weight of a new sample in the scheduler's moving averages
+
+
+def _average(mean: float | None, sample: float) -> float:
+    return sample if mean is None else mean + _EWMA * (sample - mean)
 
 
 def _check_id(peer_id: str) -> None:

@@ -854,3 +854,91 @@ def test_an_evicted_seeder_offers_nothing_and_peers_carry_on() -> None:
     with pytest.raises(SchedulerError, match="state FETCHING"):
         fetching = sched(4, ready=False)
         fetching.seeder_evicted(D)
+
+
+# -- one copy at a time behind a slow seeder -----------------------------------------------------
+
+
+def seeder_offer(a: Assignment) -> list[int]:
+    return next((list(p.pieces) for p in a.parents if p.peer_id == SEEDER), [])
+
+
+def slow_seeder(**cfg: Any) -> Scheduler:
+    """Two peers calling every 0.1 s or so, a seeder reading a piece every 2 s."""
+    s = sched(4, ready=False, **cfg)
+    s.register(D, "a", "", "", 0.0)
+    s.register(D, "b", "", "", 0.0)
+    s.announce(D, "a", [], 0.1)
+    s.announce(D, "b", [], 0.1)
+    s.seeder_progress(D, 1, 2.0)
+    return s
+
+
+def test_a_slow_seeder_offers_a_rare_piece_to_one_child_at_a_time() -> None:
+    s = slow_seeder()
+    assert seeder_offer(s.announce(D, "a", [], 2.1)) == [0]
+    b = s.announce(D, "b", [], 2.1)
+    assert names(b) == []  # piece 0 is on its way to a: b waits for a, not for the seeder
+    s.seeder_progress(D, 2, 4.0)
+    assert seeder_offer(s.announce(D, "b", [], 4.1)) == [1]  # the next piece goes to b
+    assert seeder_offer(s.announce(D, "a", [], 4.1)) == [0]  # a keeps its piece, not b's
+    s.announce(D, "a", [0], 4.2)
+    b = s.announce(D, "b", [], 4.3)
+    assert sorted(names(b)) == ["a", SEEDER] and seeder_offer(b) == [1]  # piece 0 from a now
+
+
+def test_a_childs_rare_pieces_stay_offered_until_it_holds_them() -> None:
+    s = slow_seeder(seeder_stripes=2)  # stripes: a the even pieces, b the odd ones
+    assert seeder_offer(s.announce(D, "b", [], 2.1)) == [0]  # b's stripe is empty: any rare
+    s.seeder_progress(D, 2, 4.0)
+    # piece 1 is b's stripe; piece 0 stays in b's offer, and a does not get it
+    assert seeder_offer(s.announce(D, "b", [], 4.1)) == [0, 1]
+    assert names(s.announce(D, "a", [], 4.1)) == []
+    assert seeder_offer(s.register(D, "c", "", "", 4.2)) == []
+
+
+def test_a_slow_seeder_still_gives_the_last_resort_to_each_child_without_peers() -> None:
+    s = slow_seeder()
+    s.register(D, "h", "", "", 2.0, upload_slots=0, have=bf("1..."))  # holds 0, serves nobody
+    # piece 0 is not rare (h holds it), so no claim: every child with no peer parent gets it
+    assert seeder_offer(s.announce(D, "a", [], 2.1)) == [0]
+    assert seeder_offer(s.announce(D, "b", [], 2.1)) == [0]
+
+
+def test_a_fast_seeder_offers_a_rare_piece_to_every_child() -> None:
+    s = sched(4, ready=False)
+    s.seeder_progress(D, 1, 0.01)  # pieces come in much faster than peers call
+    s.register(D, "a", "", "", 0.0)
+    s.register(D, "b", "", "", 0.0)
+    s.announce(D, "a", [], 1.0)
+    s.announce(D, "b", [], 1.0)
+    assert seeder_offer(s.announce(D, "a", [], 2.0)) == [0]
+    assert seeder_offer(s.announce(D, "b", [], 2.0)) == [0]
+
+
+def test_without_timing_or_with_the_rule_off_every_child_is_offered_the_piece() -> None:
+    for s in (slow_seeder(seeder_one_copy_above=0.0), sched(4, ready=False)):
+        if s.config.seeder_one_copy_above:  # no time given with the progress: no measure
+            s.register(D, "a", "", "", 0.0)
+            s.register(D, "b", "", "", 0.0)
+            s.announce(D, "a", [], 0.1)
+            s.announce(D, "b", [], 0.1)
+            s.seeder_progress(D, 1)
+        assert seeder_offer(s.announce(D, "a", [], 2.1)) == [0]
+        assert seeder_offer(s.announce(D, "b", [], 2.1)) == [0]
+
+
+def test_a_claim_ends_when_its_child_leaves_or_changes_zone() -> None:
+    s = slow_seeder()
+    assert seeder_offer(s.announce(D, "a", [], 2.1)) == [0]
+    s.leave(D, "a")
+    assert seeder_offer(s.announce(D, "b", [], 2.2)) == [0]
+    s.register(D, "b", "", "elsewhere", 2.3)  # its old zone's claim goes with it
+    s.register(D, "c", "", "", 2.3)
+    assert seeder_offer(s.announce(D, "c", [], 2.4)) == [0]
+    assert seeder_offer(s.announce(D, "b", [], 2.4)) == [0]  # its new zone has no copy
+
+
+def test_seeder_one_copy_above_must_not_be_negative() -> None:
+    with pytest.raises(SchedulerError, match="seeder_one_copy_above"):
+        SchedulerConfig(seeder_one_copy_above=-1.0)
