@@ -375,7 +375,7 @@ class Sim:
         if dead.dead:
             return
         dead.dead = True
-        cut = [self.tags.pop(flow, None) for flow in self.net.remove_host(dead.host, self.now)]
+        self._cut_host(dead.host, drive=False)
         alive = [k for k, sn in enumerate(self.supernodes) if not sn.dead]
         for layer in self.layers:
             if layer.supernode != index:
@@ -389,16 +389,6 @@ class Sim:
                     heir.scheduler.seeder_done(layer.digest, ok=True)
                 else:
                     self._seed(layer)
-        failed: list[tuple[_Pull, Request]] = []
-        for tag in cut:
-            if not isinstance(tag, tuple) or not isinstance(tag[0], _Pull):
-                continue
-            pull, request = tag
-            if not pull.done and pull.flows.pop(request, None) is not None:
-                failed.append((pull, request))
-        for pull, request in failed:
-            if not pull.done:
-                pull.session.on_failure(request, False, self.now)
         # Every pull of the lost layers makes a call soon (its announce timer, at most
         # announce_interval away) and fails over then; wake them all now, as a refused
         # connection is noticed at once.
@@ -483,18 +473,12 @@ class Sim:
             if self.progress is not None:
                 self.progress(self.completed, self.now)
 
-    def _leave(self, node: _Node) -> None:
-        """A host crashes mid-pull: its flows stop; others find out by failing to reach it."""
-        if node.completion is not None or node.gone:
-            return
-        node.gone = True
-        for pull in node.pulls:
-            pull.done = True
-            pull.flows.clear()
-        cut = [self.tags.pop(flow, None) for flow in self.net.remove_host(node.host, self.now)]
-        # Children whose transfers from this host were cut see failures. Take every cut flow
-        # off the books first: a child reacting to one failure may cancel its other requests
-        # to this host, whose flows the network has already dropped.
+    def _cut_host(self, host: int, *, drive: bool) -> None:
+        """Take `host` off the network: children whose transfers from it were cut see
+        failures (and, with `drive`, act on each at once). Every cut flow comes off the books
+        first: a child reacting to one failure may cancel its other requests to this host,
+        whose flows the network has already dropped."""
+        cut = [self.tags.pop(flow, None) for flow in self.net.remove_host(host, self.now)]
         failed: list[tuple[_Pull, Request]] = []
         for tag in cut:
             if not isinstance(tag, tuple) or not isinstance(tag[0], _Pull):
@@ -505,7 +489,18 @@ class Sim:
         for pull, request in failed:
             if not pull.done:
                 pull.session.on_failure(request, False, self.now)
-                self._drive(pull)
+                if drive:
+                    self._drive(pull)
+
+    def _leave(self, node: _Node) -> None:
+        """A host crashes mid-pull: its flows stop; others find out by failing to reach it."""
+        if node.completion is not None or node.gone:
+            return
+        node.gone = True
+        for pull in node.pulls:
+            pull.done = True
+            pull.flows.clear()
+        self._cut_host(node.host, drive=True)
         if self.progress is not None:
             self.progress(self.completed, self.now)
 
