@@ -304,10 +304,11 @@ class Seeder:
         """`_consume` the body while a second task keeps reading it.
 
         Hashing and writing a piece takes a worker thread a few milliseconds, longer on a
-        loaded host; reading only between pieces let the registry download fall to a third of
-        the link while the supernode served eight hosts (issue 5). The reader queues at most
-        `READ_AHEAD_CHUNKS` network chunks (httpcore reads 64 KiB at a time), so memory stays
-        bounded and a slow disk still slows the registry down through TCP.
+        loaded host, and the registry connection should not sit idle meanwhile. The reader
+        queues at most `READ_AHEAD_CHUNKS` network chunks (httpcore reads 64 KiB at a time),
+        so memory stays bounded and a slow disk still slows the registry down through TCP.
+        (The slow registry download seen in the 8-host namespace benchmark turned out to be
+        CPU: the supernode got 10-25 % of a core there; see the issue 5 notes.)
         """
         send, receive = trio.open_memory_channel[bytes](READ_AHEAD_CHUNKS)
         read_error: BaseException | None = None
