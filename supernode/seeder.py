@@ -60,6 +60,11 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUSES = frozenset({408, 429})
 # Network chunks the registry reader may queue ahead of hashing (64 KiB each from httpcore).
 READ_AHEAD_CHUNKS = 128
+# A read that returned less than this waits COALESCE_DELAY before the next one, so that more
+# bytes are waiting by then: behind a 100 Mbit/s link each read otherwise returns a packet or
+# two, and httpx/h11's per-read cost made the registry download most of the supernode's CPU.
+COALESCE_BELOW = 32 * 1024
+COALESCE_DELAY = 0.002
 
 
 class SeedError(Exception):
@@ -321,6 +326,8 @@ class Seeder:
                 try:
                     async for raw in body:
                         await send.send(raw)
+                        if len(raw) < COALESCE_BELOW:
+                            await trio.sleep(COALESCE_DELAY)
                 except (httpx.HTTPError, trio.BrokenResourceError) as exc:
                     # Surfaces after the consumer has used every byte that did arrive, so a
                     # retry resumes after the last whole piece, as before.
