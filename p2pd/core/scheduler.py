@@ -199,6 +199,7 @@ class _Task:
         "avail",
         "banned",
         "blame",
+        "call_gap",
         "claims",
         "digest",
         "free",
@@ -206,6 +207,7 @@ class _Task:
         "layout",
         "offered",
         "peers",
+        "piece_time",
         "progress_at",
         "rare",
         "seeder",
@@ -216,6 +218,12 @@ class _Task:
     def __init__(self, digest: Digest, layout: PieceLayout, seeder: _Peer, now: float) -> None:
         self.digest = digest
         self.progress_at = now  # when the seeder last reported progress (or started)
+        # Moving averages (None until measured) of the time the seeder takes to read a piece
+        # of this blob and of the gap between two calls of a peer downloading it: the
+        # one-copy rule of Scheduler._seeder_offer. Per task: a blob served from the store
+        # was never slow, and seeding peers' heartbeats are no download's rhythm.
+        self.piece_time: float | None = None
+        self.call_gap: float | None = None
         self.layout = layout
         self.state = TaskState.FETCHING
         self.seeder = seeder
@@ -292,10 +300,6 @@ class Scheduler:
         self._alive: OrderedDict[tuple[Digest, str], _Peer] = OrderedDict()
         self._now = float("-inf")
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
-        # Moving averages (None until measured) of the time the seeder takes to read a piece
-        # and of the gap between two calls of a peer: see _seeder_offer.
-        self._piece_time: float | None = None
-        self._call_gap: float | None = None
 
     @property
     def config(self) -> SchedulerConfig:
@@ -344,7 +348,7 @@ class Scheduler:
             now = self._clock(now)
             took = (now - task.progress_at) / (known - held)
             task.progress_at = now
-            self._piece_time = _average(self._piece_time, took)
+            task.piece_time = _average(task.piece_time, took)
         task.seeder.pieces.update((1 << known) - 1)
 
     def seeder_done(self, digest: Digest, ok: bool) -> None:
@@ -442,6 +446,7 @@ class Scheduler:
         task = self._task(digest)
         peer = self._peer(task, peer_id)
         had_any = peer.pieces.bits != 0
+        downloading = not peer.pieces.is_full()
         try:
             if isinstance(pieces, Bitfield):
                 if pieces.length != peer.pieces.length:
@@ -454,7 +459,8 @@ class Scheduler:
         except BitfieldError as exc:
             raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
         now = self._clock(now)
-        self._call_gap = _average(self._call_gap, now - peer.last_seen)
+        if downloading:
+            task.call_gap = _average(task.call_gap, now - peer.last_seen)
         self._touch(task, peer, now)
         if not had_any:
             self._reindex(task, peer)
@@ -686,15 +692,15 @@ class Scheduler:
         task.offered[zone] = offered
         child.claimed = bits
 
-    def _one_copy(self) -> bool:
-        """Whether the seeder should offer each rare piece to one child at a time: its pieces
-        come in slower than peers call (see _seeder_offer)."""
+    def _one_copy(self, task: _Task) -> bool:
+        """Whether the seeder should offer each rare piece of `task` to one child at a time:
+        its pieces came in slower than downloading peers call (see _seeder_offer)."""
         ratio = self._config.seeder_one_copy_above
         return (
             ratio > 0
-            and self._piece_time is not None
-            and self._call_gap is not None
-            and self._piece_time > ratio * self._call_gap
+            and task.piece_time is not None
+            and task.call_gap is not None
+            and task.piece_time > ratio * task.call_gap
         )
 
     def _unindex(self, task: _Task, peer: _Peer) -> None:
@@ -794,7 +800,7 @@ class Scheduler:
         if not self._config.seeder_rare_below:
             return seeder
         rare = seeder & task.rare_in(child.zone) & ~child.pieces.bits
-        one_copy = self._one_copy()
+        one_copy = self._one_copy(task)
         mine = taken = 0
         if one_copy:
             mine = rare & child.claimed
@@ -805,11 +811,13 @@ class Scheduler:
         if k > 1:
             stripe = rare & task.stripe(child.ordinal % k, k)
             if stripe:
-                return stripe | mine
+                return _first_bits(stripe | mine, _MAX_CLAIMS) if one_copy else stripe | mine
         if mine:
             return mine
         if rare:
-            return rare
+            # one copy at a time: a child claims a few pieces, not all (a lone first peer
+            # would otherwise hold every rare piece for everyone who comes after it)
+            return _first_bits(rare, _MAX_CLAIMS) if one_copy else rare
         if taken or any(not p.is_seeder for p in child.parents.values()):
             return 0
         return seeder
@@ -891,6 +899,20 @@ class Scheduler:
 
 
 _EWMA = 0.1  # weight of a new sample in the scheduler's moving averages
+# Pieces one child may claim from the seeder at a time under the one-copy rule: it fetches one
+# at a time from a parent anyway, and one more keeps that parent busy.
+_MAX_CLAIMS = 2
+
+
+def _first_bits(bits: int, n: int) -> int:
+    """The `n` lowest set bits of `bits`."""
+    out = 0
+    while bits and n:
+        low = bits & -bits
+        out |= low
+        bits ^= low
+        n -= 1
+    return out
 
 
 def _average(mean: float | None, sample: float) -> float:

@@ -37,8 +37,10 @@ Rules:
   (refused, reset, garbled), is dropped, reported (bad piece / unreachable) and never taken
   back from an assignment.
 - ``stall_timeout`` without a new verified piece, without a transfer in flight and without
-  the seeder publishing a new piece -- or a task the supernode reports as failed -- means the
-  swarm gave up on this blob (`Outbox.gave_up`); the driver falls back. A congested swarm
+  the seeder publishing a new piece -- or ``busy_stall_timeout`` without a verified or newly
+  published piece, transfers in flight or not (a parent that takes requests and never
+  delivers) -- or a task the supernode reports as failed -- means the swarm gave up on this
+  blob (`Outbox.gave_up`); the driver falls back. A congested swarm
   (transfers slow, the seeder behind a slow registry) is not a failed one: falling back there
   sends every host to the registry at once, the very storm the swarm exists to prevent
   (measured in the storm simulator, 32 hosts behind a 100 Mbit/s supernode: 8.8x the image
@@ -68,6 +70,10 @@ class SessionConfig:
     early_announce_interval: float = 0.2
     early_pieces: int = 40  # 0: no early announces
     stall_timeout: float = 15.0
+    # Transfers in flight hold off the stall timeout, but not for ever: a parent that takes
+    # requests and never delivers (requests expire and are asked again) must not keep the
+    # download in the swarm. No verified piece for this long gives up regardless.
+    busy_stall_timeout: float = 60.0
     max_connect_failures: int = 2
     picker: PickerConfig = field(default_factory=PickerConfig)
 
@@ -113,7 +119,8 @@ class DownloadSession:
         self.failures: dict[str, int] = {}
         self.known = 0
         self.failed_task = False
-        self.last_progress = now
+        self.last_progress = now  # a verified piece, or the seeder publishing a new one
+        self.last_busy = now  # the last poll that found transfers in flight
         self.next_announce = now + self.config.announce_interval
         self.idle_gap = self.config.min_announce_gap
         self._out = Outbox()
@@ -129,7 +136,11 @@ class DownloadSession:
 
     def next_wakeup(self) -> float:
         """When `poll` has something to do even if no transfer finishes."""
-        wake = min(self.next_announce, self.last_progress + self.config.stall_timeout)
+        wake = min(
+            self.next_announce,
+            max(self.last_progress, self.last_busy) + self.config.stall_timeout,
+            self.last_progress + self.config.busy_stall_timeout,
+        )
         deadline = self.picker.next_deadline()
         return wake if deadline is None else min(wake, deadline)
 
@@ -224,11 +235,19 @@ class DownloadSession:
             self._out.cancel.append(request)
         if self.failed_task:
             self._out.gave_up = "the supernode could not fetch the blob from the registry"
+        elif not self.is_complete() and now - self.last_progress >= self.config.busy_stall_timeout:
+            self._out.gave_up = (
+                f"no piece arrived for {self.config.busy_stall_timeout:g} s, transfers in "
+                f"flight or not ({self.picker.have.count()}/{self.layout.count} pieces)"
+            )
         elif self.live:
             # transfers are under way (each has its own deadline): waiting on them is not a
-            # stall, however congested the swarm is
-            self.last_progress = max(self.last_progress, now)
-        elif not self.is_complete() and now - self.last_progress >= self.config.stall_timeout:
+            # stall, however congested the swarm is -- up to busy_stall_timeout
+            self.last_busy = now
+        elif (
+            not self.is_complete()
+            and now - max(self.last_progress, self.last_busy) >= self.config.stall_timeout
+        ):
             self._out.gave_up = (
                 f"no piece arrived for {self.config.stall_timeout:g} s "
                 f"({self.picker.have.count()}/{self.layout.count} pieces)"

@@ -942,3 +942,26 @@ def test_a_claim_ends_when_its_child_leaves_or_changes_zone() -> None:
 def test_seeder_one_copy_above_must_not_be_negative() -> None:
     with pytest.raises(SchedulerError, match="seeder_one_copy_above"):
         SchedulerConfig(seeder_one_copy_above=-1.0)
+
+
+def test_one_copy_is_judged_per_blob_and_a_child_claims_only_a_few_pieces() -> None:
+    """A slow fetch of one blob says nothing about another served from the store; and under
+    the rule a lone first child does not hold every rare piece for those who come later."""
+    s = slow_seeder()
+    s.add_task(D2, PieceLayout(16, 1), 3.0)
+    s.seeder_done(D2, True)  # from the store: never slow
+    for peer in "pqr":
+        s.register(D2, peer, "", "", 3.0)
+        s.announce(D2, peer, [], 3.1)
+    assert len(seeder_offer(s.announce(D2, "q", [], 3.2))) == 16  # every rare piece, as before
+    assert s.children(D, SEEDER) == []  # and the slow blob is unchanged by it
+
+    t = sched(8, ready=False)
+    t.register(D, "a", "", "", 0.0)
+    t.announce(D, "a", [], 0.1)
+    t.seeder_progress(D, 1, 2.0)
+    t.seeder_progress(D, 6, 8.0)  # slow: 1.6 s a piece against 0.1 s between calls
+    first = seeder_offer(t.announce(D, "a", [], 8.1))  # alone: one stripe, every piece rare
+    assert len(first) == 2
+    late = seeder_offer(t.register(D, "late", "", "", 8.2))
+    assert late and not set(late) & set(first)  # pieces were left for the newcomer

@@ -175,6 +175,21 @@ def test_a_congested_swarm_is_not_a_stalled_one() -> None:
     assert "no piece arrived" in (s.poll(44.9).gave_up or "")
 
 
+def test_a_parent_that_never_delivers_does_not_hold_the_download_for_ever() -> None:
+    """Requests to a hung parent expire and are asked again, so something is always in
+    flight; the download still gives up once nothing arrived for busy_stall_timeout."""
+    s = session()
+    s.apply("ready", 8, [parent("hung")], 0.0)
+    now, gave_up = 0.0, None
+    while gave_up is None and now < 600:
+        out = s.poll(now)
+        gave_up = out.gave_up
+        if gave_up is None:
+            now += 1.0  # nothing ever arrives; the picker re-issues what expires
+    assert gave_up is not None and "transfers in flight" in gave_up
+    assert now == pytest.approx(CONFIG.busy_stall_timeout)
+
+
 def test_late_results_for_cancelled_requests_are_ignored() -> None:
     s = session()
     s.apply("ready", 8, [parent("a")], 0.0)
