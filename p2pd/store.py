@@ -55,7 +55,11 @@ class StorageError(Exception):
 
 
 class StorageFull(StorageError):
-    """Not enough room under the quota (or on the disk) even after eviction."""
+    """Not enough room under the quota (or on the disk) even after eviction. `evicted`: what
+    was evicted before the shortfall was found (the quota step can succeed and the disk step
+    fail), so that the caller can still account for it."""
+
+    evicted: tuple[Digest, ...] = ()
 
 
 @dataclass(slots=True)
@@ -176,15 +180,19 @@ class BlobStore:
     def reserve(self, size: int, keep: Digest | None = None) -> list[Digest]:
         """Make room for `size` more bytes under the quota and on the disk; return what was
         evicted. `keep` (a partial download about to be resumed) is not a candidate.
-        `StorageFull` (and nothing evicted) if that cannot be done."""
+        `StorageFull` if that cannot be done; its `evicted` names what went all the same."""
         evicted: list[Digest] = []
-        if self.quota is not None:
-            need = self.usage() + size - self.quota
-            if need > 0:
-                evicted += self._evict(need, f"under the {self.quota}-byte quota", keep)
-        short = self._disk_shortfall(size)
-        if short > 0:
-            evicted += self._evict(short, "on the disk", keep)
+        try:
+            if self.quota is not None:
+                need = self.usage() + size - self.quota
+                if need > 0:
+                    evicted += self._evict(need, f"under the {self.quota}-byte quota", keep)
+            short = self._disk_shortfall(size)
+            if short > 0:
+                evicted += self._evict(short, "on the disk", keep)
+        except StorageFull as exc:
+            exc.evicted = tuple(evicted)
+            raise
         return evicted
 
     def _evict(self, need: int, where: str, keep: Digest | None) -> list[Digest]:

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Iterable
 
 import httpx
 import trio
@@ -51,7 +52,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import LayoutError, PieceLayout
 from p2pd.core.scheduler import Assignment, ParentInfo, Scheduler, SchedulerError, TaskState
 from p2pd.http.server import FileRegion
-from p2pd.store import BlobStore, StorageError
+from p2pd.store import BlobStore, StorageError, StorageFull
 from supernode.config import SupernodeConfig
 from supernode.seeder import Seeder, Source, Task, UpstreamRefused
 
@@ -371,7 +372,15 @@ class Tracker:
                 busy = not task.done.is_set() or self.scheduler.downloading(other)
                 if other != digest and busy and other not in self._evicted:
                     in_use.enter_context(self.store.lease(other))
-            evicted = self.store.reserve(size)
+            try:
+                evicted = self.store.reserve(size)
+            except StorageFull as exc:
+                self._evicted_from_store(exc.evicted)
+                raise
+        self._evicted_from_store(evicted)
+
+    def _evicted_from_store(self, evicted: Iterable[Digest]) -> None:
+        """Account for blobs the store evicted: peers seed on, or the task goes."""
         for gone in evicted:
             if gone not in self._tasks:
                 continue

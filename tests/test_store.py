@@ -183,3 +183,16 @@ def test_orphaned_meta_files_are_removed_at_start(tmp_path: Path) -> None:
     (partial / f"{other.hex}.meta").write_bytes(b"stale")  # its .part is gone
     BlobStore(tmp_path)
     assert list(partial.iterdir()) == []
+
+
+def test_a_failed_reserve_still_names_what_it_evicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quota step may evict before the disk step finds no room: the caller must learn
+    what went (the supernode keeps tasks for its blobs)."""
+    store = BlobStore(tmp_path, quota_bytes=2000)
+    a, b = fill(store, 1), fill(store, 2)
+    monkeypatch.setattr(store, "_disk_shortfall", lambda size: 10**12)
+    with pytest.raises(StorageFull, match="on the disk") as failure:
+        store.reserve(500)
+    assert failure.value.evicted == (a,) and not store.has(a) and store.has(b)
