@@ -254,12 +254,24 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None
         raise ConfigError(exc.option, exc.message, source) from None
 
 
+# Variables Kubernetes puts in every pod for each Service of its namespace (a Service named
+# "p2pd" or "supernode" brings P2PD_PORT, SUPERNODE_SERVICE_HOST, ...): not ours, not errors.
+_SERVICE_LINK = re.compile(
+    r".*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
+def is_service_link(var: str) -> bool:
+    """Whether `var` looks like a Kubernetes service-link variable (see `_SERVICE_LINK`)."""
+    return _SERVICE_LINK.fullmatch(var) is not None
+
+
 def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     """The options set by ``P2PD_*`` variables, parsed to the TOML file's types."""
     out: dict[str, Any] = {}
     known = {env_name(o): o for o in (*OPTIONS, "config")}
     for var in sorted(environ):
-        if not var.startswith(ENV_PREFIX):
+        if not var.startswith(ENV_PREFIX) or (var not in known and is_service_link(var)):
             continue
         text = environ[var].strip()
         name = known.get(var)

@@ -54,6 +54,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from p2pd import wire
+from p2pd.config import is_service_link
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.scheduler import SchedulerConfig, SchedulerError
 
@@ -288,7 +289,7 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, object]:
     known = {o.env: o for o in OPTIONS}
     out: dict[str, object] = {}
     for var in sorted(environ):
-        if not var.startswith(ENV_PREFIX):
+        if not var.startswith(ENV_PREFIX) or (var not in known and is_service_link(var)):
             continue
         text = environ[var].strip()
         if var == ENV_PREFIX + "CONFIG":

@@ -251,3 +251,19 @@ def test_a_bad_flag_is_named_and_beats_a_good_variable() -> None:
     with pytest.raises(ConfigError) as info:
         parse_env(["--upload-slots", "100000"], {"P2PD_UPLOAD_SLOTS": "4"})
     assert (info.value.option, info.value.source) == ("upload_slots", "--upload-slots")
+
+
+def test_kubernetes_service_variables_are_not_ours() -> None:
+    """A Service named "p2pd" puts P2PD_PORT, P2PD_SERVICE_HOST, ... in every pod of its
+    namespace; they must not stop the daemon (other unknown names still do)."""
+    links = {
+        "P2PD_PORT": "tcp://10.96.0.9:65003",
+        "P2PD_PORT_65003_TCP_PROTO": "tcp",
+        "P2PD_SERVICE_HOST": "10.96.0.9",
+        "P2PD_SERVICE_PORT_PIECES": "65003",
+    }
+    config = parse_env([], {**links, "P2PD_UPLOAD_SLOTS": "4"})
+    assert config.upload_slots == 4
+    with pytest.raises(ConfigError) as info:
+        parse_env([], {**links, "P2PD_PORTS": "1"})
+    assert info.value.option == "P2PD_PORTS"

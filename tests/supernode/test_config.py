@@ -193,3 +193,20 @@ def test_a_bad_flag_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, {"fetch.retries": 101}, BASE_ENV)
     assert str(info.value) == "fetch.retries: must be 0..100, got 101 (set by --fetch-retries)"
+
+
+def test_kubernetes_service_variables_are_not_ours() -> None:
+    """A Service named "supernode" puts SUPERNODE_PORT, SUPERNODE_SERVICE_HOST, ... in every
+    pod of its namespace; they must not stop the daemon (other unknown names still do)."""
+    links = {
+        "SUPERNODE_PORT": "tcp://10.96.0.7:65002",
+        "SUPERNODE_PORT_65002_TCP": "tcp://10.96.0.7:65002",
+        "SUPERNODE_PORT_65002_TCP_ADDR": "10.96.0.7",
+        "SUPERNODE_SERVICE_HOST": "10.96.0.7",
+        "SUPERNODE_SERVICE_PORT": "65002",
+        "SUPERNODE_SERVICE_PORT_HTTP": "65002",
+    }
+    config = load_config(None, {}, {**BASE_ENV, **links})
+    assert str(config.data_dir) == "/d"
+    with pytest.raises(ConfigError, match="SUPERNODE_PORTS: unknown environment variable"):
+        load_config(None, {}, {**BASE_ENV, **links, "SUPERNODE_PORTS": "1"})
