@@ -565,9 +565,26 @@ class BlobManager:
                 jitter = exc.fleetwide
             except StorageError:
                 raise  # the cache's trouble, not the filler's: the next one would meet it too
-            except Exception:
+            except Exception as exc:
+                storage = _storage_error(exc)
+                if storage is not None:
+                    # the same trouble from inside a filler's own tasks (an exception group):
+                    # a full disk is not a filler bug, and the registry would meet it too
+                    raise storage from exc
                 if n == len(self.fillers) - 1:
                     raise
                 # a bug or a surprise in one filler must not cost the download its fallback
                 log.exception("%s failed on %s", type(filler).__name__, download.digest)
                 jitter = True
+
+
+def _storage_error(exc: BaseException) -> StorageError | None:
+    """The `StorageError` in `exc`, itself or inside (nested) exception groups."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _storage_error(inner)
+            if found is not None:
+                return found
+    return None

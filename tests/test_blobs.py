@@ -16,7 +16,7 @@ from p2pd.blobs import BackSource, BlobManager, BlobSource, Download, FillerGave
 from p2pd.core.digest import Digest
 from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
 from p2pd.http.server import FileRegion, ResponseAborted
-from p2pd.store import BlobStore
+from p2pd.store import BlobStore, StorageFull
 
 UPSTREAM = "http://registry.test"
 REPO = "library/app"
@@ -185,3 +185,26 @@ async def test_a_failed_download_is_forgotten_at_once(
     assert blobs.active(digest) is None
     registry.corrupt = False
     assert await collect(blobs.stream(digest, source, 0)) == data
+
+
+class DiskFullInsideFiller:
+    """A filler whose own task hit a full disk: it reaches the manager in an exception group,
+    as trio's nurseries deliver it."""
+
+    async def fill(self, download: Download, source: BlobSource) -> None:
+        raise ExceptionGroup("filler tasks", [StorageFull("no space left on the device")])
+
+
+async def test_a_full_disk_inside_a_filler_is_the_caches_trouble_not_a_filler_bug(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    digest, data = make_blob(2 * MIN_PIECE_SIZE, seed=9)
+    registry = FakeRegistry({digest: data})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(registry.handler))
+    store = BlobStore(tmp_path)
+    blobs = BlobManager(store, nursery, [DiskFullInsideFiller(), BackSource(client, attempts=1)])
+    got = await collect(blobs.stream(digest, BlobSource(UPSTREAM, REPO, None, len(data)), 0))
+    assert got == data  # streamed from the registry, verified, not cached
+    assert blobs.back_to_source == 0  # not handed to the next filler as if a filler bug
+    assert blobs.uncached == 1 and len(registry.gets) == 1
+    assert not store.has(digest)
