@@ -39,7 +39,7 @@ from typing import Protocol
 import httpx
 import trio
 
-from p2pd import offload
+from p2pd import excgroups, offload
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
@@ -566,7 +566,7 @@ class BlobManager:
             except StorageError:
                 raise  # the cache's trouble, not the filler's: the next one would meet it too
             except Exception as exc:
-                storage = _storage_error(exc)
+                storage = excgroups.find(exc, StorageError)
                 if storage is not None:
                     # the same trouble from inside a filler's own tasks (an exception group):
                     # a full disk is not a filler bug, and the registry would meet it too
@@ -576,15 +576,3 @@ class BlobManager:
                 # a bug or a surprise in one filler must not cost the download its fallback
                 log.exception("%s failed on %s", type(filler).__name__, download.digest)
                 jitter = True
-
-
-def _storage_error(exc: BaseException) -> StorageError | None:
-    """The `StorageError` in `exc`, itself or inside (nested) exception groups."""
-    if isinstance(exc, StorageError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _storage_error(inner)
-            if found is not None:
-                return found
-    return None

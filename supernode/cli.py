@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from p2pd import __version__, logs, sdnotify
+from p2pd import __version__, excgroups, logs, sdnotify
 from p2pd.store import StorageError
 from supernode.config import (
     LOG_FORMATS,
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(_serve_until_signalled, config)
     except BaseException as exc:
-        failure = _startup_failure(exc)
+        # the OS or storage error that stopped it: an operator's problem, no traceback
+        failure = excgroups.find(exc, OSError, StorageError)
         if failure is None:
             raise
         log.error("cannot run: %s", failure)
@@ -136,19 +137,6 @@ async def _serve_until_signalled(config: SupernodeConfig) -> None:
                 sdnotify.notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
-
-
-def _startup_failure(exc: BaseException) -> BaseException | None:
-    """The OS or storage error inside `exc` (possibly an exception group), if that is what
-    stopped the daemon: an operator's problem, reported without a traceback."""
-    if isinstance(exc, OSError | StorageError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _startup_failure(inner)
-            if found is not None:
-                return found
-    return None
 
 
 if __name__ == "__main__":
