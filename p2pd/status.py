@@ -9,7 +9,7 @@ show rates. The raw counters follow the summary, one ``name value`` per line, fo
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -28,20 +28,29 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def fetch(url: str) -> dict[str, Any]:
+def get_json(
+    url: str, who: str, hint: str, valid: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """GET `url` and return its JSON object; `StatusError` naming `who` (the daemon asked)
+    and `hint` (what else the address may be) when nothing answers or the answer is not the
+    JSON object `valid` accepts."""
     try:
         response = httpx.get(url, timeout=5)
     except httpx.HTTPError as exc:
-        raise StatusError(f"no daemon answers at {url}: {exc}") from None
+        raise StatusError(f"no {who} answers at {url}: {exc}") from None
     if response.status_code != 200:
-        raise StatusError(f"{url} answered {response.status_code}: not p2pd's peer port?")
+        raise StatusError(f"{url} answered {response.status_code}: {hint}")
     try:
         body = response.json()
     except ValueError:
-        raise StatusError(f"{url} did not answer JSON: not p2pd's peer port?") from None
-    if not isinstance(body, dict) or "bytes_to_clients" not in body:
-        raise StatusError(f"{url} has no p2pd counters: not p2pd's peer port?")
+        raise StatusError(f"{url} did not answer JSON: {hint}") from None
+    if not isinstance(body, dict) or not valid(body):
+        raise StatusError(f"{url} has no {who} status in its answer: {hint}")
     return body
+
+
+def fetch(url: str) -> dict[str, Any]:
+    return get_json(url, "daemon", "not p2pd's peer port?", lambda b: "bytes_to_clients" in b)
 
 
 def sample(url: str, interval: float) -> tuple[dict[str, Any], dict[str, Any] | None, float]:

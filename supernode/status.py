@@ -19,15 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from p2pd.core.layout import LayoutError, PieceLayout
-from p2pd.status import human
+from p2pd.status import StatusError, get_json, human
 from supernode.config import DEFAULT_LISTEN, format_hostport, parse_hostport
-
-
-class StatusError(Exception):
-    """Nothing usable answered; the text says where and why."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,19 +86,12 @@ def base_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
 
 
 def fetch(url: str) -> dict[str, Any]:
-    try:
-        response = httpx.get(f"{url}/status", timeout=5)
-    except httpx.HTTPError as exc:
-        raise StatusError(f"no supernode answers at {url}: {exc}") from None
-    if response.status_code != 200:
-        raise StatusError(f"{url}/status answered {response.status_code}: not a supernode?")
-    try:
-        body = response.json()
-    except ValueError:
-        raise StatusError(f"{url}/status did not answer JSON: not a supernode?") from None
-    if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
-        raise StatusError(f"{url}/status has no task list: not a supernode?")
-    return body
+    return get_json(
+        f"{url}/status",
+        "supernode",
+        "not a supernode?",
+        lambda body: isinstance(body.get("tasks"), list),
+    )
 
 
 def _fetching(status: Mapping[str, Any]) -> bool:
