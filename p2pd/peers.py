@@ -153,8 +153,8 @@ class PieceFetchError(Exception):
 
 
 # A body read shorter than COALESCE_BELOW waits COALESCE_DELAY before the next: behind a
-# 100 Mbit/s link reads then bring ~25 KiB instead of 1-4 KiB (the supernode's registry reads,
-# which work the same way, cost 3.5x less CPU for it; supernode/seeder.py).
+# 100 Mbit/s link reads then bring ~25 KiB instead of 1-4 KiB (the supernode's registry reads
+# use the same rule and cost 3.5x less CPU for it; supernode/seeder.py).
 COALESCE_BELOW = 32 * 1024
 COALESCE_DELAY = 0.002
 

@@ -51,6 +51,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import ManifestBuilder, PieceManifest
 from p2pd.core.scheduler import Scheduler, TaskState
+from p2pd.peers import COALESCE_BELOW, COALESCE_DELAY
 from p2pd.store import BlobStore, PartialBlob, StorageError
 from supernode.config import FetchConfig
 
@@ -60,11 +61,6 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUSES = frozenset({408, 429})
 # Network chunks the registry reader may queue ahead of hashing (64 KiB each from httpcore).
 READ_AHEAD_CHUNKS = 128
-# A read that returned less than this waits COALESCE_DELAY before the next one, so that more
-# bytes are waiting by then: behind a 100 Mbit/s link each read otherwise returns a packet or
-# two, and httpx/h11's per-read cost made the registry download most of the supernode's CPU.
-COALESCE_BELOW = 32 * 1024
-COALESCE_DELAY = 0.002
 
 
 class SeedError(Exception):
@@ -327,6 +323,9 @@ class Seeder:
                     async for raw in body:
                         await send.send(raw)
                         if len(raw) < COALESCE_BELOW:
+                            # let more bytes gather: behind a 100 Mbit/s link each read would
+                            # bring a packet or two, and httpx/h11's per-read cost made the
+                            # registry download most of the supernode's CPU
                             await trio.sleep(COALESCE_DELAY)
                 except (httpx.HTTPError, trio.BrokenResourceError) as exc:
                     # Surfaces after the consumer has used every byte that did arrive, so a
