@@ -278,15 +278,7 @@ class Sim:
                 self._fall_back(pull)
                 continue
             self.control_messages += 1
-            assignment = sn.scheduler.register(
-                layer.digest,
-                node.peer_id,
-                node.peer_id,
-                node.zone,
-                self.now,
-                upload_slots=self.upload_slots,
-            )
-            self._apply(pull, assignment)
+            self._register(pull, sn)
             self._drive(pull)
 
     def _apply(self, pull: _Pull, assignment: Assignment) -> None:
@@ -351,10 +343,15 @@ class Sim:
             self.control_messages += 1  # the refused call
             self._fall_back(pull)
             return None
-        node = self.nodes[pull.node]
         sn = self.supernodes[pull.layer.supernode]
         self.control_messages += 2  # the refused call, then the register elsewhere
         pull.supernode = pull.layer.supernode
+        self._register(pull, sn)
+        return sn.scheduler
+
+    def _register(self, pull: _Pull, sn: _Supernode) -> None:
+        """`pull` registers with `sn`, carrying the pieces it holds, and takes the reply."""
+        node = self.nodes[pull.node]
         have = pull.session.have
         assignment = sn.scheduler.register(
             pull.layer.digest,
@@ -366,7 +363,6 @@ class Sim:
             have=None if have.is_empty() else have,
         )
         self._apply(pull, assignment)
-        return sn.scheduler
 
     def _supernode_fails(self, index: int) -> None:
         """Supernode `index` dies: its transfers break, its layers move to the next live
