@@ -965,3 +965,42 @@ def test_one_copy_is_judged_per_blob_and_a_child_claims_only_a_few_pieces() -> N
     assert len(first) == 2
     late = seeder_offer(t.register(D, "late", "", "", 8.2))
     assert late and not set(late) & set(first)  # pieces were left for the newcomer
+
+
+def _storm_start(**cfg: Any) -> Scheduler:
+    """Two holders with one slot each, both taken by `rich`; the seeder has no slot."""
+    s = sched(seeder_upload_slots=0, **cfg)
+    s.register(D, "h1", "", "a", 0.0, upload_slots=1, have=bf("11.."))
+    s.register(D, "h2", "", "a", 0.0, upload_slots=1, have=bf("11.."))
+    rich = s.register(D, "rich", "", "a", 0.0)
+    assert sorted(names(rich)) == ["h1", "h2"]
+    return s
+
+
+def test_a_child_without_parents_borrows_a_slot_from_a_child_with_several() -> None:
+    s = _storm_start(borrow_below=1, borrow_from=2)
+    poor = s.register(D, "poor", "", "a", 1.0)
+    assert len(names(poor)) == 1  # one slot borrowed: enough to get going
+    lender = names(poor)[0]
+    assert s.children(D, lender) == ["poor"]
+    assert s.parents_of(D, "rich") == [p for p in ("h1", "h2") if p != lender]
+    check_links(s, D, {"h1": 1, "h2": 1, "rich": 8, "poor": 8})
+
+
+def test_no_borrowing_from_a_child_without_parents_to_spare_or_when_off() -> None:
+    for cfg in ({"borrow_below": 0}, {"borrow_below": 1, "borrow_from": 3}):
+        s = _storm_start(**cfg)
+        assert names(s.register(D, "poor", "", "a", 1.0)) == [], cfg
+        assert sorted(s.parents_of(D, "rich")) == ["h1", "h2"], cfg
+
+
+def test_no_borrowing_from_a_holder_with_nothing_the_child_lacks() -> None:
+    s = _storm_start(borrow_below=1, borrow_from=2)
+    poor = s.register(D, "poor", "", "a", 1.0, have=bf("11.."))
+    assert names(poor) == []
+    assert sorted(s.parents_of(D, "rich")) == ["h1", "h2"]
+
+
+def test_no_borrowing_across_zones() -> None:
+    s = _storm_start(borrow_below=1, borrow_from=2)
+    assert names(s.register(D, "poor", "", "b", 1.0)) == []
