@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="supernode 0 dies at this time (fast engine only)",
     )
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        help="round-trip time of a request (control call, piece request), ms (fast engine only)",
+    )
+    p.add_argument(
+        "--supernode-msgs-per-s",
+        type=float,
+        help="control messages one supernode answers per second; calls queue behind "
+        "(default: no limit; fast engine only)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--engine",
@@ -121,12 +132,28 @@ def main(argv: list[str] | None = None) -> int:
         changes["arrival_spread"] = args.arrival_spread
     if args.supernode_failure_at is not None:
         changes["supernode_failure_at"] = args.supernode_failure_at
+    if args.latency_ms is not None:
+        changes["latency"] = args.latency_ms / 1000
+    if args.supernode_msgs_per_s is not None:
+        changes["supernode_rate"] = args.supernode_msgs_per_s
     if args.seed is not None:
         changes["seed"] = args.seed
     scenario = replace(s, **changes) if changes else s  # type: ignore[arg-type]
-    if args.engine != "fast" and scenario.supernode_failure_at is not None:
+    if scenario.latency < 0 or scenario.supernode_rate < 0:
+        print("p2p-bench storm: latency and supernode rate must not be negative", file=sys.stderr)
+        return 2
+    fast_only = [
+        what
+        for what, used in (
+            ("a supernode failure", scenario.supernode_failure_at is not None),
+            ("latency", scenario.latency > 0),
+            ("a supernode message rate", scenario.supernode_rate > 0),
+        )
+        if used
+    ]
+    if args.engine != "fast" and fast_only:
         print(
-            "p2p-bench storm: a supernode failure is modelled by the fast engine only",
+            f"p2p-bench storm: {', '.join(fast_only)}: modelled by the fast engine only",
             file=sys.stderr,
         )
         return 2

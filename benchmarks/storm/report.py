@@ -101,7 +101,13 @@ class Scenario:
     churn: float = 0.0  # share of nodes that leave at a random moment mid-pull
     arrival_spread: float = 0.0  # seconds over which nodes start (0 = all at once)
     supernode_failure_at: float | None = None
-    latency: float = 0.0  # seconds per request
+    # Round-trip time of one request, seconds: a control call's reply comes this long after it
+    # is sent (plus any wait at a busy supernode), a piece starts flowing this long after it is
+    # asked for. Fast engine only.
+    latency: float = 0.0
+    # Control messages one supernode answers per second (its CPU; 0: no limit). Calls queue
+    # at a supernode that is behind. Fast engine only.
+    supernode_rate: float = 0.0
     seed: int = 1
 
     @property
@@ -421,6 +427,15 @@ def _mib(v: float | None) -> str:
     return "-" if v is None else f"{v / _MIB:.1f} MiB"
 
 
+def _control_model(scenario: dict[str, Any]) -> str:
+    latency = scenario.get("latency", 0.0)
+    rate = scenario.get("supernode_rate", 0.0)
+    return (
+        f"round trip {latency * 1000:g} ms  "
+        f"supernode {f'{rate:g} messages/s' if rate else 'answers at once'}"
+    )
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """A fixed-width table of a `summarize` result, for a terminal."""
     b = summary["bound"]
@@ -432,6 +447,7 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{summary['nodes']} nodes ({summary['completed']} completed, {summary['left']} left)  "
         f"image {_mib(summary['image_bytes'])}  wall {_sec(summary['wall_seconds'])} s",
         f"lower bound {_sec(b['seconds'])} s  ({b['dominant']} dominates; {terms})",
+        _control_model(summary["scenario"]),
         "",
         f"{'seconds from own start':<24}" + "".join(f"{k:>11}" for k in keys),
         f"{'p2p':<24}" + "".join(f"{_sec(d[k]):>11}" for k in keys),

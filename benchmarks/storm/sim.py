@@ -23,7 +23,15 @@ connection refused -- and registers with the next live supernode, carrying the p
 again. With no live supernode left the pull falls back to the registry for what it lacks.
 Layers are dealt to supernodes by index, not by the daemon's rendezvous hashing.
 
-Not modelled yet (see the issue notes): per-request latency (``Scenario.latency``), TCP dynamics.
+Latency and a busy supernode (``Scenario.latency``, ``Scenario.supernode_rate``), when set: a
+pull's control call (register, announce, reports) reaches its supernode half a round trip after
+it is sent, waits there behind the calls that came first (each takes ``1 / supernode_rate`` of
+the supernode's time), and its reply arrives half a round trip after it was decided; meanwhile
+the pull waits for the reply as the daemon's loop does (transfers go on, their results are
+handled when it resumes). A piece starts flowing one round trip after it is asked for. The
+last announce of a finished layer is sent without waiting. With both at 0 every call is
+answered at once, as before. Not modelled: TCP dynamics, latency of the seeder's registry
+fetch and of the naive pulls (one request per blob).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ class _Supernode:
     scheduler: Scheduler
     uploaded: float = 0.0
     dead: bool = False
+    free_at: float = 0.0  # when it has answered every call that reached it
 
 
 @dataclass
@@ -83,6 +92,8 @@ class _Pull:
     done: bool = False
     fallback_flow: int | None = None
     supernode: int = 0  # the supernode this pull is registered with
+    calling: bool = False  # waiting for a supernode's reply (latency / a busy supernode)
+    asked: dict[Request, int] = field(default_factory=dict)  # requests not flowing yet: token
 
 
 @dataclass
@@ -95,6 +106,17 @@ class _Node:
     pulls: list[_Pull] = field(default_factory=list)
     completion: float | None = None
     gone: bool = False
+
+
+@dataclass
+class _Call:
+    """A control call on its way: what its supernode does with it, once it gets to it."""
+
+    pull: _Pull
+    supernode: int
+    decide: Callable[[Scheduler], Assignment | None]
+    wait: bool  # the pull waits for the reply (every call but a finished layer's last)
+    assignment: Assignment | None = None
 
 
 class Sim:
@@ -161,6 +183,10 @@ class Sim:
         self.egress_timeline: list[tuple[float, float]] = [(0.0, 0.0)]
         self.completed = 0
         self.tags: dict[int, object] = {}  # flow id -> what it carries (for cut flows)
+        # control calls and piece requests take time (see the module docstring)
+        self.delayed = scenario.latency > 0 or scenario.supernode_rate > 0
+        self.service = 1 / scenario.supernode_rate if scenario.supernode_rate > 0 else 0.0
+        self.tokens = 0
         leavers = self.rng.sample(range(scenario.nodes), round(scenario.churn * scenario.nodes))
         self.leave_at = {i: -1.0 for i in leavers}  # decided once the naive time is known
 
@@ -235,6 +261,15 @@ class Sim:
         elif kind == "supernode_fails":
             assert isinstance(payload, int)
             self._supernode_fails(payload)
+        elif kind == "decide":
+            assert isinstance(payload, _Call)
+            self._decide(payload)
+        elif kind == "reply":
+            assert isinstance(payload, _Call)
+            self._reply(payload)
+        elif kind == "request":
+            assert isinstance(payload, tuple)
+            self._request_arrives(*payload)
 
     # -- the seeder ---------------------------------------------------------------------------
 
@@ -278,7 +313,7 @@ class Sim:
                 self._fall_back(pull)
                 continue
             self.control_messages += 1
-            self._register(pull, sn)
+            self._register(pull, layer.supernode)
             self._drive(pull)
 
     def _apply(self, pull: _Pull, assignment: Assignment) -> None:
@@ -288,81 +323,162 @@ class Sim:
     def _drive(self, pull: _Pull) -> None:
         """Carry out what the session decided, as the daemon's swarm loop does."""
         node = self.nodes[pull.node]
-        digest = pull.layer.digest
         session = pull.session
-        while not pull.done and not node.gone:
-            sched = self._control(pull)
-            if sched is None:
-                return
+        while not pull.done and not node.gone and not pull.calling:
+            if not self._control(pull) or pull.calling:
+                return  # gone to the registry, or registering with another supernode
             out = session.poll(self.now)
             for request in out.cancel:
+                pull.asked.pop(request, None)
                 flow = pull.flows.pop(request, None)
                 if flow is not None:
                     self.net.cancel_flow(flow, self.now)
                     self.tags.pop(flow, None)
             for request in out.fetch:
                 self._fetch(pull, request)
-            for parent, index, reason in out.reports:
-                self.control_messages += 1
-                if reason == REPORT_UNREACHABLE:
-                    a = sched.report_unreachable(digest, node.peer_id, parent, self.now)
-                else:
-                    a = sched.report_bad_piece(digest, node.peer_id, parent, index, self.now)
-                self._apply(pull, a)
+            announce = out.announce and out.gave_up is None and not session.is_complete()
+            if out.reports or announce:
+                self._report_and_announce(pull, out.reports, announce)
             if out.gave_up is not None:
                 self._fall_back(pull)
                 return
             if session.is_complete():
-                pieces, _ = session.take_announce(self.now)
-                self.control_messages += 1
-                sched.announce(digest, node.peer_id, pieces, self.now, want_parents=False)
+                self._last_announce(pull)
                 self._layer_done(pull)
                 return
-            if out.announce:
-                pieces, want = session.take_announce(self.now)
-                self.control_messages += 1
-                self._apply(pull, sched.announce(digest, node.peer_id, pieces, self.now, want))
+            if out.reports or announce:
                 continue
-            if not out.cancel and not out.fetch and not out.reports:
+            if not out.cancel and not out.fetch:
                 break
+        if pull.calling:
+            return  # the reply drives it on
         if not pull.done:
             wake = session.next_wakeup()
             if wake < pull.wake:
                 pull.wake = wake
                 self._push(wake, "wake", pull)
 
-    def _control(self, pull: _Pull) -> Scheduler | None:
-        """The scheduler this pull talks to, after failing over if its supernode died (as
-        the daemon finds out: its next call is refused). None: no supernode is left and the
-        pull went to the registry."""
+    def _report_and_announce(
+        self, pull: _Pull, reports: list[tuple[str, int, str]], announce: bool
+    ) -> None:
+        """Send the session's reports, then (with `announce`) its announce, as the daemon's
+        loop does, one call after the other; the last reply's parents are the ones kept."""
+        node = self.nodes[pull.node]
+        digest = pull.layer.digest
+        self.control_messages += len(reports)
+        if announce:
+            pieces, want = pull.session.take_announce(self.now)
+            self.control_messages += 1
+
+        def decide(sched: Scheduler) -> Assignment | None:
+            a: Assignment | None = None
+            for parent, index, reason in reports:
+                if reason == REPORT_UNREACHABLE:
+                    a = sched.report_unreachable(digest, node.peer_id, parent, self.now)
+                else:
+                    a = sched.report_bad_piece(digest, node.peer_id, parent, index, self.now)
+                if not self.delayed:
+                    self._apply(pull, a)  # each reply at once, as before (same results)
+            if announce:
+                a = sched.announce(digest, node.peer_id, pieces, self.now, want)
+            return a
+
+        self._call(pull, pull.supernode, len(reports) + announce, decide)
+
+    def _last_announce(self, pull: _Pull) -> None:
+        """A finished layer's last announce: nothing waits for its reply."""
+        pieces, _ = pull.session.take_announce(self.now)
+        self.control_messages += 1
+        digest, peer_id = pull.layer.digest, self.nodes[pull.node].peer_id
+
+        def decide(sched: Scheduler) -> None:
+            sched.announce(digest, peer_id, pieces, self.now, want_parents=False)
+
+        self._call(pull, pull.supernode, 1, decide, wait=False)
+
+    def _control(self, pull: _Pull) -> bool:
+        """Whether this pull still talks to a supernode, after failing over if its supernode
+        died (as the daemon finds out: its next call is refused). False: no supernode is left
+        and the pull went to the registry."""
         if pull.fallback_flow is not None:
-            return None  # already fetching the rest from the registry
+            return False  # already fetching the rest from the registry
         if not self.supernodes[pull.supernode].dead:
-            return self.supernodes[pull.supernode].scheduler
+            return True
         if self.supernodes[pull.layer.supernode].dead:
             self.control_messages += 1  # the refused call
             self._fall_back(pull)
-            return None
-        sn = self.supernodes[pull.layer.supernode]
+            return False
         self.control_messages += 2  # the refused call, then the register elsewhere
         pull.supernode = pull.layer.supernode
-        self._register(pull, sn)
-        return sn.scheduler
+        self._register(pull, pull.supernode)
+        return True
 
-    def _register(self, pull: _Pull, sn: _Supernode) -> None:
-        """`pull` registers with `sn`, carrying the pieces it holds, and takes the reply."""
+    def _register(self, pull: _Pull, index: int) -> None:
+        """`pull` registers with supernode `index`, carrying the pieces it holds."""
         node = self.nodes[pull.node]
         have = pull.session.have
-        assignment = sn.scheduler.register(
-            pull.layer.digest,
-            node.peer_id,
-            node.peer_id,
-            node.zone,
-            self.now,
-            upload_slots=self.upload_slots,
-            have=None if have.is_empty() else have,
-        )
-        self._apply(pull, assignment)
+        digest = pull.layer.digest
+
+        def decide(sched: Scheduler) -> Assignment:
+            return sched.register(
+                digest,
+                node.peer_id,
+                node.peer_id,
+                node.zone,
+                self.now,
+                upload_slots=self.upload_slots,
+                have=None if have.is_empty() else have,
+            )
+
+        self._call(pull, index, 1, decide)
+
+    # -- control calls ------------------------------------------------------------------------
+
+    def _call(
+        self,
+        pull: _Pull,
+        index: int,
+        messages: int,
+        decide: Callable[[Scheduler], Assignment | None],
+        *,
+        wait: bool = True,
+    ) -> None:
+        """Make a call of `messages` messages to supernode `index`: answered at once, or with
+        latency and a busy supernode (see the module docstring) while the pull waits."""
+        sn = self.supernodes[index]
+        if not self.delayed:
+            assignment = decide(sn.scheduler)
+            if assignment is not None and wait:
+                self._apply(pull, assignment)
+            return
+        arrives = self.now + self.s.latency / 2
+        sn.free_at = max(arrives, sn.free_at) + messages * self.service
+        pull.calling = pull.calling or wait
+        self._push(sn.free_at, "decide", _Call(pull, index, decide, wait))
+
+    def _decide(self, call: _Call) -> None:
+        """The supernode got to `call`: it decides now, and the reply sets off back."""
+        pull = call.pull
+        if self.nodes[pull.node].gone:
+            return
+        if self.supernodes[call.supernode].dead:
+            # refused: the pull finds out now and fails over (or goes to the registry)
+            if call.wait:
+                pull.calling = False
+                self._drive(pull)
+            return
+        call.assignment = call.decide(self.supernodes[call.supernode].scheduler)
+        if call.wait:
+            self._push(self.now + self.s.latency / 2, "reply", call)
+
+    def _reply(self, call: _Call) -> None:
+        pull = call.pull
+        pull.calling = False
+        if pull.done or self.nodes[pull.node].gone:
+            return
+        if call.assignment is not None:
+            self._apply(pull, call.assignment)
+        self._drive(pull)
 
     def _supernode_fails(self, index: int) -> None:
         """Supernode `index` dies: its transfers break, its layers move to the next live
@@ -394,9 +510,32 @@ class Sim:
                     self._drive(pull)
 
     def _fetch(self, pull: _Pull, request: Request) -> None:
+        """Ask a parent for a piece: its bytes start flowing a round trip later."""
+        if self.s.latency > 0:
+            self.tokens += 1
+            pull.asked[request] = self.tokens
+            self._push(self.now + self.s.latency, "request", (pull, request, self.tokens))
+        else:
+            self._start_transfer(pull, request)
+
+    def _request_arrives(self, pull: _Pull, request: Request, token: int) -> None:
+        if pull.asked.get(request) != token:
+            return  # cancelled meanwhile
+        del pull.asked[request]
+        if pull.done or self.nodes[pull.node].gone:
+            return
+        self._start_transfer(pull, request)
+        if request not in pull.flows:
+            self._drive(pull)  # it failed: act on it
+
+    def _start_transfer(self, pull: _Pull, request: Request) -> None:
         node = self.nodes[pull.node]
         if request.parent == SEEDER:
-            src = self.supernodes[pull.layer.supernode].host
+            sn = self.supernodes[pull.layer.supernode]
+            if sn.dead:
+                pull.session.on_failure(request, False, self.now)
+                return
+            src = sn.host
         else:
             parent = self.by_peer[request.parent]
             if parent.gone:
@@ -451,6 +590,7 @@ class Sim:
             self.net.cancel_flow(flow, self.now)
             self.tags.pop(flow, None)
         pull.flows.clear()
+        pull.asked.clear()
         layout = pull.layer.layout
         missing = sum(layout.length(i) for i in range(layout.count) if i not in pull.session.have)
         self.egress += missing

@@ -323,3 +323,6 @@ async def test_sends_under_free_below_take_no_time(autojump_clock: trio.testing.
 def test_the_full_engine_refuses_what_it_does_not_model() -> None:
     with pytest.raises(ValueError, match="fast engine only"):
         FullStorm(replace(SMALL, supernodes=2, supernode_failure_at=0.5))
+    for what in ({"latency": 0.001}, {"supernode_rate": 1000.0}):
+        with pytest.raises(ValueError, match="fast engine only"):
+            FullStorm(replace(SMALL, **what))  # type: ignore[arg-type]

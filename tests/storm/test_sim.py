@@ -98,3 +98,36 @@ def test_with_no_supernode_left_every_pull_goes_to_the_registry() -> None:
     assert all(c is not None for c in r.completion)
     # what the swarm had not delivered by then came from the registry, host by host
     assert r.registry_egress_bytes > SMALL.nodes / 2 * SMALL.image_size
+
+
+def test_a_round_trip_delays_every_host_by_at_least_its_first_two_calls() -> None:
+    """With latency nobody can finish before its register and its first piece request have
+    each taken a round trip; each layer still leaves the registry once."""
+    calm = run()
+    rtt = 0.05
+    r = run(latency=rtt)
+    assert all(c is not None for c in r.completion)
+    assert r.registry_egress_bytes == pytest.approx(SMALL.image_size)
+    fastest = min(c for c in calm.completion if c is not None)
+    assert min(c for c in r.completion if c is not None) >= fastest + 2 * rtt * 0.999
+
+
+def test_a_slow_supernode_makes_calls_queue_and_the_storm_slower() -> None:
+    calm = run()
+    fast = run(supernode_rate=1e9)  # queueing at a supernode this fast costs nothing
+    slow = run(supernode_rate=200.0)
+    done = [max(c for c in x.completion if c is not None) for x in (calm, fast, slow)]
+    assert done[1] == pytest.approx(done[0], rel=0.02)
+    assert done[2] > done[0]
+    # 40 hosts x 3 layers register at once: the last register is answered after 120 / 200 s,
+    # and that host still has the whole image to download
+    assert done[2] >= 120 / 200 + SMALL.image_size / SMALL.node_down
+    assert all(c is not None for c in slow.completion)
+    assert slow.registry_egress_bytes == pytest.approx(SMALL.image_size)
+
+
+def test_latency_with_churn_and_a_dying_supernode_still_completes() -> None:
+    r = run(latency=0.002, supernode_rate=5000.0, churn=0.2, supernodes=2, supernode_failure_at=0.1)
+    assert sum(c is not None for c in r.completion) == 32
+    lost = SMALL.layers[0] + SMALL.layers[2]
+    assert SMALL.image_size < r.registry_egress_bytes <= SMALL.image_size + lost + 1

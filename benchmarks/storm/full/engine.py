@@ -168,6 +168,8 @@ class FullStorm:
     ) -> None:
         if scenario.supernode_failure_at is not None:
             raise ValueError("a supernode failing mid-storm is modelled by the fast engine only")
+        if scenario.latency > 0 or scenario.supernode_rate > 0:
+            raise ValueError("latency and a supernode message rate: the fast engine only")
         self.s = scenario
         self.free_below = free_below  # see `Fabric`: sends this small cost no time
         self.workdir = workdir
