@@ -265,7 +265,9 @@ class _Run:
         if assignment.state != "failed":
             self._extend_manifest(assignment)
         parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
-        self.session.apply(assignment.state, self.manifest.known, parents, now)
+        self.session.apply(
+            assignment.state, self.manifest.known, parents, now, assignment.pace_ms / 1000
+        )
 
     async def _announce(self, now: float, final: bool = False) -> None:
         assert self.session is not None

@@ -15,7 +15,8 @@ message's short name) and exactly the message's fields, keyed by their Python at
     announce    p2pd -> supernode, batched progress                 -> Assignment | Error
     report      p2pd -> supernode, a parent served a bad piece      -> Assignment | Error
     leave       p2pd -> supernode, the peer drops the blob          -> Ack | Error
-    assignment  supernode -> p2pd: task state, layout, new manifest hashes, candidate parents
+    assignment  supernode -> p2pd: task state, layout, new manifest hashes, candidate parents,
+                the fewest milliseconds between the peer's calls (``pace_ms``, 0 = its own)
     ack         generic empty success
     error       failure: a code (``bad_request``, ``unknown_task``, ...) and a message
 
@@ -74,6 +75,7 @@ MAX_UPSTREAM: Final = 2048
 MAX_REPOSITORY: Final = 255
 MAX_REASON: Final = 200
 MAX_ERROR_MESSAGE: Final = 1000
+MAX_PACE_MS: Final = 3_600_000  # an hour: anything larger is nonsense; peers cap it far lower
 # Report reasons the supernode acts on (p2pd.core.session): a bad piece blames the parent;
 # "unreachable" only says the reporter could not connect. Other text counts as a bad piece.
 REPORT_BAD_PIECE: Final = session.REPORT_BAD_PIECE
@@ -453,6 +455,10 @@ class Assignment(_Body):
     hashes: bytes
     sealed: bool
     parents: tuple[ParentInfo, ...]
+    # The fewest milliseconds the peer should leave between its calls about this blob: the
+    # supernode paces its peers when it is busy (p2pd.core.scheduler.Scheduler.pace); 0 = the
+    # peer's own timing. The peer caps it (p2pd.core.session.MAX_PACE).
+    pace_ms: int = 0
 
     @property
     def layout(self) -> PieceLayout:
@@ -567,6 +573,7 @@ _SPECS: Final[dict[type[Any], dict[str, _Kind]]] = {
         "hashes": _Bytes(MAX_PIECES * HASH_SIZE, HASH_SIZE),
         "sealed": _BOOL,
         "parents": _ParentList(),
+        "pace_ms": _Int(0, MAX_PACE_MS),
     },
     Announce: {
         "digest": _DIGEST,

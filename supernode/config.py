@@ -20,6 +20,7 @@ The file (every key optional unless marked; `load_config` documents the override
     seeder_upload_slots = 64
     peer_ttl = 60.0
     max_blame = 1
+    control_rate = 2500.0             # messages/s it paces downloading peers to; 0 = no pacing
 
     [fetch]                           # how the seeder talks to the upstream registry
     connect_timeout = 10.0
@@ -119,6 +120,11 @@ OPTIONS: tuple[Option, ...] = (
     _option("scheduler.seeder_upload_slots", int, "peers the seeder feeds at once (64)"),
     _option("scheduler.peer_ttl", float, "seconds a silent peer is kept (60)"),
     _option("scheduler.max_blame", int, "bad pieces before a parent is banned (1)"),
+    _option(
+        "scheduler.control_rate",
+        float,
+        "messages/s the supernode paces downloading peers to; 0 = no pacing (2500)",
+    ),
     _option("fetch.connect_timeout", float, "seconds to connect to the registry (10)"),
     _option("fetch.read_timeout", float, "seconds a registry read may stall (30)"),
     _option("fetch.retries", int, "extra attempts after a transient error (3)"),
@@ -429,6 +435,7 @@ def _scheduler_config(section: _Section) -> SchedulerConfig:
             seeder_upload_slots=section.get("seeder_upload_slots", int, d.seeder_upload_slots),
             peer_ttl=section.number("peer_ttl", d.peer_ttl, positive=True),
             max_blame=section.get("max_blame", int, d.max_blame),
+            control_rate=section.number("control_rate", d.control_rate, positive=False),
         )
     except SchedulerError as exc:  # its text starts with the field's name
         name, _, problem = str(exc).partition(" ")

@@ -407,6 +407,7 @@ class Tracker:
             hashes=hashes,
             sealed=state is TaskState.READY,
             parents=tuple(self._parent(p) for p in assignment.parents),
+            pace_ms=min(wire.MAX_PACE_MS, math.ceil(assignment.pace * 1000)),
         )
 
     def _parent(self, p: ParentInfo) -> wire.ParentInfo:

@@ -74,6 +74,7 @@ def assignment(**changes: Any) -> Assignment:
         hashes=bytes(range(48)),
         sealed=False,
         parents=(parent(), parent("peer-c", bits=0)),
+        pace_ms=1500,
     )
     return dataclasses.replace(base, **changes)
 
@@ -337,6 +338,9 @@ def test_wrong_types(msg: Message, key: str, value: object, fragment: str) -> No
         (assignment(), "piece_size", 0, "Assignment.piece_size: 0 out of range"),
         (assignment(), "piece_size", MAX_PIECE_SIZE * 2, "Assignment.piece_size: 4294967296 out"),
         (assignment(), "state", "done", "Assignment.state: not one of fetching, ready, failed"),
+        (assignment(), "pace_ms", -1, "Assignment.pace_ms: -1 out of range 0..3600000"),
+        (assignment(), "pace_ms", 3_600_001, "Assignment.pace_ms: 3600001 out of range"),
+        (assignment(), "pace_ms", 1.5, "Assignment.pace_ms: expected int, got float"),
         (announce(), "pieces", (MAX_PIECES,), "Announce.pieces[0]: 65536 out of range 0..65535"),
         (announce(), "pieces", (-1,), "Announce.pieces[0]: -1 out of range"),
         (announce(), "pieces", (4, 2, 4), "Announce.pieces: duplicate piece indexes"),

@@ -318,7 +318,9 @@ class Sim:
 
     def _apply(self, pull: _Pull, assignment: Assignment) -> None:
         parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
-        pull.session.apply(assignment.state.value, pull.layer.known, parents, self.now)
+        pull.session.apply(
+            assignment.state.value, pull.layer.known, parents, self.now, assignment.pace
+        )
 
     def _drive(self, pull: _Pull) -> None:
         """Carry out what the session decided, as the daemon's swarm loop does."""

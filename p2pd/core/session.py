@@ -61,6 +61,9 @@ from p2pd.core.picker import BadParent, Cancel, PickerConfig, PiecePicker, Reque
 # Report reasons understood by the supernode (see Scheduler.report_bad_piece/_unreachable).
 REPORT_BAD_PIECE = "hash mismatch"
 REPORT_UNREACHABLE = "unreachable"
+# The longest gap between calls a supernode's pacing can ask for: well inside its peer TTL
+# (60 s by default), so a paced peer is never expired for silence.
+MAX_PACE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,7 @@ class DownloadSession:
         self.last_busy = now  # the last poll that found transfers in flight
         self.next_announce = now + self.config.announce_interval
         self.idle_gap = self.config.min_announce_gap
+        self.pace = 0.0  # the supernode's floor on the gap between our calls
         self._out = Outbox()
 
     # -- queries ------------------------------------------------------------------------------
@@ -146,8 +150,21 @@ class DownloadSession:
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def apply(self, state: str, known: int, parents: Iterable[ParentView], now: float) -> None:
-        """A supernode reply: the task's state, how many hashes are known, the parents."""
+    def apply(
+        self,
+        state: str,
+        known: int,
+        parents: Iterable[ParentView],
+        now: float,
+        pace: float = 0.0,
+    ) -> None:
+        """A supernode reply: the task's state, how many hashes are known, the parents, and
+        the fewest seconds it wants between our calls (`pace`: it is busy; 0 = our timing).
+        Pacing stretches the announce timers, never the reports of bad or unreachable
+        parents, and never beyond the longest wait the supernode's peer TTL allows."""
+        self.pace = min(max(0.0, pace), MAX_PACE)
+        if self.pace:
+            self.next_announce = max(self.next_announce, now + self.pace)
         if state == "failed":
             self.failed_task = True
             return
@@ -257,7 +274,8 @@ class DownloadSession:
             self.live.update(fresh)
             self._out.fetch.extend(fresh)
             if not self.live:
-                self.next_announce = min(self.next_announce, now + self.idle_gap)
+                gap = max(self.idle_gap, self.pace)
+                self.next_announce = min(self.next_announce, now + gap)
             if now >= self.next_announce:
                 self._out.announce = True
         out, self._out = self._out, Outbox()
@@ -270,7 +288,7 @@ class DownloadSession:
         interval = self.config.announce_interval
         if self.picker.have_count() < self.config.early_pieces:
             interval = min(interval, self.config.early_announce_interval)
-        self.next_announce = now + interval
+        self.next_announce = now + max(interval, self.pace)
         batch, self.completed = self.completed, []
         return batch, not self.is_complete()
 

@@ -40,6 +40,7 @@ def bf(text: str) -> Bitfield:
 def sched(pieces: int = 4, *, ready: bool = True, seed: int = 0, **cfg: Any) -> Scheduler:
     # striping the seeder's offer is tested on its own; elsewhere the seeder offers all it has
     cfg.setdefault("seeder_stripes", 1)
+    cfg.setdefault("control_rate", 0.0)  # pacing is tested on its own
     s = Scheduler(random.Random(seed), SchedulerConfig(**cfg))
     s.add_task(D, PieceLayout(pieces, 1), 0.0)
     if ready:
@@ -112,8 +113,8 @@ def test_failed_task_drops_links_and_gives_no_parents() -> None:
     assert names(s.register(D, "b", "", "", 0.0)) == ["a", SEEDER]
     s.seeder_done(D, False)
     assert s.parents_of(D, "b") == [] and s.children(D, "a") == []
-    assert s.register(D, "c", "", "", 1.0) == Assignment(TaskState.FAILED, ())
-    assert s.announce(D, "b", [1], 1.0) == Assignment(TaskState.FAILED, ())
+    for a in (s.register(D, "c", "", "", 1.0), s.announce(D, "b", [1], 1.0)):
+        assert (a.state, a.parents) == (TaskState.FAILED, ())
 
 
 def test_add_and_remove_task() -> None:
@@ -1004,3 +1005,25 @@ def test_no_borrowing_from_a_holder_with_nothing_the_child_lacks() -> None:
 def test_no_borrowing_across_zones() -> None:
     s = _storm_start(borrow_below=1, borrow_from=2)
     assert names(s.register(D, "poor", "", "b", 1.0)) == []
+
+
+def test_the_supernode_paces_its_downloading_peers_to_its_control_rate() -> None:
+    s = sched(2, control_rate=10.0)
+    s.add_task(D2, PieceLayout(2, 1), 0.0)
+    assert s.pace() == 0.0
+    for i in range(4):
+        s.register(D, f"p{i}", "", "", 0.0)
+    s.register(D2, "p0", "", "", 0.0)  # every (blob, peer) download calls on its own
+    a = s.register(D, "full", "", "", 0.0, have=bf("11"))  # seeding peers are not counted
+    assert a.pace == pytest.approx(5 / 10) == s.pace()
+    s.announce(D, "p1", [0, 1], 1.0)  # p1 completes
+    s.leave(D, "p2")
+    assert s.announce(D, "p0", [], 1.0).pace == pytest.approx(3 / 10)
+    s.remove_task(D2)
+    assert s.pace() == pytest.approx(2 / 10)
+    s.expire(100.0)
+    assert s.pace() == 0.0
+    unpaced = sched(2, control_rate=0.0)
+    assert unpaced.register(D, "p", "", "", 0.0).pace == 0.0
+    with pytest.raises(SchedulerError, match="control_rate"):
+        SchedulerConfig(control_rate=-1.0)

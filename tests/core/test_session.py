@@ -11,6 +11,7 @@ from p2pd.core.bitfield import Bitfield
 from p2pd.core.layout import PieceLayout
 from p2pd.core.picker import PickerConfig, Request
 from p2pd.core.session import (
+    MAX_PACE,
     REPORT_BAD_PIECE,
     REPORT_UNREACHABLE,
     DownloadSession,
@@ -213,3 +214,27 @@ def test_completion_ends_the_session() -> None:
     pieces, want = s.take_announce(now)
     assert sorted(pieces) == list(range(8)) and not want
     assert s.poll(now + 100).gave_up is None
+
+
+def test_a_busy_supernode_stretches_the_announce_timers_not_the_reports() -> None:
+    s = session()
+    s.apply("fetching", 8, [parent("a"), parent("b")], 0.0, pace=3.0)
+    out = s.poll(0.0)
+    assert out.fetch and not out.announce
+    s.on_piece(out.fetch[0], True, 0.1)
+    assert not s.poll(1.5).announce  # our own interval (1 s) is not enough for the supernode
+    assert s.next_wakeup() == pytest.approx(3.0)
+    assert s.poll(3.0).announce
+    s.take_announce(3.0)
+    assert s.next_wakeup() == pytest.approx(6.0)
+    # a bad piece is reported at once however busy the supernode is
+    live = sorted(s.live, key=lambda r: r.index)
+    s.on_piece(live[0], False, 3.5)
+    assert [r[2] for r in s.poll(3.5).reports] == [REPORT_BAD_PIECE]
+    # unpaced again by the next reply; an absurd pace is capped below the peer TTL
+    s.apply("fetching", 8, [parent("b")], 3.6, pace=0.0)
+    s.take_announce(3.6)
+    assert s.next_wakeup() == pytest.approx(4.6)
+    s.apply("fetching", 8, [parent("b")], 3.6, pace=1e9)
+    s.take_announce(3.6)
+    assert s.next_announce == pytest.approx(3.6 + MAX_PACE)

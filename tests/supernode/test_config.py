@@ -98,6 +98,7 @@ def test_defaults() -> None:
         ({"scheduler": {"max_parents": -1}}, "scheduler.max_parents: must be"),
         ({"scheduler": {"max_blame": 0}}, "scheduler.max_blame: must be"),
         ({"scheduler": {"peer_ttl": 0}}, "scheduler.peer_ttl: must be > 0"),
+        ({"scheduler": {"control_rate": -1}}, "scheduler.control_rate: must be >= 0"),
         ({"scheduler": 5}, "scheduler: expected dict"),
         ({"fetch": {"retries": 1000}}, "fetch.retries: must be 0..100"),
         ({"fetch": {"read_timeout": float("inf")}}, "fetch.read_timeout: expected a number"),

@@ -434,3 +434,14 @@ async def test_the_registry_is_read_while_a_piece_is_being_stored(
         task = await h.wait_done()
         assert task.failure is None and task.manifest.known == LAYOUT.count
         assert (await h.piece(0)).content == BLOB[:PIECE]
+
+
+async def test_replies_pace_downloading_peers_to_the_control_rate(tmp_path: Path) -> None:
+    async with running(tmp_path, registry(), scheduler={"control_rate": 4.0}) as h:
+        a = await h.register("a")
+        assert a.pace_ms == 250  # one downloading peer, 4 messages/s
+        b = await h.register("b")
+        assert b.pace_ms == 500
+        await h.wait_done()
+        done = await h.announce("a", tuple(range(a.layout.count)))
+        assert done.pace_ms == 250  # "a" holds everything: only "b" still calls
