@@ -161,6 +161,7 @@ class _Parent:
         "banned",
         "bits",
         "bits_r",
+        "busy",
         "inflight",
         "inflight_bits",
         "received_bits",
@@ -175,11 +176,10 @@ class _Parent:
         self.inflight: dict[int, int] = {}  # piece -> request sequence number
         self.inflight_bits = 0
         self.received_bits = 0  # those of `inflight` whose bytes arrived (being verified)
+        # Slots taken: requests in flight whose bytes are still coming. A counter, not a
+        # method: `pick` asks it of every parent on every call.
+        self.busy = 0
         self.bad = 0
-
-    def busy(self) -> int:
-        """Slots taken: requests in flight whose bytes are still coming."""
-        return len(self.inflight) - self.received_bits.bit_count()
 
 
 class PiecePicker:
@@ -196,6 +196,7 @@ class PiecePicker:
         self._n = n
         self._config = config
         self._have = Bitfield(n) if have is None else have.copy()
+        self._left = n - self._have.count()  # pieces not HAVE: drivers ask is_complete() a lot
         order = list(range(n))
         rng.shuffle(order)
         self._order = order  # rank -> piece
@@ -227,7 +228,7 @@ class PiecePicker:
         return self._verifiable
 
     def is_complete(self) -> bool:
-        return self._have.is_full()
+        return not self._left
 
     def first_missing(self) -> int:
         return self._have.first_missing()
@@ -335,7 +336,7 @@ class PiecePicker:
         turn = [
             (name, parents[name])
             for name in names[start:] + names[:start]
-            if parents[name].busy() < limit
+            if parents[name].busy < limit
         ]
         window = ((1 << self._config.prefix_window) - 1) << self._have.first_missing()
         while turn:
@@ -352,7 +353,7 @@ class PiecePicker:
                 self._request(name, p, index, now)
                 out.append(Request(name, index))
                 progress = True
-                if p.busy() < limit:
+                if p.busy < limit:
                     again.append((name, p))
             if not progress:
                 break
@@ -427,7 +428,9 @@ class PiecePicker:
         """
         self._check_index(index)
         p = self._requested(parent, index)
-        p.received_bits |= 1 << index
+        if not p.received_bits >> index & 1:
+            p.received_bits |= 1 << index
+            p.busy -= 1
 
     def on_failure(self, parent: str, index: int, *, lacks_piece: bool = False) -> None:
         """A transfer failed (broken connection, cancelled, 404); the request is restored.
@@ -473,6 +476,7 @@ class PiecePicker:
         self._downloading_bits &= ~bit
         if new is PieceState.HAVE:
             self._have.add(index)
+            self._left -= 1
         else:
             self._free |= bit
             self._free_r |= rbit
@@ -483,6 +487,7 @@ class PiecePicker:
         self._downloading[index].add(name)
         self._seq += 1
         p.inflight[index] = self._seq
+        p.busy += 1
         p.inflight_bits |= 1 << index
         self._live += 1
         heapq.heappush(
@@ -497,7 +502,10 @@ class PiecePicker:
         """Take one request off the books without touching the piece's state."""
         del p.inflight[index]
         p.inflight_bits &= ~(1 << index)
-        p.received_bits &= ~(1 << index)
+        if p.received_bits >> index & 1:
+            p.received_bits &= ~(1 << index)
+        else:
+            p.busy -= 1
         self._downloading[index].discard(name)
         self._live -= 1
 

@@ -1,0 +1,71 @@
+"""FreePeers must answer exactly what sorting every candidate would: same peers, same order."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+
+from p2pd.core.freepeers import FreePeers, Key
+
+
+def brute(
+    peers: dict[str, tuple[float, float, int]],
+    lacking: int,
+    wanted: int,
+    parents: set[str],
+    shunned: set[str],
+) -> list[Key]:
+    keys = [
+        (load, -useful, tie, pid)
+        for pid, (load, tie, bits) in peers.items()
+        if (useful := (bits & lacking).bit_count()) and pid not in parents and pid not in shunned
+    ]
+    return heapq.nsmallest(wanted, keys)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_best_matches_a_full_sort(seed: int) -> None:
+    rng = random.Random(seed)
+    count = rng.choice([1, 3, 8, 50])
+    full = (1 << count) - 1
+    index = FreePeers(count)
+    peers: dict[str, tuple[float, float, int]] = {}
+    for step in range(1500):
+        pid = f"p{rng.randrange(300)}"
+        roll = rng.random()
+        if roll < 0.05:
+            index.discard(pid)
+            peers.pop(pid, None)
+        else:
+            # few loads and piece counts, so that runs of equal (load, count) are long
+            load = rng.choice([0.0, 0.125, 0.5, 0.875])
+            kind = rng.random()
+            if kind < 0.3:
+                bits = full  # complete
+            elif kind < 0.6:
+                bits = (1 << rng.randint(1, count)) - 1  # a prefix, as the seeder hands out
+            else:
+                bits = rng.getrandbits(count) or 1
+            tie = peers[pid][1] if pid in peers else rng.random()
+            index.put(pid, load, tie, bits)
+            peers[pid] = (load, tie, bits)
+        assert len(index) == len(peers)
+        held = 0
+        for _, _, bits in peers.values():
+            held |= bits
+        assert index.pieces == held
+        if step % 10 == 0:
+            have = (
+                rng.getrandbits(count)
+                if rng.random() < 0.7
+                else full & ~(1 << rng.randrange(count))
+            )
+            lacking = ~have if rng.random() < 0.5 else full & ~have
+            wanted = rng.randint(0, 9)
+            parents = {p for p in peers if rng.random() < 0.1}
+            shunned = {p for p in peers if rng.random() < 0.05}
+            assert index.best(lacking, wanted, parents, shunned) == brute(
+                peers, lacking, wanted, parents, shunned
+            )
