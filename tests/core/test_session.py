@@ -238,3 +238,10 @@ def test_a_busy_supernode_stretches_the_announce_timers_not_the_reports() -> Non
     s.apply("fetching", 8, [parent("b")], 3.6, pace=1e9)
     s.take_announce(3.6)
     assert s.next_announce == pytest.approx(3.6 + MAX_PACE)
+
+
+def test_an_idle_peer_is_not_paced_it_needs_parents() -> None:
+    s = session()
+    s.apply("fetching", 8, [], 0.0, pace=3.0)
+    assert not s.poll(0.0).fetch
+    assert s.next_wakeup() == pytest.approx(CONFIG.min_announce_gap)
