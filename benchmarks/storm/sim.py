@@ -147,7 +147,10 @@ class Sim:
             _Supernode(
                 self.net.add_host(scenario.supernode_up, scenario.supernode_down, zone=0),
                 Scheduler(
-                    random.Random(self.rng.random()), self.scheduler_config, seeder_id=SEEDER
+                    random.Random(self.rng.random()),
+                    self.scheduler_config,
+                    seeder_id=SEEDER,
+                    seeder_zone="z0",  # the zone of its host, as the supernode's `zone`
                 ),
             )
             for _ in range(max(1, scenario.supernodes))

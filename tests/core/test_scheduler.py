@@ -41,6 +41,7 @@ def sched(pieces: int = 4, *, ready: bool = True, seed: int = 0, **cfg: Any) -> 
     # striping the seeder's offer is tested on its own; elsewhere the seeder offers all it has
     cfg.setdefault("seeder_stripes", 1)
     cfg.setdefault("control_rate", 0.0)  # pacing is tested on its own
+    cfg.setdefault("zone_claims", False)  # and so are a zone's claims on pieces from outside
     s = Scheduler(random.Random(seed), SchedulerConfig(**cfg))
     s.add_task(D, PieceLayout(pieces, 1), 0.0)
     if ready:
@@ -1027,3 +1028,50 @@ def test_the_supernode_paces_its_downloading_peers_to_its_control_rate() -> None
     assert unpaced.register(D, "p", "", "", 0.0).pace == 0.0
     with pytest.raises(SchedulerError, match="control_rate"):
         SchedulerConfig(control_rate=-1.0)
+
+
+def _zoned(**cfg: Any) -> Scheduler:
+    """A supernode in zone "a", every piece ready, the seeder offering any rare piece."""
+    cfg.setdefault("control_rate", 0.0)
+    cfg.setdefault("zone_claims", True)
+    s = Scheduler(
+        random.Random(0),
+        SchedulerConfig(seeder_stripes=1, max_cross_zone_parents=1, **cfg),
+        seeder_id=SEEDER,
+        seeder_zone="a",
+    )
+    s.add_task(D, PieceLayout(4, 1), 0.0)
+    s.seeder_done(D, True)
+    return s
+
+
+def offers(a: Assignment) -> dict[str, list[int]]:
+    return {p.peer_id: list(p.pieces) for p in a.parents}
+
+
+def test_a_piece_enters_a_foreign_zone_from_the_seeder_once() -> None:
+    s = _zoned()
+    first = offers(s.register(D, "b1", "", "b", 0.0))[SEEDER]
+    second = offers(s.register(D, "b2", "", "b", 0.0)).get(SEEDER, [])
+    assert first and not set(first) & set(second)  # no piece offered to both
+    # in the seeder's own zone, every child lacking a rare piece is offered it
+    assert offers(s.register(D, "a1", "", "a", 0.0))[SEEDER] == [0, 1, 2, 3]
+    assert offers(s.register(D, "a2", "", "a", 0.0))[SEEDER] == [0, 1, 2, 3]
+
+
+def test_a_piece_another_zone_holds_crosses_once_per_zone() -> None:
+    s = _zoned(seeder_upload_slots=0)  # no seeder: pieces can only come across
+    s.register(D, "c", "", "c", 0.0, have=bf("1111"))
+    one = offers(s.register(D, "b1", "", "b", 0.0))["c"]
+    two = offers(s.register(D, "b2", "", "b", 0.0)).get("c", [])
+    assert one and not set(one) & set(two)
+    # once a peer of zone b holds a piece, nobody there fetches it across any more
+    s.announce(D, "b1", [one[0]], 1.0)
+    assert one[0] not in offers(s.announce(D, "b2", [], 1.0)).get("c", [])
+
+
+def test_without_zone_claims_every_child_may_fetch_across() -> None:
+    s = _zoned(seeder_upload_slots=0, zone_claims=False)
+    s.register(D, "c", "", "c", 0.0, have=bf("1111"))
+    assert offers(s.register(D, "b1", "", "b", 0.0))["c"] == [0, 1, 2, 3]
+    assert offers(s.register(D, "b2", "", "b", 0.0))["c"] == [0, 1, 2, 3]
