@@ -39,7 +39,6 @@ import dataclasses
 import logging
 import os
 import re
-import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -52,7 +51,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import ManifestBuilder, PieceManifest
 from p2pd.core.scheduler import Scheduler, TaskState
-from p2pd.peers import COALESCE_BELOW, COALESCE_DELAY
+from p2pd.peers import COALESCE_BELOW, COALESCE_DELAY, set_lowat
 from p2pd.store import BlobStore, PartialBlob, StorageError
 from supernode.config import FetchConfig
 
@@ -474,9 +473,7 @@ class _BodyLowat:
             self._want(1)
 
     def _want(self, nbytes: int) -> None:
-        if nbytes != self.current:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
-            self.current = nbytes
+        self.current = set_lowat(self.sock, nbytes, self.current)
 
 
 def _check_response(response: httpx.Response, url: str, start: int, size: int) -> int:

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import itertools
 import random
+import socket
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,15 @@ from p2pd.clusterauth import ClusterAuth
 from p2pd.core.digest import Digest
 from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
 from p2pd.http.server import ServerLimits, bound_port, serve
-from p2pd.peers import BODY_LOWAT, PieceClient, PieceFetchError, PieceServer, RateLimiter, _Conn
+from p2pd.peers import (
+    BODY_LOWAT,
+    PieceClient,
+    PieceFetchError,
+    PieceServer,
+    RateLimiter,
+    _Conn,
+    set_lowat,
+)
 from p2pd.store import BlobStore
 
 SIZE = 2 * MIN_PIECE_SIZE + 1000
@@ -203,3 +212,19 @@ async def test_a_slow_body_is_read_in_few_large_reads(
             await client.fetch(address, digest, 1, memoryview(buf))
         assert info.value.not_found
     await client.aclose()
+
+
+async def test_the_low_water_mark_stays_under_a_quarter_of_the_receive_buffer() -> None:
+    """Linux clamps the receive window to a mark near the buffer's size; the mark asked for
+    is cut to a quarter of the buffer, and 1 (the default) is always allowed."""
+    sock = trio.socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # Linux doubles it
+        assert set_lowat(sock, BODY_LOWAT, 1) == buffer // 4 < BODY_LOWAT
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == buffer // 4
+        assert set_lowat(sock, 1000, buffer // 4) == 1000
+        assert set_lowat(sock, 1, 1000) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    finally:
+        sock.close()
