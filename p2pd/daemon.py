@@ -32,6 +32,7 @@ from p2pd.mirror import Mirror, upstream_client
 from p2pd.peers import Connector, PieceClient, PieceServer, RateLimiter
 from p2pd.store import BlobStore
 from p2pd.swarm import Swarm, SwarmConfig
+from p2pd.tracker import ControlClient
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class Daemon:
         self.store = BlobStore(config.data_dir, config.quota_bytes or None)
         self.upstream = upstream_client(transport=transport)
         self.control = httpx.AsyncClient(timeout=10.0, transport=transport)
+        # On real sockets control messages skip httpx (p2pd.tracker.ControlClient); an
+        # injected network (the storm's full-stack engine) keeps them on its transport.
+        self.control_client = ControlClient(self.control, raw=transport is None, connect=connect)
         self.auth = ClusterAuth.from_file(config.cluster_secret_file)
         if not self.auth.enabled:
             log.warning(
@@ -92,7 +96,7 @@ class Daemon:
                 upload_slots=config.upload_slots,
                 session=SessionConfig(stall_timeout=config.back_to_source_after),
             ),
-            self.control,
+            self.control_client,
             self.pieces,
             list(config.supernodes),
             nursery,
@@ -176,6 +180,7 @@ class Daemon:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+        await self.control_client.aclose()
         await self.control.aclose()
         await self.pieces.aclose()
 

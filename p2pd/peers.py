@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -152,14 +153,33 @@ class PieceFetchError(Exception):
         self.unreachable = unreachable  # refused, reset or closed: it may be gone
 
 
-# A body read shorter than COALESCE_BELOW waits COALESCE_DELAY before the next: behind a
-# 100 Mbit/s link reads then bring ~25 KiB instead of 1-4 KiB (the supernode's registry reads
-# use the same rule and cost 3.5x less CPU for it; supernode/seeder.py).
+# Reading a body from a socket, this host asks the kernel to wake it only once BODY_LOWAT
+# bytes are queued (SO_RCVLOWAT; less near the end of the body). Behind a link slower than
+# this host reads, each read would otherwise bring a packet or two (1-4 KiB), and the cost of
+# a read in the event loop is per call, not per byte: at 25 Mbit/s that was most of a
+# host's CPU. Measured in the namespace fleet (issue 5 notes).
+BODY_LOWAT = 256 * 1024
+# Streams that are not sockets (the storm's in-memory network) have no kernel to ask: there a
+# read shorter than COALESCE_BELOW waits COALESCE_DELAY before the next.
 COALESCE_BELOW = 32 * 1024
 COALESCE_DELAY = 0.002
 
 # Opens a stream to (host, port); the storm's full-stack engine passes an in-memory one.
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+def set_lowat(sock: trio.socket.SocketType, nbytes: int, current: int) -> int:
+    """Set the socket's SO_RCVLOWAT to `nbytes`, at most a quarter of its receive buffer;
+    return the value set. A low-water mark near the buffer's size makes Linux clamp the
+    receive window to it (tcp_set_rcvlowat): the sender then stops at every mark until
+    this host wakes, reads and reopens the window -- measured as one host's pull through
+    p2pd going from 12.6 to 16-17 s behind a 100 Mbit/s link. Under a quarter, the window
+    stays open and the buffer keeps its autotuning, so the mark grows with it."""
+    if nbytes > 1:
+        nbytes = max(1, min(nbytes, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 4))
+    if nbytes != current:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+    return nbytes
 
 
 class _Conn:
@@ -169,6 +189,13 @@ class _Conn:
         # is read with receive_some and copied.
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.idle_since = 0.0
+        self.lowat = 1  # the socket's SO_RCVLOWAT
+
+    def want(self, nbytes: int) -> None:
+        """Wake the next read only once `nbytes` are queued (sockets; 1 is the default).
+        Never more than the bytes still due: the last ones would never wake it."""
+        if self.sock is not None:
+            self.lowat = set_lowat(self.sock, nbytes, self.lowat)
 
     async def receive_into(self, view: memoryview) -> int:
         if self.sock is not None:
@@ -321,6 +348,7 @@ class PieceClient:
         buffer[: len(body)] = body
         got = len(body)
         while got < length:
+            conn.want(min(BODY_LOWAT, length - got))
             n = await conn.receive_into(buffer[got:])
             if n == 0:
                 raise PieceFetchError(
@@ -328,10 +356,9 @@ class PieceClient:
                 )
             got += n
             await self.limiter.consume(n)
-            if n < COALESCE_BELOW and got < length:
-                # Let more bytes gather: on a link slower than this host reads, each read
-                # would return a packet or two, and their per-call cost adds up (see below).
-                await trio.sleep(COALESCE_DELAY)
+            if conn.sock is None and n < COALESCE_BELOW and got < length:
+                await trio.sleep(COALESCE_DELAY)  # let more bytes gather (see above)
+        conn.want(1)  # the next response's head is short
         self.bytes_received += length
         return True
 

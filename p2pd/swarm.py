@@ -39,7 +39,7 @@ from p2pd.core.manifest import ManifestError, PieceManifest
 from p2pd.core.picker import Request
 from p2pd.core.session import DownloadSession, ParentView, SessionConfig
 from p2pd.peers import PieceClient, PieceFetchError
-from p2pd.tracker import TrackerRejected, TrackerSession, TrackerUnavailable
+from p2pd.tracker import ControlClient, TrackerRejected, TrackerSession, TrackerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Swarm:
     def __init__(
         self,
         config: SwarmConfig,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | ControlClient,
         pieces: PieceClient,
         supernodes: list[str],
         nursery: trio.Nursery,

@@ -9,15 +9,24 @@ next one in the ranking, carrying the pieces it already holds.
 
 Errors: `TrackerUnavailable` when no supernode answers (the caller falls back to the registry),
 `TrackerRejected` when one answers with a protocol Error (its code and message).
+
+Messages go through `ControlClient`: over plain HTTP it writes the request itself on kept-alive
+connections and reads the reply by its Content-Length (the supernode's server is ours), at a
+tenth of httpx's CPU per message (0.09 against 0.8 ms, measured on loopback). In the namespace
+fleet's storm the control messages were ~40 % of p2pd's Python time through httpx. An https
+supernode, and the clients tests and the storm's full-stack engine hand in, go through httpx.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx
+import trio
 import xxhash
 
 from p2pd import wire
@@ -53,16 +62,180 @@ def rank_supernodes(supernodes: list[str], digest: Digest) -> list[str]:
     )
 
 
+class ControlError(Exception):
+    """A control message got no readable answer (connection, timeout, framing)."""
+
+
+# Opens a stream to (host, port): sockets by default.
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+_MAX_HEAD = 8192
+
+
+class _Stale(Exception):
+    """A kept-alive connection was closed before any byte of the answer."""
+
+
+class ControlClient:
+    """POSTs control messages and returns (status, body).
+
+    With `raw` (the daemon on real sockets), plain-HTTP supernodes are spoken to directly:
+    one request per kept-alive connection at a time, at most `idle_per_host` idle ones kept
+    per supernode for `idle_seconds` (under the server's 30 s keep-alive), and a kept
+    connection that fails before the first byte of the answer is retried once on a fresh
+    one. Everything else goes through `fallback` (httpx).
+    """
+
+    def __init__(
+        self,
+        fallback: httpx.AsyncClient,
+        *,
+        raw: bool = False,
+        connect: Connector | None = None,
+        idle_per_host: int = 4,
+        idle_seconds: float = 15.0,
+    ) -> None:
+        self.fallback = fallback
+        self.raw = raw
+        self.open_stream: Connector = connect or _open_tcp
+        self.idle_per_host = idle_per_host
+        self.idle_seconds = idle_seconds
+        self._idle: dict[str, list[tuple[float, trio.abc.Stream]]] = {}
+
+    async def post(
+        self, base: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """The caller bounds the time (`trio.fail_after`)."""
+        parts = urlsplit(base)
+        if not self.raw or parts.scheme != "http" or not parts.hostname:
+            try:
+                response = await self.fallback.post(
+                    f"{base}{path}", content=body, headers=headers, timeout=None
+                )
+            except httpx.HTTPError as exc:
+                raise ControlError(repr(exc)) from exc
+            return response.status_code, response.content
+        lines = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines.append(f"Content-Length: {len(body)}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        key = parts.netloc
+        stream = await self._pooled(key)
+        if stream is not None:
+            try:
+                return await self._exchange(key, stream, request)
+            except _Stale:
+                pass
+        try:
+            stream = await self.open_stream(parts.hostname, parts.port or 80)
+        except OSError as exc:
+            raise ControlError(f"cannot connect: {exc}") from exc
+        try:
+            return await self._exchange(key, stream, request)
+        except _Stale:
+            raise ControlError("connection closed before an answer") from None
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for streams in idle.values():
+            for _, stream in streams:
+                await stream.aclose()
+
+    async def _pooled(self, key: str) -> trio.abc.Stream | None:
+        idle = self._idle.get(key)
+        oldest_ok = trio.current_time() - self.idle_seconds
+        while idle:
+            since, stream = idle.pop()
+            if since >= oldest_ok:
+                return stream
+            await stream.aclose()  # too old: the server may have closed it already
+        return None
+
+    async def _exchange(
+        self, key: str, stream: trio.abc.Stream, request: bytes
+    ) -> tuple[int, bytes]:
+        """One request and its answer; the stream goes back to the pool or is closed."""
+        reusable = False
+        try:
+            status, body, reusable = await self._request(stream, request)
+            return status, body
+        finally:
+            idle = self._idle.setdefault(key, [])
+            if reusable and len(idle) < self.idle_per_host:
+                idle.append((trio.current_time(), stream))
+            else:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _request(self, stream: trio.abc.Stream, request: bytes) -> tuple[int, bytes, bool]:
+        head = bytearray()
+        try:
+            await stream.send_all(request)
+            while b"\r\n\r\n" not in head:
+                if len(head) > _MAX_HEAD:
+                    raise ControlError(f"answer head over {_MAX_HEAD} bytes")
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    if not head:
+                        raise _Stale
+                    raise ControlError("connection closed in the answer head")
+                head += chunk
+            end = head.index(b"\r\n\r\n")
+            status, length, close = _parse_head(bytes(head[:end]))
+            body = head[end + 4 :]
+            if len(body) > length:
+                raise ControlError("more bytes than the Content-Length")
+            while len(body) < length:
+                chunk = await stream.receive_some(length - len(body))
+                if not chunk:
+                    raise ControlError(f"connection closed at {len(body)} of {length} bytes")
+                body += chunk
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not head:
+                raise _Stale from exc
+            raise ControlError(str(exc) or type(exc).__name__) from exc
+        return status, bytes(body), not close
+
+
+async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
+    return await trio.open_tcp_stream(host, port)
+
+
+def _parse_head(head: bytes) -> tuple[int, int, bool]:
+    """(status, Content-Length, whether the server closes the connection)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or parts[0] != b"HTTP/1.1" or not parts[1].isdigit():
+        raise ControlError(f"malformed status line {lines[0][:80]!r}")
+    length = -1
+    close = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ControlError(f"malformed header line {line[:80]!r}")
+        name, value = name.strip().lower(), value.strip()
+        if name == b"content-length":
+            if not value.isdigit() or length != -1 or int(value) > wire.MAX_MESSAGE_SIZE:
+                raise ControlError(f"bad Content-Length {value[:20]!r}")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            raise ControlError("chunked answers are not expected")
+        elif name == b"connection":
+            close = value.lower() == b"close"
+    if length < 0:
+        raise ControlError("no Content-Length")
+    return int(parts[1]), length, close
+
+
 class TrackerSession:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | ControlClient,
         supernodes: list[str],
         register: wire.Register,
         timeout: float = 10.0,
         auth: ClusterAuth | None = None,
     ) -> None:
-        self.client = client
+        self.client = client if isinstance(client, ControlClient) else ControlClient(client)
         self.auth = auth or ClusterAuth(None)
         self.ranking = rank_supernodes(supernodes, register.digest)
         self.template = register
@@ -142,21 +315,20 @@ class TrackerSession:
         if signature:
             headers[HEADER] = signature
         try:
-            response = await self.client.post(
-                f"{base}/v1/{verb}", content=body, headers=headers, timeout=self.timeout
-            )
-        except httpx.HTTPError as exc:
-            raise TrackerUnavailable(f"{base}: {exc!r}") from exc
-        if response.status_code >= 500:
-            raise TrackerUnavailable(f"{base}: answered {response.status_code}")
+            with trio.fail_after(self.timeout):
+                status, content = await self.client.post(base, f"/v1/{verb}", body, headers)
+        except ControlError as exc:
+            raise TrackerUnavailable(f"{base}: {exc}") from exc
+        except trio.TooSlowError:
+            raise TrackerUnavailable(f"{base}: no answer within {self.timeout:g} s") from None
+        if status >= 500:
+            raise TrackerUnavailable(f"{base}: answered {status}")
         try:
-            reply = wire.decode(response.content, (wire.Assignment, wire.Ack, wire.Error))
+            reply = wire.decode(content, (wire.Assignment, wire.Ack, wire.Error))
         except wire.ProtocolError as exc:
             raise TrackerUnavailable(f"{base}: unreadable reply: {exc}") from exc
         if isinstance(reply, wire.Error):
-            raise TrackerRejected(response.status_code, reply.code, reply.message)
-        if response.status_code != 200 or not isinstance(reply, expect):
-            raise TrackerUnavailable(
-                f"{base}: answered {response.status_code} {type(reply).__name__} to {verb}"
-            )
+            raise TrackerRejected(status, reply.code, reply.message)
+        if status != 200 or not isinstance(reply, expect):
+            raise TrackerUnavailable(f"{base}: answered {status} {type(reply).__name__} to {verb}")
         return reply

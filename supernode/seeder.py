@@ -51,7 +51,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import ManifestBuilder, PieceManifest
 from p2pd.core.scheduler import Scheduler, TaskState
-from p2pd.peers import COALESCE_BELOW, COALESCE_DELAY
+from p2pd.peers import COALESCE_BELOW, COALESCE_DELAY, set_lowat
 from p2pd.store import BlobStore, PartialBlob, StorageError
 from supernode.config import FetchConfig
 
@@ -61,6 +61,8 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUSES = frozenset({408, 429})
 # Network chunks the registry reader may queue ahead of hashing (64 KiB each from httpcore).
 READ_AHEAD_CHUNKS = 128
+# Bytes queued on the registry socket before a read wakes up (`_BodyLowat`).
+UPSTREAM_LOWAT = 64 * 1024
 
 
 class SeedError(Exception):
@@ -279,11 +281,16 @@ class Seeder:
         try:
             async with self.client.stream("GET", url, headers=headers) as response:
                 skip = _check_response(response, url, start, layout.total_size)
+                lowat = _BodyLowat.of(response)
                 # aclosing: leaving the loop early (a mismatch) must close the generator now,
                 # not at garbage collection.
                 raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())  # typed loosely
-                async with contextlib.aclosing(raw) as body:
-                    fill = await self._read_ahead(task, builder, buf, body, skip)
+                try:
+                    async with contextlib.aclosing(raw) as body:
+                        fill = await self._read_ahead(task, builder, buf, body, skip, lowat)
+                finally:
+                    if lowat is not None:
+                        lowat.reset()  # the connection goes back to the pool
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"GET {url}: {type(exc).__name__}: {exc}") from exc
         except httpx.RequestError as exc:  # too many redirects, undecodable body, ...
@@ -301,6 +308,7 @@ class Seeder:
         buf: bytearray,
         body: AsyncIterator[bytes],
         skip: int,
+        lowat: _BodyLowat | None = None,
     ) -> int:
         """`_consume` the body while a second task keeps reading it.
 
@@ -321,8 +329,10 @@ class Seeder:
             async with send:
                 try:
                     async for raw in body:
+                        if lowat is not None:
+                            lowat.received(len(raw))
                         await send.send(raw)
-                        if len(raw) < COALESCE_BELOW:
+                        if lowat is None and len(raw) < COALESCE_BELOW:
                             # let more bytes gather: behind a 100 Mbit/s link each read would
                             # bring a packet or two, and httpx/h11's per-read cost made the
                             # registry download most of the supernode's CPU
@@ -421,6 +431,49 @@ def _hash_from_file(builder: ManifestBuilder, fd: int, offset: int, buf: memoryv
             raise StorageError(f"blob file ended at byte {offset + got}")
         got += n
     builder.feed(buf)
+
+
+class _BodyLowat:
+    """Fewer, larger reads of a registry body: the socket's SO_RCVLOWAT keeps each read
+    waiting until `UPSTREAM_LOWAT` bytes are queued (httpcore reads at most 64 KiB), or the
+    rest of the body when less is due. Behind a 100 Mbit/s link each read would otherwise
+    bring a packet or two, and httpx/h11's per-read cost made the registry download most of
+    the supernode's CPU. The price: a registry sending less than `UPSTREAM_LOWAT` within
+    ``fetch.read_timeout`` counts as stalled."""
+
+    def __init__(self, sock: trio.socket.SocketType, remaining: int) -> None:
+        self.sock = sock
+        self.remaining = remaining
+        self.current = 1
+        self._want(min(UPSTREAM_LOWAT, remaining))
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> _BodyLowat | None:
+        """For a response with a Content-Length read from a socket of ours; else None."""
+        declared = response.headers.get("content-length", "")
+        stream = response.extensions.get("network_stream")
+        if not declared.isdigit() or int(declared) == 0 or stream is None:
+            return None
+        try:
+            sock = stream.get_extra_info("socket")
+        except AssertionError:  # httpcore's trio backend over something else than a socket
+            return None
+        if not isinstance(sock, trio.socket.SocketType):
+            return None
+        return cls(sock, int(declared))
+
+    def received(self, nbytes: int) -> None:
+        """`nbytes` of the body came out of the HTTP parser: the next read wants the rest."""
+        self.remaining -= nbytes
+        if self.remaining > 0:
+            self._want(min(UPSTREAM_LOWAT, self.remaining))
+
+    def reset(self) -> None:
+        with contextlib.suppress(OSError):  # already closed
+            self._want(1)
+
+    def _want(self, nbytes: int) -> None:
+        self.current = set_lowat(self.sock, nbytes, self.current)
 
 
 def _check_response(response: httpx.Response, url: str, start: int, size: int) -> int:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import random
+import socket
 from pathlib import Path
 
 import httpx
@@ -15,7 +18,15 @@ from p2pd.clusterauth import ClusterAuth
 from p2pd.core.digest import Digest
 from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
 from p2pd.http.server import ServerLimits, bound_port, serve
-from p2pd.peers import PieceClient, PieceFetchError, PieceServer, RateLimiter
+from p2pd.peers import (
+    BODY_LOWAT,
+    PieceClient,
+    PieceFetchError,
+    PieceServer,
+    RateLimiter,
+    _Conn,
+    set_lowat,
+)
 from p2pd.store import BlobStore
 
 SIZE = 2 * MIN_PIECE_SIZE + 1000
@@ -142,3 +153,78 @@ async def test_busy_and_missing_are_told_apart(nursery: trio.Nursery, tmp_path: 
         await client.fetch("127.0.0.1:1", digest, 0, memoryview(bytearray(1)))
     assert info.value.unreachable
     await client.aclose()
+
+
+async def trickle_server(nursery: trio.Nursery, body: bytes, chunk: int = 1000) -> str:
+    """A parent that answers a piece request with `body`, sent `chunk` bytes at a time with a
+    pause between (a link slower than the reader), then the next request on the same
+    connection with a short 404."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buffered = b""
+        for number in itertools.count():
+            while b"\r\n\r\n" not in buffered:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                buffered += data
+            buffered = buffered.partition(b"\r\n\r\n")[2]
+            if number > 0:
+                await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno\n")
+                continue
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for start in range(0, len(body), chunk):
+                await stream.send_all(body[start : start + chunk])
+                await trio.sleep(0.0005)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{bound_port(listeners)}"
+
+
+async def test_a_slow_body_is_read_in_few_large_reads(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body trickling in 1000-byte packets: SO_RCVLOWAT wakes the reader once per
+    BODY_LOWAT bytes, not per packet; the tail (less than BODY_LOWAT) still arrives, and the
+    kept-alive connection then reads a short response (a 404) without waiting for more
+    bytes than it has."""
+    length = 2 * BODY_LOWAT + 12_345  # the last read wants less than BODY_LOWAT
+    body = random.Random(2).randbytes(length)
+    address = await trickle_server(nursery, body)
+    reads: list[int] = []
+    receive_into = _Conn.receive_into
+
+    async def counting(self: _Conn, view: memoryview) -> int:
+        n = await receive_into(self, view)
+        reads.append(n)
+        return n
+
+    monkeypatch.setattr(_Conn, "receive_into", counting)
+    client = PieceClient()
+    digest = Digest("ab" * 32)
+    buf = bytearray(length)
+    with trio.fail_after(30):  # a wait for bytes that never come would hang here
+        await client.fetch(address, digest, 0, memoryview(buf))
+        assert buf == body
+        # ~700 packets; a read per wake-up (and a short one after it) is a handful
+        assert len(reads) <= 2 * 12, reads
+        with pytest.raises(PieceFetchError) as info:
+            await client.fetch(address, digest, 1, memoryview(buf))
+        assert info.value.not_found
+    await client.aclose()
+
+
+async def test_the_low_water_mark_stays_under_a_quarter_of_the_receive_buffer() -> None:
+    """Linux clamps the receive window to a mark near the buffer's size; the mark asked for
+    is cut to a quarter of the buffer, and 1 (the default) is always allowed."""
+    sock = trio.socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # Linux doubles it
+        assert set_lowat(sock, BODY_LOWAT, 1) == buffer // 4 < BODY_LOWAT
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == buffer // 4
+        assert set_lowat(sock, 1000, buffer // 4) == 1000
+        assert set_lowat(sock, 1, 1000) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    finally:
+        sock.close()

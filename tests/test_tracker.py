@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
+from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from p2pd import wire
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
-from p2pd.tracker import TrackerRejected, TrackerSession, TrackerUnavailable, rank_supernodes
+from p2pd.http.server import bound_port
+from p2pd.tracker import (
+    ControlClient,
+    TrackerRejected,
+    TrackerSession,
+    TrackerUnavailable,
+    rank_supernodes,
+)
+from tests.supernode.helpers import BLOB, DIGEST, LAYOUT, FakeRegistry, running
+from tests.supernode.helpers import register_msg as sn_register_msg
 
 NODES = [f"http://sn{i}.test:65002" for i in range(1, 6)]  # MockTransport: nothing is sent
 
@@ -122,4 +134,126 @@ async def test_a_reply_of_the_wrong_type_is_an_unavailable_supernode() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         session = TrackerSession(client, NODES[:2], register_msg(d))
         with pytest.raises(TrackerUnavailable, match="Ack to register"):
+            await session.register(None)
+
+
+# -- the raw control client against real servers on loopback ----------------------------------
+
+
+async def test_raw_control_messages_reach_a_real_supernode_over_one_connection(
+    tmp_path: Path,
+) -> None:
+    """Register, announce and leave through `ControlClient(raw=True)` against a supernode on
+    loopback: real answers, and one kept-alive connection for all of them."""
+    opened: list[str] = []
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        opened.append(f"{host}:{port}")
+        return await trio.open_tcp_stream(host, port)
+
+    upstream = FakeRegistry(blobs={str(DIGEST): BLOB})
+    async with (
+        running(tmp_path, upstream) as h,
+        httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as fallback,
+    ):
+        client = ControlClient(fallback, raw=True, connect=connect)
+        base = f"http://127.0.0.1:{h.port}"
+        session = TrackerSession(client, [base], sn_register_msg("p1"))
+        first = await session.register(None)
+        assert first.digest == DIGEST and first.state in ("fetching", "ready")
+        await h.wait_done()
+        ready = await session.announce([], 0, Bitfield(LAYOUT.count))
+        assert ready.state == "ready" and len(ready.hashes) == 16 * LAYOUT.count
+        await session.leave()
+        assert opened == [f"127.0.0.1:{h.port}"]
+        assert h.supernode.messages == 3
+        await client.aclose()
+
+
+async def test_raw_control_replaces_a_kept_connection_the_server_closed(
+    nursery: trio.Nursery,
+) -> None:
+    """A server that closes each connection after one answer (its keep-alive expired, say):
+    the next message finds the kept connection dead and goes out on a fresh one."""
+    d = digest(13)
+    answer = assignment(d)
+    paths: list[str] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        request = await stream.receive_some(65536)
+        paths.append(request.split(b" ")[1].decode())
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer))
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    base = f"http://127.0.0.1:{bound_port(listeners)}"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as fallback:
+        client = ControlClient(fallback, raw=True)
+        session = TrackerSession(client, [base], register_msg(d))
+        await session.register(None)
+        await trio.sleep(0.1)  # the server's close has arrived
+        assert (await session.announce([], 0, Bitfield(3))).digest == d
+        assert paths == ["/v1/register", "/v1/announce"]  # the announce itself, on a fresh one
+        await client.aclose()
+
+
+def refuse(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"the fallback client was used for {request.url}")
+
+
+async def bad_server(nursery: trio.Nursery, answer: bytes | None) -> str:
+    """A server that reads a request and answers `answer` (None: never answers)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        if answer is None:
+            await trio.sleep_forever()
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{bound_port(listeners)}"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", "closed at 5 of 100"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 200 OK\r\n\r\n", "no Content-Length"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "malformed status line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9999999999\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", "unreadable reply"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 9000, "head over"),
+        (b"", "closed before an answer"),
+        (None, "no answer within 0.3 s"),
+    ],
+)
+async def test_raw_control_answers_that_are_not_http_are_an_unavailable_supernode(
+    nursery: trio.Nursery, answer: bytes | None, message: str
+) -> None:
+    base = await bad_server(nursery, answer)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as fallback:
+        client = ControlClient(fallback, raw=True)
+        session = TrackerSession(client, [base], register_msg(digest(11)), timeout=0.3)
+        with pytest.raises(TrackerUnavailable, match=message):
+            await session.register(None)
+        await client.aclose()
+
+
+async def test_raw_control_leaves_https_and_refused_ports_to_their_own_errors() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, content=assignment(digest(12)))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as fallback:
+        client = ControlClient(fallback, raw=True)
+        session = TrackerSession(client, ["https://sn.test:65002"], register_msg(digest(12)))
+        await session.register(None)
+        assert seen == ["https://sn.test:65002/v1/register"]
+        session = TrackerSession(client, ["http://127.0.0.1:1"], register_msg(digest(12)))
+        with pytest.raises(TrackerUnavailable, match="cannot connect"):
             await session.register(None)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from p2pd import wire
-from supernode.seeder import BlobMismatch, UpstreamRefused, UpstreamUnavailable
+from p2pd.http.server import bound_port
+from supernode.seeder import (
+    UPSTREAM_LOWAT,
+    BlobMismatch,
+    UpstreamRefused,
+    UpstreamUnavailable,
+    _BodyLowat,
+)
 from tests.supernode.helpers import (
     BLOB,
     DIGEST,
@@ -170,3 +179,60 @@ async def test_short_chunked_body_is_retried_then_fails(tmp_path: Path) -> None:
         assert isinstance(task.failure, UpstreamUnavailable)
         assert f"{SIZE - 10} of {SIZE}" in str(task.failure)
     assert len(upstream.blob_gets()) == 2
+
+
+async def test_a_slow_registry_body_is_read_in_few_large_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real socket: a registry body trickling in 1000-byte packets wakes the reader once
+    per UPSTREAM_LOWAT bytes, the tail (less than that) still arrives, and the kept-alive
+    connection then reads a short answer (a 404 for the next blob) without waiting for more
+    bytes than it has."""
+    digest, blob = make_blob(5 * UPSTREAM_LOWAT + 4321, seed=11)
+    missing, _ = make_blob(10, seed=12)
+    connections: list[int] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        buffered = b""
+        while True:
+            while b"\r\n\r\n" not in buffered:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                buffered += data
+            head, _, buffered = buffered.partition(b"\r\n\r\n")
+            if str(digest).encode() not in head.split(b"\r\n")[0]:
+                await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno\n")
+                continue
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(blob))
+            for start in range(0, len(blob), 1000):
+                await stream.send_all(blob[start : start + 1000])
+                await trio.sleep(0.0005)
+
+    chunks: list[int] = []
+    received = _BodyLowat.received
+
+    def counting(self: _BodyLowat, nbytes: int) -> None:
+        chunks.append(nbytes)
+        received(self, nbytes)
+
+    monkeypatch.setattr(_BodyLowat, "received", counting)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+        )
+        upstream = f"http://127.0.0.1:{bound_port(listeners)}"
+        async with running(tmp_path, None, allowed_upstreams=[upstream]) as h:
+            await h.register("a", digest=digest, size=len(blob), upstream=upstream)
+            task = await h.wait_done(digest)  # within 20 s
+            assert task.failure is None
+            assert (await h.piece(0, digest)).content == blob
+            await h.register("a", digest=missing, size=10, upstream=upstream)
+            task = await h.wait_done(missing)  # the read timeout is 30 s
+            assert isinstance(task.failure, UpstreamRefused) and task.failure.status == 404
+        nursery.cancel_scope.cancel()
+    assert sum(chunks) == len(blob)
+    # ~330 packets; a read per wake-up (and a short one after it) is a handful
+    assert len(chunks) <= 3 * 6, chunks
+    assert len(connections) == 1  # the 404 came on the kept-alive connection
