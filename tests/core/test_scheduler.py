@@ -1075,3 +1075,20 @@ def test_without_zone_claims_every_child_may_fetch_across() -> None:
     s.register(D, "c", "", "c", 0.0, have=bf("1111"))
     assert offers(s.register(D, "b1", "", "b", 0.0))["c"] == [0, 1, 2, 3]
     assert offers(s.register(D, "b2", "", "b", 0.0))["c"] == [0, 1, 2, 3]
+
+
+def test_peers_that_left_do_not_pile_up_among_the_holders() -> None:
+    s = sched(2)
+    for i in range(300):
+        s.register(D, f"p{i}", "", "", float(i), have=bf("1."))
+        if i >= 10:
+            s.leave(D, f"p{i - 10}")
+    holders = s._tasks[D].holders
+    assert len(holders) <= 2 * len(s.peers(D)) + 65
+    assert {p.peer_id for p in holders} >= set(s.peers(D))
+
+
+def test_borrowing_from_children_that_would_have_to_borrow_back_is_refused() -> None:
+    with pytest.raises(SchedulerError, match="borrow_from"):
+        SchedulerConfig(borrow_below=2, borrow_from=2)
+    SchedulerConfig(borrow_below=0, borrow_from=0)  # off: anything goes
