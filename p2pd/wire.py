@@ -7,7 +7,7 @@ anything else out of `decode`.
 
 Format
 ------
-Every body is one MessagePack map holding ``"v": 1`` (`PROTOCOL_VERSION`), ``"type"`` (the
+Every body is one MessagePack map holding ``"v": 2`` (`PROTOCOL_VERSION`), ``"type"`` (the
 message's short name) and exactly the message's fields, keyed by their Python attribute names
 (the classes below list them; `_SPECS` gives each one's rule)::
 
@@ -62,7 +62,9 @@ from p2pd.core.digest import Digest, DigestError
 from p2pd.core.layout import MAX_BLOB_SIZE, MAX_PIECE_SIZE, MAX_PIECES, LayoutError, PieceLayout
 from p2pd.core.manifest import HASH_SIZE
 
-PROTOCOL_VERSION: Final = 1
+# 2: Assignment.pace_ms. Both sides insist on their own version, so a fleet mid-upgrade gets
+# "unsupported protocol version" (and p2pd goes to the registry), not a confusing field error.
+PROTOCOL_VERSION: Final = 2
 MAX_MESSAGE_SIZE: Final = 2 * 1024 * 1024
 # With at most 64 parents even a 65536-piece Assignment (1 MiB of hashes, 64 x 8 KiB bitfields)
 # fits the message limit, so the supernode never has to split a reply.

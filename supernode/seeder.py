@@ -449,10 +449,16 @@ class _BodyLowat:
 
     @classmethod
     def of(cls, response: httpx.Response) -> _BodyLowat | None:
-        """For a response with a Content-Length read from a socket of ours; else None."""
+        """For a response with a Content-Length read from a plain socket of ours; else None.
+        Not over TLS: the mark counts ciphertext on the socket while the body counts
+        plaintext, and a TLS layer holding part of a record would leave the last read
+        waiting for bytes that never come (a kept-alive connection sends no FIN) until the
+        read timeout."""
         declared = response.headers.get("content-length", "")
         stream = response.extensions.get("network_stream")
         if not declared.isdigit() or int(declared) == 0 or stream is None:
+            return None
+        if stream.get_extra_info("ssl_object") is not None:
             return None
         try:
             sock = stream.get_extra_info("socket")

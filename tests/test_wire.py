@@ -190,7 +190,7 @@ def test_envelope_and_wire_forms() -> None:
         "zone": "rack-1",
         "pieces": (10, b"\x0b\x00"),
     }
-    assert wire(Ack()) == {"v": 1, "type": "ack"}
+    assert wire(Ack()) == {"v": PROTOCOL_VERSION, "type": "ack"}
 
 
 def test_spec_table_matches_the_dataclasses() -> None:
@@ -230,7 +230,7 @@ def test_bytes_like_input() -> None:
 
 
 def test_oversize_body_rejected_before_unpacking() -> None:
-    huge = pack({"v": 1, "type": "ack", "pad": b"x" * MAX_MESSAGE_SIZE})
+    huge = pack({"v": PROTOCOL_VERSION, "type": "ack", "pad": b"x" * MAX_MESSAGE_SIZE})
     rejects(huge, f"message of {len(huge)} bytes exceeds the 2097152-byte limit")
     # At the limit, msgpack runs (and finds garbage): the limit is inclusive.
     rejects(b"\xc1" * MAX_MESSAGE_SIZE, "malformed MessagePack")
@@ -241,11 +241,14 @@ def test_oversize_body_rejected_before_unpacking() -> None:
     [
         (b"", "malformed MessagePack"),
         (b"\xc1", "malformed MessagePack"),  # never-used type byte
-        (pack({"v": 1, "type": "ack"}) + b"\x00", "ExtraData"),
+        (pack({"v": PROTOCOL_VERSION, "type": "ack"}) + b"\x00", "ExtraData"),
         (b"\x91" * 5000 + b"\x00", "malformed MessagePack"),  # nesting too deep
         (pack({1: 1}), "malformed MessagePack"),  # non-string map key
         (b"\x82\xa1v\x01\xa1v\x01", "duplicate key"),
-        (pack({"v": 1, "type": "ack", "x": msgpack.ExtType(1, b"abc")}), "malformed"),
+        (
+            pack({"v": PROTOCOL_VERSION, "type": "ack", "x": msgpack.ExtType(1, b"abc")}),
+            "malformed",
+        ),
         (b"\xdb\xff\xff\xff\xff", "malformed MessagePack"),  # str32 claiming 4 GiB
         (pack([1, "ack"]), "message must be a map, got tuple"),
         (pack("hello"), "message must be a map"),
@@ -259,16 +262,18 @@ def test_malformed_messagepack(data: bytes, fragment: str) -> None:
     ("body", "fragment"),
     [
         ({"type": "ack"}, "message has no protocol version ('v')"),
-        ({"v": 7, "type": "ack"}, "unsupported protocol version 7 (this daemon speaks 1)"),
+        ({"v": 7, "type": "ack"}, "unsupported protocol version 7 (this daemon speaks 2)"),
         ({"v": True, "type": "ack"}, "unsupported protocol version True"),
         ({"v": 1.0, "type": "ack"}, "unsupported protocol version 1.0"),
         ({"v": "1", "type": "ack"}, "unsupported protocol version '1'"),
         # the version is checked before anything else about the message
-        ({"v": 2, "type": "from-the-future", "x": 1}, "unsupported protocol version 2"),
-        ({"v": 1}, "message has no 'type'"),
-        ({"v": 1, "type": "subscribe"}, "unknown message type 'subscribe'"),
-        ({"v": 1, "type": b"ack"}, "unknown message type b'ack'"),
-        ({"v": 1, "type": "Ack"}, "unknown message type 'Ack'"),
+        ({"v": 3, "type": "from-the-future", "x": 1}, "unsupported protocol version 3"),
+        # the version before Assignment.pace_ms
+        ({"v": 1, "type": "ack"}, "unsupported protocol version 1 (this daemon speaks 2)"),
+        ({"v": PROTOCOL_VERSION}, "message has no 'type'"),
+        ({"v": PROTOCOL_VERSION, "type": "subscribe"}, "unknown message type 'subscribe'"),
+        ({"v": PROTOCOL_VERSION, "type": b"ack"}, "unknown message type b'ack'"),
+        ({"v": PROTOCOL_VERSION, "type": "Ack"}, "unknown message type 'Ack'"),
     ],
 )
 def test_version_and_type(body: dict[str, Any], fragment: str) -> None:

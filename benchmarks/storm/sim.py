@@ -28,10 +28,12 @@ pull's control call (register, announce, reports) reaches its supernode half a r
 it is sent, waits there behind the calls that came first (each takes ``1 / supernode_rate`` of
 the supernode's time), and its reply arrives half a round trip after it was decided; meanwhile
 the pull waits for the reply as the daemon's loop does (transfers go on, their results are
-handled when it resumes). A piece starts flowing one round trip after it is asked for. The
-last announce of a finished layer is sent without waiting. With both at 0 every call is
-answered at once, as before. Not modelled: TCP dynamics, latency of the seeder's registry
-fetch and of the naive pulls (one request per blob).
+handled when it resumes). A poll's reports and its announce travel as one call of that many
+messages (the daemon sends them one after another: a round trip each). A piece starts
+flowing one round trip after it is asked for. The last announce of a finished layer is sent
+without waiting. Calls queued at a supernode that dies are refused at once. With both at 0
+every call is answered at once, as before. Not modelled: TCP dynamics, latency of the
+seeder's registry fetch and of the naive pulls (one request per blob).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class _Pull:
     fallback_flow: int | None = None
     supernode: int = 0  # the supernode this pull is registered with
     calling: bool = False  # waiting for a supernode's reply (latency / a busy supernode)
+    call: _Call | None = None  # that call, while no supernode has decided it
     asked: dict[Request, int] = field(default_factory=dict)  # requests not flowing yet: token
 
 
@@ -117,6 +120,7 @@ class _Call:
     decide: Callable[[Scheduler], Assignment | None]
     wait: bool  # the pull waits for the reply (every call but a finished layer's last)
     assignment: Assignment | None = None
+    refused: bool = False  # its supernode died before getting to it
 
 
 class Sim:
@@ -458,14 +462,18 @@ class Sim:
             return
         arrives = self.now + self.s.latency / 2
         sn.free_at = max(arrives, sn.free_at) + messages * self.service
-        pull.calling = pull.calling or wait
-        self._push(sn.free_at, "decide", _Call(pull, index, decide, wait))
+        call = _Call(pull, index, decide, wait)
+        if wait:
+            pull.calling, pull.call = True, call
+        self._push(sn.free_at, "decide", call)
 
     def _decide(self, call: _Call) -> None:
         """The supernode got to `call`: it decides now, and the reply sets off back."""
         pull = call.pull
-        if self.nodes[pull.node].gone:
+        if call.refused or self.nodes[pull.node].gone:
             return
+        if pull.call is call:
+            pull.call = None
         if self.supernodes[call.supernode].dead:
             # refused: the pull finds out now and fails over (or goes to the registry)
             if call.wait:
@@ -508,9 +516,12 @@ class Sim:
                     self._seed(layer)
         # Every pull of the lost layers makes a call soon (its announce timer, at most
         # announce_interval away) and fails over then; wake them all now, as a refused
-        # connection is noticed at once.
+        # connection is noticed at once -- also those whose call was waiting in its queue.
         for node in self.nodes:
             for pull in node.pulls:
+                if pull.call is not None and pull.call.supernode == index:
+                    pull.call.refused = True
+                    pull.calling, pull.call = False, None
                 if not pull.done and pull.supernode == index:
                     self._drive(pull)
 
@@ -519,24 +530,27 @@ class Sim:
         if self.s.latency > 0:
             self.tokens += 1
             pull.asked[request] = self.tokens
-            self._push(self.now + self.s.latency, "request", (pull, request, self.tokens))
+            event = (pull, request, self.tokens, pull.layer.supernode)
+            self._push(self.now + self.s.latency, "request", event)
         else:
-            self._start_transfer(pull, request)
+            self._start_transfer(pull, request, pull.layer.supernode)
 
-    def _request_arrives(self, pull: _Pull, request: Request, token: int) -> None:
+    def _request_arrives(self, pull: _Pull, request: Request, token: int, sn: int) -> None:
         if pull.asked.get(request) != token:
             return  # cancelled meanwhile
         del pull.asked[request]
         if pull.done or self.nodes[pull.node].gone:
             return
-        self._start_transfer(pull, request)
+        self._start_transfer(pull, request, sn)
         if request not in pull.flows:
             self._drive(pull)  # it failed: act on it
 
-    def _start_transfer(self, pull: _Pull, request: Request) -> None:
+    def _start_transfer(self, pull: _Pull, request: Request, supernode: int) -> None:
+        """Start the bytes of `request` flowing; a request for the seeder goes to the
+        supernode it was asked of (`supernode`), which may have died since."""
         node = self.nodes[pull.node]
         if request.parent == SEEDER:
-            sn = self.supernodes[pull.layer.supernode]
+            sn = self.supernodes[supernode]
             if sn.dead:
                 pull.session.on_failure(request, False, self.now)
                 return

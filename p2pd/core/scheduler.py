@@ -459,19 +459,19 @@ class Scheduler:
         peer = task.peers.get(peer_id)
         if peer is None:
             pieces = Bitfield(task.layout.count) if have is None else have.copy()
-            self._gain(task, pieces.bits, zone, peer_id)
+            self._gain(task, pieces.bits, zone, peer_id, slots)
             peer = _Peer(peer_id, address, zone, slots, pieces=pieces, tie=self._rng.random())
             peer.ordinal = task.joined
             task.joined += 1
             task.peers[peer_id] = peer
         else:
             self._unindex(task, peer)
-            self._lose(task, peer.pieces.bits, peer.zone, peer_id)
+            self._lose(task, peer.pieces.bits, peer.zone, peer_id, peer.slots)
             self._claim(task, peer, 0)  # in its old zone
             peer.address, peer.zone, peer.slots = address, zone, slots
             if have is not None:
                 peer.pieces = have.copy()  # the peer's word is final, e.g. after losing its cache
-            self._gain(task, peer.pieces.bits, peer.zone, peer_id)
+            self._gain(task, peer.pieces.bits, peer.zone, peer_id, slots)
             self._release_parents(task, peer)
             # Shed the newest children first if the peer now offers fewer slots.
             for child in list(peer.children.values())[slots:]:
@@ -502,11 +502,11 @@ class Scheduler:
             if isinstance(pieces, Bitfield):
                 if pieces.length != peer.pieces.length:
                     raise BitfieldError(f"{pieces.length} pieces, task has {peer.pieces.length}")
-                self._gain(task, peer.pieces.update(pieces.bits), peer.zone, peer_id)
+                self._gain(task, peer.pieces.update(pieces.bits), peer.zone, peer_id, peer.slots)
             else:
                 for index in pieces:
                     if peer.pieces.add(index):
-                        self._gain(task, 1 << index, peer.zone, peer_id)
+                        self._gain(task, 1 << index, peer.zone, peer_id, peer.slots)
         except BitfieldError as exc:
             raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
         now = self._clock(now)
@@ -628,10 +628,12 @@ class Scheduler:
         Small swarms are hardly slowed: 100 hosts x 3 layers give 0.12 s, below the peers'
         own intervals but for the 0.2 s early announces; 10 000 hosts x 3 layers give 12 s,
         capped by the peers at p2pd.core.session.MAX_PACE: one supernode process is too few
-        for them.
+        for them. Never more than a quarter of ``peer_ttl``, so a paced peer is not expired.
+        Not a hard limit: idle peers keep their own back-off (they need parents; see
+        DownloadSession.apply), so early in a storm the supernode gets more than the rate.
         """
         rate = self._config.control_rate
-        return self._downloaders / rate if rate else 0.0
+        return min(self._downloaders / rate, self._config.peer_ttl / 4) if rate else 0.0
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -748,6 +750,7 @@ class Scheduler:
         if parent.zone != child.zone:
             bits = parent.pieces.bits & self._zone_scarce(task, child.zone, child)
             if self._config.zone_claims:
+                bits &= ~child.pieces.bits
                 bits = _first_bits((bits & child.claimed) or bits, _MAX_CLAIMS)
             return bits
         return parent.pieces.bits
@@ -851,10 +854,11 @@ class Scheduler:
         for child in list(peer.children.values()):
             self._unlink(task, peer, child)
 
-    def _gain(self, task: _Task, bits: int, zone: str, peer_id: str) -> None:
-        """`peer_id` now holds `bits` too. A banned peer's pieces do not count: nobody may
-        fetch them from it, so they must stay rare enough for the seeder to offer."""
-        if peer_id in task.banned:
+    def _gain(self, task: _Task, bits: int, zone: str, peer_id: str, slots: int) -> None:
+        """`peer_id` now holds `bits` too. The pieces of a banned peer, or of one with no
+        upload slot, do not count: nobody may fetch them from it, so they must stay rare
+        enough for the seeder (and other zones) to offer."""
+        if peer_id in task.banned or not slots:
             return
         limit = self._config.seeder_rare_below
         avail = task.zone_avail(zone)
@@ -863,8 +867,8 @@ class Scheduler:
             if avail[i] == limit:
                 task.rare[zone] &= ~(1 << i)
 
-    def _lose(self, task: _Task, bits: int, zone: str, peer_id: str) -> None:
-        if peer_id in task.banned:
+    def _lose(self, task: _Task, bits: int, zone: str, peer_id: str, slots: int) -> None:
+        if peer_id in task.banned or not slots:
             return
         limit = self._config.seeder_rare_below
         avail = task.zone_avail(zone)
@@ -938,7 +942,8 @@ class Scheduler:
 
     def _drop(self, task: _Task, peer: _Peer) -> None:
         self._count(peer, False)
-        self._lose(task, peer.pieces.bits, peer.zone, peer.peer_id)
+        self._claim(task, peer, 0)  # its zone may be offered those pieces from outside again
+        self._lose(task, peer.pieces.bits, peer.zone, peer.peer_id, peer.slots)
         self._release_parents(task, peer)
         self._release_children(task, peer)
         self._unindex(task, peer)
@@ -950,7 +955,7 @@ class Scheduler:
             task.holders = [p for p in task.holders if task.peers.get(p.peer_id) is p]
 
     def _ban(self, task: _Task, peer: _Peer) -> None:
-        self._lose(task, peer.pieces.bits, peer.zone, peer.peer_id)
+        self._lose(task, peer.pieces.bits, peer.zone, peer.peer_id, peer.slots)
         task.banned.add(peer.peer_id)
         self._stats["bans"] += 1
         self._release_children(task, peer)

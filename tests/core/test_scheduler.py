@@ -528,6 +528,21 @@ events = st.lists(
 )
 
 
+def check_books(s: Scheduler, digest: Digest) -> None:
+    """A zone's claims on pieces from outside, and the pacing count, agree with the peers."""
+    task = s._tasks[digest]
+    counts: dict[str, dict[int, int]] = {}
+    for p in task.peers.values():
+        zone = counts.setdefault(p.zone, {})
+        for i in iter_bits(p.claimed):
+            zone[i] = zone.get(i, 0) + 1
+    assert {z: c for z, c in task.claims.items() if c} == {z: c for z, c in counts.items() if c}
+    for zone_name, offered in task.offered.items():
+        assert offered == sum(1 << i for i in counts.get(zone_name, {})), zone_name
+    downloading = sum(not p.pieces.is_full() for t in s._tasks.values() for p in t.peers.values())
+    assert s._downloaders == downloading
+
+
 def play(
     seed: int, pieces: int, cfg: SchedulerConfig, evs: list[tuple[int, int, int]]
 ) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -581,6 +596,7 @@ def play(
             deadline = s.next_deadline()
             assert deadline is None or deadline >= now
         check_links(s, D, slots)
+        check_books(s, D)
     log.append(("stats", repr(sorted(s.stats().items())), ()))
     return log
 
@@ -901,7 +917,8 @@ def test_a_childs_rare_pieces_stay_offered_until_it_holds_them() -> None:
 
 def test_a_slow_seeder_still_gives_the_last_resort_to_each_child_without_peers() -> None:
     s = slow_seeder()
-    s.register(D, "h", "", "", 2.0, upload_slots=0, have=bf("1..."))  # holds 0, serves nobody
+    s.register(D, "h", "", "", 2.0, upload_slots=1, have=bf("1..."))  # holds 0 ...
+    s.register(D, "k", "", "", 2.0)  # ... and its one slot goes to k
     # piece 0 is not rare (h holds it), so no claim: every child with no peer parent gets it
     assert seeder_offer(s.announce(D, "a", [], 2.1)) == [0]
     assert seeder_offer(s.announce(D, "b", [], 2.1)) == [0]
@@ -1092,3 +1109,17 @@ def test_borrowing_from_children_that_would_have_to_borrow_back_is_refused() -> 
     with pytest.raises(SchedulerError, match="borrow_from"):
         SchedulerConfig(borrow_below=2, borrow_from=2)
     SchedulerConfig(borrow_below=0, borrow_from=0)  # off: anything goes
+
+
+def test_a_child_that_leaves_gives_its_zone_claims_back() -> None:
+    s = _zoned(seeder_upload_slots=0)
+    s.register(D, "c", "", "c", 0.0, have=bf("1111"))
+    claimed = offers(s.register(D, "b1", "", "b", 0.0))["c"]
+    s.leave(D, "b1")
+    assert set(claimed) <= set(offers(s.register(D, "b2", "", "b", 1.0))["c"])
+
+
+def test_pieces_of_a_peer_that_serves_nobody_are_still_rare() -> None:
+    s = _zoned()
+    s.register(D, "b0", "", "b", 0.0, upload_slots=0, have=bf("1111"))
+    assert offers(s.register(D, "b1", "", "b", 0.0)).get(SEEDER)  # not stuck behind b0

@@ -4,6 +4,7 @@ figures obey the physics the bound is built on."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -131,3 +132,27 @@ def test_latency_with_churn_and_a_dying_supernode_still_completes() -> None:
     assert sum(c is not None for c in r.completion) == 32
     lost = SMALL.layers[0] + SMALL.layers[2]
     assert SMALL.image_size < r.registry_egress_bytes <= SMALL.image_size + lost + 1
+
+
+def test_calls_queued_at_a_supernode_that_dies_fail_over_at_once() -> None:
+    """A supernode far behind (50 messages/s) dies: the pulls waiting in its queue are
+    refused then, not when their turn would have come, and none fetches a piece it asked of
+    the dead seeder from the heir's."""
+    sim = Sim(
+        replace(SMALL, supernodes=2, supernode_failure_at=0.5, supernode_rate=50.0, latency=0.01)
+    )
+    failovers: list[float] = []
+    register = sim._register
+
+    def recording(pull: Any, index: int) -> None:
+        if sim.now >= 0.5:
+            failovers.append(sim.now)
+        register(pull, index)
+
+    sim._register = recording  # type: ignore[method-assign]
+    r = sim.run()
+    assert all(c is not None for c in r.completion)
+    # every pull of the dead supernode's layers still going re-registered within a round
+    # trip (queued behind 2 s of calls, they used to wait for their turn first)
+    assert len(failovers) >= SMALL.nodes
+    assert max(failovers) <= 0.5 + 0.011

@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -236,3 +237,29 @@ async def test_a_slow_registry_body_is_read_in_few_large_reads(
     # ~330 packets; a read per wake-up (and a short one after it) is a handful
     assert len(chunks) <= 3 * 6, chunks
     assert len(connections) == 1  # the 404 came on the kept-alive connection
+
+
+async def test_no_read_low_water_mark_over_tls() -> None:
+    """Over TLS the socket's queue holds ciphertext, the body plaintext: a mark could leave
+    the last read waiting for bytes that never come."""
+
+    class Stream:
+        def __init__(self, ssl_object: object) -> None:
+            self.ssl_object = ssl_object
+
+        def get_extra_info(self, name: str) -> object:
+            if name == "ssl_object":
+                return self.ssl_object
+            return trio.socket.socket()
+
+    def response(ssl_object: object) -> httpx.Response:
+        return httpx.Response(
+            200,
+            headers={"content-length": "1000"},
+            extensions={"network_stream": Stream(ssl_object)},
+        )
+
+    assert _BodyLowat.of(response(object())) is None
+    plain = _BodyLowat.of(response(None))
+    assert plain is not None  # the same over a plain socket
+    plain.sock.close()

@@ -14,6 +14,7 @@ from p2pd import wire
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import piece_hash
+from p2pd.wire import PROTOCOL_VERSION
 from tests.supernode.helpers import (
     BLOB,
     DIGEST,
@@ -157,7 +158,12 @@ async def test_refusals_are_msgpack_errors(tmp_path: Path) -> None:
             ("/v1/announce", wire.Announce(other, "a", (), 0, True), 404, "unknown_task"),
             ("/v1/leave", wire.Leave(other, "a"), 404, "unknown_task"),
             ("/v1/register", b"\xc1 not msgpack", 400, "bad_request"),
-            ("/v1/register", msgpack.packb({"v": 1, "type": "register"}), 400, "bad_request"),
+            (
+                "/v1/register",
+                msgpack.packb({"v": PROTOCOL_VERSION, "type": "register"}),
+                400,
+                "bad_request",
+            ),
             ("/v1/register", wire.Leave(DIGEST, "a"), 400, "bad_request"),  # wrong type
             ("/v1/register", register_msg("a", upstream=EVIL), 403, "upstream_not_allowed"),
         ]

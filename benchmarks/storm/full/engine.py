@@ -292,6 +292,7 @@ class FullStorm:
             allowed_upstreams=(normalize_upstream(upstream),),
             advertise=f"{name}:{SUPERNODE_PORT}",
             seed=self.s.seed * 1000 + k,
+            zone="z0",  # its host's zone, as the fast engine's schedulers are told
         )
         sn = Supernode(config, transport=FabricTransport(fabric, host))
         async with sn.client, trio.open_nursery() as nursery:
