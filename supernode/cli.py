@@ -44,6 +44,7 @@ _METAVARS = {
     "data_dir": "DIR",
     "cluster_secret_file": "FILE",
     "seeder_id": "ID",
+    "scheduler.control_rate": "PER_SECOND",
 }
 
 
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif option.kind is bool:
             kwargs.update(type=parse_bool, metavar="true|false")
         elif option.kind in (int, float):
-            kwargs.update(type=option.kind, metavar="N" if option.kind is int else "SECONDS")
+            metavar = "N" if option.kind is int else "SECONDS"
+            kwargs.update(type=option.kind, metavar=_METAVARS.get(option.name, metavar))
         elif option.name in choices:
             kwargs.update(choices=choices[option.name])
         else:
