@@ -370,8 +370,9 @@ class Sim:
     def _report_and_announce(
         self, pull: _Pull, reports: list[tuple[str, int, str]], announce: bool
     ) -> None:
-        """Send the session's reports, then (with `announce`) its announce, as the daemon's
-        loop does, one call after the other; the last reply's parents are the ones kept."""
+        """Send the session's reports, then (with `announce`) its announce, in the daemon's
+        order; the last reply's parents are the ones kept. With latency they travel as one
+        call of that many messages (the daemon waits a round trip for each)."""
         node = self.nodes[pull.node]
         digest = pull.layer.digest
         self.control_messages += len(reports)
