@@ -390,8 +390,8 @@ class Sim:
                 if not self.delayed:
                     self._apply(pull, a)  # each reply at once, as before (same results)
             if announce:
-                a = sched.announce(digest, node.peer_id, pieces, self.now, want)
-            return a
+                return sched.announce(digest, node.peer_id, pieces, self.now, want)
+            return None if not self.delayed else a  # answered at once: applied above
 
         self._call(pull, pull.supernode, len(reports) + announce, decide)
 
