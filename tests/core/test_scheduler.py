@@ -529,7 +529,8 @@ events = st.lists(
 
 
 def check_books(s: Scheduler, digest: Digest) -> None:
-    """A zone's claims on pieces from outside, and the pacing count, agree with the peers."""
+    """A zone's claims on pieces from outside, the pacing count and the count of the seeder's
+    children per host agree with the peers."""
     task = s._tasks[digest]
     counts: dict[str, dict[int, int]] = {}
     for p in task.peers.values():
@@ -541,6 +542,7 @@ def check_books(s: Scheduler, digest: Digest) -> None:
         assert offered == sum(1 << i for i in counts.get(zone_name, {})), zone_name
     downloading = sum(not p.pieces.is_full() for t in s._tasks.values() for p in t.peers.values())
     assert s._downloaders == downloading
+    assert s._fed == fed(s)
 
 
 def play(
@@ -1123,3 +1125,65 @@ def test_pieces_of_a_peer_that_serves_nobody_are_still_rare() -> None:
     s = _zoned()
     s.register(D, "b0", "", "b", 0.0, upload_slots=0, have=bf("1111"))
     assert offers(s.register(D, "b1", "", "b", 0.0)).get(SEEDER)  # not stuck behind b0
+
+
+# -- the seeder's slots spread over hosts -----------------------------------------------------
+
+D3 = Digest("ef" * 32)
+
+
+def fed(s: Scheduler) -> dict[str, int]:
+    """In how many tasks the seeder is each peer's parent, counted from the links."""
+    counts: dict[str, int] = {}
+    for digest in s._tasks:
+        for kid in s.children(digest, SEEDER):
+            counts[kid] = counts.get(kid, 0) + 1
+    return counts
+
+
+def test_a_lone_host_gets_the_seeder_in_every_task() -> None:
+    s = sched(seeder_upload_slots=2)
+    for digest in (D2, D3):
+        s.add_task(digest, PieceLayout(4, 1), 0.0)
+        s.seeder_done(digest, True)
+    for digest in (D, D2, D3):
+        assert names(s.register(digest, "h", "", "", 0.0)) == [SEEDER]
+    assert s._fed == fed(s) == {"h": 3}
+
+
+def test_seeder_slots_past_half_go_to_hosts_it_feeds_nowhere_else() -> None:
+    s = sched(seeder_upload_slots=4, max_parents=0)  # every peer needs the seeder
+    s.add_task(D2, PieceLayout(4, 1), 0.0)
+    s.seeder_done(D2, True)
+    # hosts register both layers, one host after the other (a storm's order)
+    for n in range(6):
+        s.register(D, f"h{n}", "", "", 0.0)
+        s.register(D2, f"h{n}", "", "", 0.0)
+    # h0 and h1 took the first half of D2's slots while fed in D; h2 and h3 (fed in D) were
+    # refused the second half; h4 and h5, fed nowhere, took it
+    assert s.children(D, SEEDER) == ["h0", "h1", "h2", "h3"]
+    assert s.children(D2, SEEDER) == ["h0", "h1", "h4", "h5"]
+    assert s._fed == fed(s)
+    # a slot freed in D2 (h0 completes) is refused to a host fed in D, taken by one fed nowhere
+    s.announce(D2, "h0", [0, 1, 2, 3], 1.0)
+    assert names(s.announce(D2, "h2", [], 1.0)) == []
+    assert names(s.register(D2, "h6", "", "", 1.0)) == [SEEDER]
+    # once leaving frees more than half of D's slots, a host fed in D2 may take one
+    for n in range(3):
+        s.leave(D, f"h{n}")
+    assert names(s.announce(D, "h4", [], 2.0)) == [SEEDER]
+    assert s._fed == fed(s)
+    s.remove_task(D2)
+    assert s._fed == fed(s) == {"h3": 1, "h4": 1}
+
+
+def test_seeder_spread_zero_is_first_come() -> None:
+    s = sched(seeder_upload_slots=2, seeder_spread=0.0)
+    s.add_task(D2, PieceLayout(4, 1), 0.0)
+    s.seeder_done(D2, True)
+    for n in range(3):
+        s.register(D, f"h{n}", "", "", 0.0)
+        s.register(D2, f"h{n}", "", "", 0.0)
+    assert s.children(D2, SEEDER) == ["h0", "h1"]
+    with pytest.raises(SchedulerError, match="seeder_spread"):
+        SchedulerConfig(seeder_spread=1.5)
