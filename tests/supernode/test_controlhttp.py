@@ -4,6 +4,8 @@ slow requests -- against a real supernode on 127.0.0.1."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from p2pd import wire
 from p2pd.clusterauth import ClusterAuth
@@ -345,4 +348,62 @@ async def test_cluster_auth_on_the_lean_path(tmp_path: Path) -> None:
         await c.stream.send_all(post("/v1/register", body, f"X-P2P-Auth: {signature}"))
         assert (await c.response())[0] == b"HTTP/1.1 200 "
         assert h.supernode.messages == 1
+        await h.wait_done()
+
+
+async def test_a_stream_that_is_no_socket_is_served_through_its_methods(tmp_path: Path) -> None:
+    """The storm's in-memory network hands the supernode streams without a socket."""
+    async with running(tmp_path, registry()) as h, trio.open_nursery() as nursery:
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(h.supernode.serve_connection, server)
+        c = Conn(client)  # type: ignore[arg-type]
+        requests = [post("/v1/register", wire.encode(register_msg(p))) for p in ("a", "b")]
+        await client.send_all(b"".join(requests) + post("/v1/leave", leave("a")))
+        kinds = [type(wire.decode((await c.response())[2])) for _ in range(3)]
+        assert kinds == [wire.Assignment, wire.Assignment, wire.Ack]
+        await client.send_all(b"GET /healthz HTTP/1.1\r\nHost: sn\r\n\r\n")
+        assert (await c.response())[2] == b"ok\n"
+        await client.aclose()
+        await h.wait_done()
+
+
+def _flood(port: int, request: bytes, count: int) -> None:
+    """Send `count` copies of `request` from a blocking socket (another thread, so the server
+    never runs dry) and read the answers as they come."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(request * count,))
+        sender.start()
+        marker = b"HTTP/1.1 200 "
+        tail = b""
+        answers = 0
+        while answers < count:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "closed mid-flood"
+            data = tail + chunk  # a marker split between two reads is counted once
+            answers += data.count(marker)
+            tail = data[1 - len(marker) :]
+        sender.join()
+
+
+async def test_a_client_pipelining_without_pause_does_not_starve_another(tmp_path: Path) -> None:
+    async with running(tmp_path, registry()) as h:
+        await h.register("a")
+        await h.register("b")
+        before = h.supernode.messages
+        announce = wire.encode(wire.Announce(DIGEST, "a", (), 0, True))
+        count = 4000
+        async with connect(h.port) as other, trio.open_nursery() as nursery:
+            nursery.start_soon(
+                trio.to_thread.run_sync, _flood, h.port, post("/v1/announce", announce), count
+            )
+            with trio.fail_after(20):
+                while h.supernode.messages - before < 50:  # the flood is being answered
+                    await trio.lowlevel.checkpoint()
+            await other.stream.send_all(
+                post("/v1/announce", wire.encode(wire.Announce(DIGEST, "b", (), 0, True)))
+            )
+            assert (await other.response())[0] == b"HTTP/1.1 200 "
+            # answered long before the flood's last request
+            assert h.supernode.messages - before < count // 2
+        assert h.supernode.messages - before == count + 1
         await h.wait_done()
