@@ -34,6 +34,7 @@ from p2pd.wire import (
     ProtocolError,
     Register,
     Report,
+    _dump_fields,
     decode,
     encode,
 )
@@ -543,6 +544,25 @@ def test_trusted_parent_is_the_checked_one_without_the_checks() -> None:
     body = wire(assignment(parents=(trusted,)))
     body["parents"] = ({**body["parents"][0], "peer_id": "bad id"},)
     rejects(pack(body), "Assignment.parents[0]: ParentInfo.peer_id: not a peer id")
+
+
+def test_trusted_assignment_is_the_checked_one_without_the_checks() -> None:
+    checked = assignment()
+    fields = {f.name: getattr(checked, f.name) for f in dataclasses.fields(Assignment)}
+    trusted = Assignment.trusted(**fields)
+    assert trusted == checked
+    assert encode(trusted) == encode(checked)
+    # the one check it keeps: a configurable count
+    many = tuple(parent(f"p{i}") for i in range(MAX_PARENTS + 1))
+    with pytest.raises(ProtocolError, match=f"{MAX_PARENTS + 1} parents exceed the limit"):
+        Assignment.trusted(**{**fields, "parents": many})
+
+
+def test_assignment_encoding_is_the_generic_one() -> None:
+    """`encode` spells the Assignment map out for speed; it must be the table's map."""
+    for msg in (assignment(), assignment(parents=(), hashes=b"", state="ready", sealed=True)):
+        generic = {"v": PROTOCOL_VERSION, "type": "assignment", **_dump_fields(msg)}
+        assert encode(msg) == pack(generic)
 
 
 def test_encode_refuses_non_messages() -> None:
