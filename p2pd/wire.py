@@ -213,6 +213,12 @@ class _Optional(_Kind):
         return None if raw is None else self.inner.load(where, raw)
 
 
+# Digests parsed lately: a supernode sees the same few digests in every control call.
+# Digests are immutable; the cache is bounded (cleared when full) so no input can grow it.
+_DIGESTS: dict[str, Digest] = {}
+_DIGESTS_MAX = 1024
+
+
 class _DigestKind(_Kind):
     __slots__ = ()
 
@@ -223,10 +229,18 @@ class _DigestKind(_Kind):
         return str(value)
 
     def load(self, where: str, raw: object) -> object:
+        text = _typed(where, raw, str)
+        digest = _DIGESTS.get(text)
+        if digest is not None:
+            return digest
         try:
-            return Digest.parse(_typed(where, raw, str))
+            digest = Digest.parse(text)
         except DigestError as exc:
             _fail(where, str(exc))
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[text] = digest
+        return digest
 
 
 class _BitfieldKind(_Kind):

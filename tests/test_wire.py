@@ -764,3 +764,16 @@ def near_valid_bodies(draw: st.DrawFn) -> dict[Any, Any]:
 @given(near_valid_bodies())
 def test_near_valid_bodies(body: dict[Any, Any]) -> None:
     decodes_or_refuses(pack(body))
+
+
+def test_the_digest_cache_is_bounded_and_changes_nothing() -> None:
+    from p2pd import wire as wire_module
+
+    for i in range(wire_module._DIGESTS_MAX + 100):
+        digest = Digest(f"{i:064x}")
+        assert decode(encode(Leave(digest, "p"))) == Leave(digest, "p")
+        assert len(wire_module._DIGESTS) <= wire_module._DIGESTS_MAX
+    again = decode(encode(Leave(Digest(f"{5:064x}"), "p")), expect=Leave)
+    assert again.digest == Digest(f"{5:064x}")
+    body = wire(Leave(DIGEST, "p"))
+    rejects(pack({**body, "digest": "sha256:" + "AB" * 32}), "Leave.digest")
