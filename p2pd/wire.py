@@ -213,6 +213,12 @@ class _Optional(_Kind):
         return None if raw is None else self.inner.load(where, raw)
 
 
+# Digests parsed lately: a supernode sees the same few digests in every control call.
+# Digests are immutable; the cache is bounded (cleared when full) so no input can grow it.
+_DIGESTS: dict[str, Digest] = {}
+_DIGESTS_MAX = 1024
+
+
 class _DigestKind(_Kind):
     __slots__ = ()
 
@@ -223,10 +229,18 @@ class _DigestKind(_Kind):
         return str(value)
 
     def load(self, where: str, raw: object) -> object:
+        text = _typed(where, raw, str)
+        digest = _DIGESTS.get(text)
+        if digest is not None:
+            return digest
         try:
-            return Digest.parse(_typed(where, raw, str))
+            digest = Digest.parse(text)
         except DigestError as exc:
             _fail(where, str(exc))
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[text] = digest
+        return digest
 
 
 class _BitfieldKind(_Kind):
@@ -374,6 +388,7 @@ _BOOL = _Exact(bool)
 _BITFIELD = _BitfieldKind()
 _PIECE_INDEX = _Int(0, MAX_PIECES - 1)
 _PIECE_COUNT = _Int(0, MAX_PIECES)
+_PARENT_LIST = _ParentList()
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -461,6 +476,42 @@ class Assignment(_Body):
     # supernode paces its peers when it is busy (p2pd.core.scheduler.Scheduler.pace); 0 = the
     # peer's own timing. The peer caps it (p2pd.core.session.MAX_PACE).
     pace_ms: int = 0
+
+    @classmethod
+    def trusted(
+        cls,
+        digest: Digest,
+        state: str,
+        size: int,
+        piece_size: int,
+        manifest_start: int,
+        hashes: bytes,
+        sealed: bool,
+        parents: tuple[ParentInfo, ...],
+        pace_ms: int,
+    ) -> Assignment:
+        """An Assignment built without the field and relation checks, for the supernode's
+        replies, whose every value comes from its own state: the task's layout and manifest,
+        the scheduler's state (its bitfields are the layout's length), parents made with
+        `ParentInfo.trusted`. The checks were a tenth of an announce's CPU at the supernode.
+        Only the parent count is checked (the scheduler's ``max_parents`` is configurable).
+        The receiving p2pd decodes every reply with all the checks (`decode`); tests decode
+        every reply the supernode sends the same way.
+        """
+        if len(parents) > MAX_PARENTS:
+            _fail("Assignment.parents", f"{len(parents)} parents exceed the limit of {MAX_PARENTS}")
+        obj = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(obj, "digest", digest)
+        setattr_(obj, "state", state)
+        setattr_(obj, "size", size)
+        setattr_(obj, "piece_size", piece_size)
+        setattr_(obj, "manifest_start", manifest_start)
+        setattr_(obj, "hashes", hashes)
+        setattr_(obj, "sealed", sealed)
+        setattr_(obj, "parents", parents)
+        setattr_(obj, "pace_ms", pace_ms)
+        return obj
 
     @property
     def layout(self) -> PieceLayout:
@@ -574,7 +625,7 @@ _SPECS: Final[dict[type[Any], dict[str, _Kind]]] = {
         "manifest_start": _PIECE_COUNT,
         "hashes": _Bytes(MAX_PIECES * HASH_SIZE, HASH_SIZE),
         "sealed": _BOOL,
-        "parents": _ParentList(),
+        "parents": _PARENT_LIST,
         "pace_ms": _Int(0, MAX_PACE_MS),
     },
     Announce: {
@@ -644,10 +695,28 @@ def _unique_keys(pairs: list[tuple[object, object]]) -> dict[object, object]:
 
 def encode(msg: Message) -> bytes:
     """The wire bytes of `msg` (already valid: it was checked when it was built)."""
-    if type(msg) not in _BY_TYPE.values():
+    body: dict[str, object]
+    if type(msg) is Assignment:
+        # Spelled out: the supernode's reply to every control call (the same map as
+        # `_dump_fields` makes, which a test checks).
+        body = {
+            "v": PROTOCOL_VERSION,
+            "type": "assignment",
+            "digest": str(msg.digest),
+            "state": msg.state,
+            "size": msg.size,
+            "piece_size": msg.piece_size,
+            "manifest_start": msg.manifest_start,
+            "hashes": msg.hashes,
+            "sealed": msg.sealed,
+            "parents": _PARENT_LIST.dump(msg.parents),
+            "pace_ms": msg.pace_ms,
+        }
+    elif type(msg) in _BY_TYPE.values():
+        body = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+        body.update(_dump_fields(msg))
+    else:
         raise TypeError(f"not a wire message: {type(msg).__name__}")
-    body: dict[str, object] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
-    body.update(_dump_fields(msg))
     data: bytes = msgpack.packb(body, use_bin_type=True)
     if len(data) > MAX_MESSAGE_SIZE:  # unreachable with today's limits; kept as the invariant
         _too_big(len(data))

@@ -20,7 +20,7 @@ The file (every key optional unless marked; `load_config` documents the override
     seeder_upload_slots = 64
     peer_ttl = 60.0
     max_blame = 1
-    control_rate = 2500.0             # messages/s it paces downloading peers to; 0 = no pacing
+    control_rate = 5700.0             # messages/s it paces downloading peers to; 0 = no pacing
 
     [fetch]                           # how the seeder talks to the upstream registry
     connect_timeout = 10.0
@@ -123,7 +123,7 @@ OPTIONS: tuple[Option, ...] = (
     _option(
         "scheduler.control_rate",
         float,
-        "messages/s the supernode paces downloading peers to; 0 = no pacing (2500)",
+        "messages/s the supernode paces downloading peers to; 0 = no pacing (5700)",
     ),
     _option("fetch.connect_timeout", float, "seconds to connect to the registry (10)"),
     _option("fetch.read_timeout", float, "seconds a registry read may stall (30)"),
@@ -427,6 +427,12 @@ def _wire_check(section: _Section, option: str, **field: str) -> None:
         section.fail(option, str(exc).split(": ", 1)[-1])
 
 
+# About 75 % of what one supernode process answers per CPU-second (`p2p-bench dataplane`:
+# ~7600 on the 2-core development machine since the lean control path; 2500 was the same share
+# of the 3258 before it). SchedulerConfig's own default (the simulator's) is older.
+CONTROL_RATE = 5700.0
+
+
 def _scheduler_config(section: _Section) -> SchedulerConfig:
     d = SchedulerConfig()
     try:
@@ -435,7 +441,7 @@ def _scheduler_config(section: _Section) -> SchedulerConfig:
             seeder_upload_slots=section.get("seeder_upload_slots", int, d.seeder_upload_slots),
             peer_ttl=section.number("peer_ttl", d.peer_ttl, positive=True),
             max_blame=section.get("max_blame", int, d.max_blame),
-            control_rate=section.number("control_rate", d.control_rate, positive=False),
+            control_rate=section.number("control_rate", CONTROL_RATE, positive=False),
         )
     except SchedulerError as exc:  # its text starts with the field's name
         name, _, problem = str(exc).partition(" ")

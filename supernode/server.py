@@ -24,7 +24,6 @@ percent-encoded slashes or upper-case hex never reach a file name.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
@@ -35,8 +34,9 @@ import trio
 from p2pd import __version__, metrics, wire
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
-from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port, serve
+from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port
 from p2pd.store import BlobStore
+from supernode import controlhttp
 from supernode.config import SupernodeConfig
 from supernode.statuspage import STATUS_PAGE
 from supernode.tracker import ApiError, Tracker
@@ -44,6 +44,7 @@ from supernode.tracker import ApiError, Tracker
 log = logging.getLogger(__name__)
 
 MSGPACK = "application/msgpack"
+_MSGPACK_HEADER = ("content-type", MSGPACK)
 _CONTROL: dict[str, type[wire.Message]] = {
     "/v1/register": wire.Register,
     "/v1/announce": wire.Announce,
@@ -93,15 +94,7 @@ class Supernode:
         """Serve until cancelled; `task_status` gets the bound port."""
         async with self.client, trio.open_nursery() as nursery:
             await nursery.start(self.tracker.run)
-            listeners = await nursery.start(
-                functools.partial(
-                    serve,
-                    self.handle,
-                    self.config.listen_host,
-                    self.config.listen_port,
-                    limits=self.limits,
-                )
-            )
+            listeners = await nursery.start(self._listen)
             self.port = bound_port(listeners)
             self.tracker.advertise = self.config.advertise_for(self.port)
             log.info(
@@ -111,6 +104,28 @@ class Supernode:
                 ", ".join(self.config.allowed_upstreams),
             )
             task_status.started(self.port)
+
+    async def _listen(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(
+            self.config.listen_port, host=self.config.listen_host
+        )
+        async with trio.open_nursery() as nursery:
+            task_status.started(listeners)
+            await trio.serve_listeners(self.serve_connection, listeners, handler_nursery=nursery)
+
+    async def serve_connection(self, stream: trio.abc.HalfCloseableStream) -> None:
+        """Serve one accepted connection (any trio stream) until it ends: control POSTs on
+        the lean path, the rest through `handle` on the general HTTP server."""
+        await controlhttp.serve_connection(
+            stream,
+            self.control,
+            self.handle,
+            self.limits or ServerLimits(),
+            auth_header=HEADER,
+            client=_peer_name(stream),
+        )
 
     def counters(self) -> dict[str, float]:
         values: dict[str, float] = dict(self.tracker.scheduler.stats())
@@ -141,30 +156,64 @@ class Supernode:
             return Response(200, [("content-type", metrics.CONTENT_TYPE)], body)
         raise HTTPError(404, f"no route {path[:100]!r}")
 
+    def control(
+        self, path: str, auth: str | None, body: bytes, client: str
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Answer one control POST to `path` (one of `_CONTROL`, no query): the lean HTTP path
+        (`supernode.controlhttp`) calls this with the body already read and bounded."""
+        return self._answer(_CONTROL[path], "POST", path, path, auth, body, client)
+
     async def _control(self, request: Request, message_type: type[wire.Message]) -> Response:
         try:
             if request.method != "POST":
                 raise HTTPError(405, f"{request.path} takes POST", [("allow", "POST")])
             body = await request.read_body(wire.MAX_MESSAGE_SIZE)
-            self._authenticate(request, body)
+        except HTTPError as exc:
+            status, headers, payload = self._refused(
+                exc, request.method, request.path, request.client
+            )
+        else:
+            status, headers, payload = self._answer(
+                message_type,
+                request.method,
+                request.path,
+                request.target,
+                request.header(HEADER),
+                body,
+                request.client,
+            )
+        return Response(status, headers, payload)
+
+    def _answer(
+        self,
+        message_type: type[wire.Message],
+        method: str,
+        path: str,
+        target: str,
+        auth: str | None,
+        body: bytes,
+        client: str,
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        try:
+            try:
+                self.auth.check(auth, method, target, body)
+            except ClusterAuthError as exc:
+                raise HTTPError(401, str(exc)) from None
             reply = self.tracker.call(wire.decode(body, expect=message_type))
             self.messages += 1
         except (ApiError, HTTPError, wire.ProtocolError) as exc:
-            status, code, message = _refusal(exc)
-            log.info(
-                "%s %s %s -> %d %s: %s",
-                request.client,
-                request.method,
-                request.path,
-                status,
-                code,
-                message,
-            )
-            headers = [("content-type", MSGPACK)]
-            if isinstance(exc, HTTPError):
-                headers += exc.headers
-            return Response(status, headers, wire.encode(wire.Error.safe(code, message)))
-        return Response(200, [("content-type", MSGPACK)], wire.encode(reply))
+            return self._refused(exc, method, path, client)
+        return 200, [_MSGPACK_HEADER], wire.encode(reply)
+
+    def _refused(
+        self, exc: ApiError | HTTPError | wire.ProtocolError, method: str, path: str, client: str
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        status, code, message = _refusal(exc)
+        log.info("%s %s %s -> %d %s: %s", client, method, path, status, code, message)
+        headers = [_MSGPACK_HEADER]
+        if isinstance(exc, HTTPError):
+            headers += exc.headers
+        return status, headers, wire.encode(wire.Error.safe(code, message))
 
     def _authenticate(self, request: Request, body: bytes = b"") -> None:
         try:
@@ -201,6 +250,16 @@ SUPERNODE_GAUGES: metrics.Table = {
     "supernode_peers": ("peer memberships over all blobs", "peers"),
     "supernode_active_links": ("current parent links", "active_links"),
 }
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the other end, for log lines."""
+    try:
+        sock = getattr(stream, "socket", None)
+        peer = sock.getpeername() if sock is not None else getattr(stream, "peer", "?")
+    except OSError:
+        return "?"
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 def _allow(request: Request, *methods: str) -> None:

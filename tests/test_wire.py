@@ -34,6 +34,7 @@ from p2pd.wire import (
     ProtocolError,
     Register,
     Report,
+    _dump_fields,
     decode,
     encode,
 )
@@ -545,6 +546,25 @@ def test_trusted_parent_is_the_checked_one_without_the_checks() -> None:
     rejects(pack(body), "Assignment.parents[0]: ParentInfo.peer_id: not a peer id")
 
 
+def test_trusted_assignment_is_the_checked_one_without_the_checks() -> None:
+    checked = assignment()
+    fields = {f.name: getattr(checked, f.name) for f in dataclasses.fields(Assignment)}
+    trusted = Assignment.trusted(**fields)
+    assert trusted == checked
+    assert encode(trusted) == encode(checked)
+    # the one check it keeps: a configurable count
+    many = tuple(parent(f"p{i}") for i in range(MAX_PARENTS + 1))
+    with pytest.raises(ProtocolError, match=f"{MAX_PARENTS + 1} parents exceed the limit"):
+        Assignment.trusted(**{**fields, "parents": many})
+
+
+def test_assignment_encoding_is_the_generic_one() -> None:
+    """`encode` spells the Assignment map out for speed; it must be the table's map."""
+    for msg in (assignment(), assignment(parents=(), hashes=b"", state="ready", sealed=True)):
+        generic = {"v": PROTOCOL_VERSION, "type": "assignment", **_dump_fields(msg)}
+        assert encode(msg) == pack(generic)
+
+
 def test_encode_refuses_non_messages() -> None:
     with pytest.raises(TypeError, match="not a wire message: ParentInfo"):
         encode(parent())  # type: ignore[arg-type]
@@ -744,3 +764,16 @@ def near_valid_bodies(draw: st.DrawFn) -> dict[Any, Any]:
 @given(near_valid_bodies())
 def test_near_valid_bodies(body: dict[Any, Any]) -> None:
     decodes_or_refuses(pack(body))
+
+
+def test_the_digest_cache_is_bounded_and_changes_nothing() -> None:
+    from p2pd import wire as wire_module
+
+    for i in range(wire_module._DIGESTS_MAX + 100):
+        digest = Digest(f"{i:064x}")
+        assert decode(encode(Leave(digest, "p"))) == Leave(digest, "p")
+        assert len(wire_module._DIGESTS) <= wire_module._DIGESTS_MAX
+    again = decode(encode(Leave(Digest(f"{5:064x}"), "p")), expect=Leave)
+    assert again.digest == Digest(f"{5:064x}")
+    body = wire(Leave(DIGEST, "p"))
+    rejects(pack({**body, "digest": "sha256:" + "AB" * 32}), "Leave.digest")

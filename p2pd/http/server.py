@@ -425,12 +425,21 @@ async def serve(
 
 
 async def serve_stream(
-    stream: trio.abc.HalfCloseableStream, handler: Handler, limits: ServerLimits | None = None
+    stream: trio.abc.HalfCloseableStream,
+    handler: Handler,
+    limits: ServerLimits | None = None,
+    *,
+    initial: bytes = b"",
 ) -> None:
     """Serve one connection that is already open (any trio stream) until it ends; never
-    raises except on cancellation. `serve` does this for every accepted socket."""
+    raises except on cancellation. `serve` does this for every accepted socket. `initial`:
+    bytes already read from `stream` at a request boundary (a server with its own fast path
+    for some requests hands the rest of a connection over here)."""
     try:
-        await _Connection(stream, handler, limits or ServerLimits()).run()
+        connection = _Connection(stream, handler, limits or ServerLimits())
+        if initial:
+            connection.conn.receive_data(initial)
+        await connection.run()
     except Exception:
         log.exception("connection handler failed")
 
