@@ -427,12 +427,6 @@ def _wire_check(section: _Section, option: str, **field: str) -> None:
         section.fail(option, str(exc).split(": ", 1)[-1])
 
 
-# About 75 % of what one supernode process answers per CPU-second (`p2p-bench dataplane`:
-# ~7600 on the 2-core development machine since the lean control path; 2500 was the same share
-# of the 3258 before it). SchedulerConfig's own default (the simulator's) is older.
-CONTROL_RATE = 5700.0
-
-
 def _scheduler_config(section: _Section) -> SchedulerConfig:
     d = SchedulerConfig()
     try:
@@ -441,7 +435,7 @@ def _scheduler_config(section: _Section) -> SchedulerConfig:
             seeder_upload_slots=section.get("seeder_upload_slots", int, d.seeder_upload_slots),
             peer_ttl=section.number("peer_ttl", d.peer_ttl, positive=True),
             max_blame=section.get("max_blame", int, d.max_blame),
-            control_rate=section.number("control_rate", CONTROL_RATE, positive=False),
+            control_rate=section.number("control_rate", d.control_rate, positive=False),
         )
     except SchedulerError as exc:  # its text starts with the field's name
         name, _, problem = str(exc).partition(" ")

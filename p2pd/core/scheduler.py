@@ -117,9 +117,10 @@ class SchedulerConfig:
     borrow_below: int = 2
     borrow_from: int = 4
     borrow_sample: int = 16
-    # Control messages per second the supernode paces its downloading peers to (0: no pacing);
-    # see Scheduler.pace.
-    control_rate: float = 2500.0
+    # Control messages per second the supernode paces its downloading peers to (0: no pacing):
+    # about 75 % of what one supernode process answers per CPU-second (`p2p-bench dataplane`:
+    # ~7600 on the 2-core development machine); see Scheduler.pace.
+    control_rate: float = 5700.0
     # The share of the seeder's slots in a task that a peer it already feeds in another task
     # may not take (0: none kept); see Scheduler._seeder_slot.
     seeder_spread: float = 0.5
@@ -630,15 +631,16 @@ class Scheduler:
         the rate (0 while that is below what peers do on their own anyway).
 
         Why: a supernode process answers a few thousand messages per second (``p2p-bench
-        dataplane``: ~3300 per CPU-second here), while the peers' own timing (an announce per
+        dataplane``: ~3300 per CPU-second here before its lean control path, ~7600 since),
+        while the peers' own timing (an announce per
         layer every 0.2 s while a download starts, every second after) asks ~15 000 per
         second of 1000 hosts pulling three layers. Beyond its capacity calls queue, every
         reply comes late and the swarm learns of new pieces seconds late (storm simulator,
         Storm-A with a supernode answering 3258 messages/s: 2.03x the bound; paced, 1.63x).
-        Small swarms are hardly slowed: 100 hosts x 3 layers give 0.12 s, below the peers'
-        own intervals but for the 0.2 s early announces; 10 000 hosts x 3 layers give 12 s,
-        capped by the peers at p2pd.core.session.MAX_PACE: one supernode process is too few
-        for them. Never more than a quarter of ``peer_ttl``, so a paced peer is not expired.
+        Small swarms are not slowed: 100 hosts x 3 layers give 0.05 s at 5700 messages/s,
+        below the peers' own intervals; 10 000 hosts x 3 layers give 5.3 s (up to
+        p2pd.core.session.MAX_PACE): one supernode process is too few for them. Never more
+        than a quarter of ``peer_ttl``, so a paced peer is not expired.
         Not a hard limit: idle peers keep their own back-off (they need parents; see
         DownloadSession.apply), so early in a storm the supernode gets more than the rate.
         """
