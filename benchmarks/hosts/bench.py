@@ -192,12 +192,16 @@ def run_solo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with Cluster(workdir / "fleet", config) as cluster:
         for k, image in enumerate(images):
             cluster.push(image, f"{SOLO_REPO}{k}", TAG)
+        cpu_before = cpu_usage(cluster)
         solo = solo_runs(args, cluster)
+        cpu = {k: round(v - cpu_before[k], 2) for k, v in cpu_usage(cluster).items()}
         stats = cluster.hosts[0].stats()
     report: dict[str, Any] = {
         "config": {"solo_only": True, **vars_report(args, config)},
         "solo": solo_report(solo),
         "daemon_stats": {"h1": stats},
+        # all runs, through p2pd and direct (the supernode and p2pd work in the former only)
+        "cpu_seconds": cpu,
         "wall_seconds": round(time.monotonic() - wall, 1),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "workdir": str(workdir),
@@ -252,6 +256,11 @@ def format_solo(r: dict[str, Any]) -> str:
             f"{run_['direct_seconds']:.2f} s direct "
             f"({run_['p2pd_seconds'] / run_['direct_seconds']:.3f}x)"
         )
+    cpu = r["cpu_seconds"]
+    lines.append(
+        f"CPU seconds over all runs: supernode {cpu['supernode']:.1f}, p2pd {cpu['h1']:.1f}, "
+        f"registry {cpu['registry']:.1f}"
+    )
     load = r["load_average"]
     lines.append(
         f"machine load average (1 min) {load['before'][0]:.1f} before, {load['after'][0]:.1f} "

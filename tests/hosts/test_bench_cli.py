@@ -30,6 +30,7 @@ def test_the_solo_report_gives_each_run_and_judges_the_median() -> None:
         },
         "solo": solo,
         "load_average": {"before": (0.5, 0, 0), "after": (1.0, 0, 0)},
+        "cpu_seconds": {"supernode": 2.0, "h1": 3.0, "registry": 1.0},
         "goals": {"solo": bench._goal(solo["ratio"], bench.GOAL_SOLO)},
     }
     text = bench.format_solo(report)
