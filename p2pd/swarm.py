@@ -420,4 +420,5 @@ class _Run:
             return False
         if index not in self.download.partial.have:
             self.download.partial.write_bytes(index, piece)
+            self.download.hash_if_next(index, piece)
         return True
