@@ -12,9 +12,11 @@ as it grows. Rules:
 - Every byte a reader gets was written by a filler and, for swarm pieces, verified against the
   piece manifest before it was written.
 - The whole-blob sha256 is computed incrementally over the contiguous prefix (in a worker
-  thread). The last piece is held back from readers until the sha256 matched, so a runtime
-  never receives a complete body that is wrong. On mismatch the download fails, the readers'
-  responses are aborted mid-way (the runtime retries) and nothing is cached.
+  thread), from the file -- or, for a piece written next to the hashed prefix, from the
+  filler's buffer as it writes it (`Download.hash_if_next`). The last piece is held back
+  from readers until the sha256 matched, so a runtime never receives a complete body that is
+  wrong. On mismatch the download fails, the readers' responses are aborted mid-way (the
+  runtime retries) and nothing is cached.
 - Only then is the blob committed to the cache (`PartialBlob.commit`).
 - A download is not cancelled when a client goes away: other clients, and other hosts through
   the piece server, may want it, and the runtime will usually retry.
@@ -32,6 +34,7 @@ import hashlib
 import logging
 import os
 import random
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -115,8 +118,11 @@ class Download:
         self.error = ""
         self.sources: dict[str, int] = {}  # bytes by where they came from ("peer:<id>", …)
         self._totals = totals if totals is not None else {}  # the same, over all downloads
+        # `_hashed` bytes of the prefix are in `_sha`; both change under `_sha_lock` only
+        # (the hasher task's worker thread and fillers' worker threads share them)
         self._hashed = 0
         self._sha = hashlib.sha256()
+        self._sha_lock = threading.Lock()
         self._hash_buffer: bytearray | None = None  # allocated on first use
         self._changed = trio.Event()
         self.finished = trio.Event()  # set once COMPLETE or FAILED
@@ -147,6 +153,21 @@ class Download:
             return
         self.partial.write_bytes(index, data)
         self.mark_written(index, source)
+
+    def hash_if_next(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """(Any thread.) Piece `index` was just written with `data`: when it extends the
+        hashed prefix, feed the sha256 from `data` now, saving `hash_and_commit` a read of
+        it back from the file (a copy per byte; the swarm writes pieces mostly in order).
+        Skipped when the hasher holds the lock: it reads the piece from the file then."""
+        offset = self.layout.offset(index)
+        if self._hashed != offset or not self._sha_lock.acquire(blocking=False):
+            return
+        try:
+            if self._hashed == offset and len(data) == self.layout.length(index):
+                self._sha.update(data)
+                self._hashed = offset + len(data)
+        finally:
+            self._sha_lock.release()
 
     def mark_written(self, index: int, source: str) -> None:
         """A piece's bytes are on disk (written by `PartialBlob.write_bytes`, perhaps in a
@@ -226,8 +247,7 @@ class Download:
         while self.state is DownloadState.RUNNING:
             target = self.prefix_bytes
             if self._hashed < target:
-                await offload.run_sync(self._hash_range, self._hashed, target)
-                self._hashed = target
+                await offload.run_sync(self._hash_range, target)
                 continue
             if self._hashed == size:
                 break
@@ -249,7 +269,8 @@ class Download:
             self.finished.set()
             self._notify()
 
-    def _hash_range(self, start: int, end: int) -> None:
+    def _hash_range(self, end: int) -> None:
+        """(In a worker thread.) Feed the sha256 from the file up to byte `end`."""
         # Into one buffer reused for the whole download: a fresh multi-MiB bytes object per
         # read was allocated in whichever worker thread ran this, and each thread's malloc
         # arena kept its freed chunks resident (tens of MiB of peak RSS).
@@ -258,12 +279,15 @@ class Download:
             self._hash_buffer = bytearray(_HASH_CHUNK)
         view = memoryview(self._hash_buffer)
         try:
-            while start < end:
-                n = os.preadv(fd, [view[: min(_HASH_CHUNK, end - start)]], start)
-                if not n:
-                    raise StorageError(f"{self.digest}: file shorter than its prefix")
-                self._sha.update(view[:n])
-                start += n
+            with self._sha_lock:
+                start = self._hashed
+                while start < end:
+                    n = os.preadv(fd, [view[: min(_HASH_CHUNK, end - start)]], start)
+                    if not n:
+                        raise StorageError(f"{self.digest}: file shorter than its prefix")
+                    self._sha.update(view[:n])
+                    start += n
+                    self._hashed = start
         finally:
             view.release()
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
+from p2pd import offload
 from p2pd.blobs import BackSource, BlobManager, BlobSource, Download, FillerGaveUp
 from p2pd.core.digest import Digest
 from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
@@ -208,3 +210,49 @@ async def test_a_full_disk_inside_a_filler_is_the_caches_trouble_not_a_filler_bu
     assert blobs.back_to_source == 0  # not handed to the next filler as if a filler bug
     assert blobs.uncached == 1 and len(registry.gets) == 1
     assert not store.has(digest)
+
+
+@pytest.mark.parametrize(
+    ("order", "read_back"),
+    [
+        ((0, 1, 2, 3), set()),  # in order: every piece hashed from the filler's buffer
+        ((1, 0, 3, 2), {1, 3}),  # a piece ahead of the hashed prefix is read back later
+    ],
+)
+async def test_pieces_written_next_to_the_hashed_prefix_are_hashed_from_the_buffer(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    order: tuple[int, ...],
+    read_back: set[int],
+) -> None:
+    layout = PieceLayout(4000, 1000)
+    digest, data = make_blob(layout.total_size, seed=7)
+    download = Download(digest, BlobStore(tmp_path).open_partial(digest, layout))
+    read_back_pieces: set[int] = set()
+    preadv = os.preadv
+
+    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = preadv(fd, buffers, offset)
+        read_back_pieces.update(range(offset // 1000, (offset + n - 1) // 1000 + 1))
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting)
+    # the hasher on the trio thread, so that each step below finds it done with the last
+    with offload.inline():
+        await fill_in(download, layout, data, order)
+    assert download.state.value == "complete"
+    assert read_back_pieces == read_back
+
+
+async def fill_in(
+    download: Download, layout: PieceLayout, data: bytes, order: tuple[int, ...]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(download.hash_and_commit)
+        for index in order:
+            offset, length = layout.span(index)
+            piece = memoryview(data)[offset : offset + length]
+            download.partial.write_bytes(index, piece)  # as the swarm's worker thread does
+            download.hash_if_next(index, piece)
+            download.mark_written(index, "peer:p")
+            await trio.testing.wait_all_tasks_blocked()

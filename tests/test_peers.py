@@ -155,7 +155,9 @@ async def test_busy_and_missing_are_told_apart(nursery: trio.Nursery, tmp_path: 
     await client.aclose()
 
 
-async def trickle_server(nursery: trio.Nursery, body: bytes, chunk: int = 1000) -> str:
+async def trickle_server(
+    nursery: trio.Nursery, body: bytes, chunk: int = 1000, pause: float = 0.0005
+) -> str:
     """A parent that answers a piece request with `body`, sent `chunk` bytes at a time with a
     pause between (a link slower than the reader), then the next request on the same
     connection with a short 404."""
@@ -175,7 +177,7 @@ async def trickle_server(nursery: trio.Nursery, body: bytes, chunk: int = 1000) 
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
             for start in range(0, len(body), chunk):
                 await stream.send_all(body[start : start + chunk])
-                await trio.sleep(0.0005)
+                await trio.sleep(pause)
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
     return f"127.0.0.1:{bound_port(listeners)}"
@@ -228,3 +230,55 @@ async def test_the_low_water_mark_stays_under_a_quarter_of_the_receive_buffer() 
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
     finally:
         sock.close()
+
+
+async def test_nearly_done_comes_once_shortly_before_the_last_bytes(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next request to a parent should reach it while this body still fills its link:
+    `nearly_done` fires once, when the rest is due within the lead at the rate measured so
+    far -- not at the first read (a slow link would then carry two bodies at once), not
+    only at the end (the parent would idle a round trip)."""
+    length = 3_000_000  # ~10 MB/s below: about 0.3 s, a read per BODY_LOWAT
+    body = random.Random(3).randbytes(length)
+    address = await trickle_server(nursery, body, chunk=32 * 1024, pause=0.003)
+    received = 0
+    receive_into = _Conn.receive_into
+
+    async def counting(self: _Conn, view: memoryview) -> int:
+        nonlocal received
+        n = await receive_into(self, view)
+        received += n
+        return n
+
+    monkeypatch.setattr(_Conn, "receive_into", counting)
+    calls: list[int] = []
+    client = PieceClient(lead_seconds=0.05)
+    buf = bytearray(length)
+    with trio.fail_after(30):
+        await client.fetch(
+            address, Digest("ab" * 32), 0, memoryview(buf), lambda: calls.append(received)
+        )
+    assert buf == body
+    assert len(calls) == 1
+    assert length // 2 <= calls[0] < length, calls
+    await client.aclose()
+
+
+async def test_nearly_done_comes_at_the_end_of_a_short_body_and_never_on_an_error(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    address, digest, data = await start_server(nursery, tmp_path)
+    client = PieceClient(lead_seconds=0.0)  # never early
+    layout = PieceLayout.for_size(SIZE)
+    calls: list[int] = []
+    off, n = layout.span(2)
+    buf = bytearray(n)
+    await client.fetch(address, digest, 2, memoryview(buf), lambda: calls.append(2))
+    assert calls == [2] and buf == data[off : off + n]
+    with pytest.raises(PieceFetchError):
+        await client.fetch(
+            address, Digest("cd" * 32), 0, memoryview(bytearray(1)), lambda: calls.append(0)
+        )
+    assert calls == [2]
+    await client.aclose()

@@ -144,19 +144,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], StormR
         check_pulls(direct, "direct storm")
         direct_egress = sum(cluster.registry.blob_bytes_by_remote().values()) - before_direct
 
-        solo: list[dict[str, float]] = []
-        first = cluster.hosts[:1]
-        for k in range(args.solo_runs):
-            print(f"one host alone, run {k + 1}: through p2pd, then direct …", flush=True)
-            ref = f"example.test/{SOLO_REPO}{k}:{TAG}"
-            cluster.reset_containerds(first)
-            alone = cluster.pull_all(ref, first, via_p2pd=True, timeout=args.timeout)
-            check_pulls(alone, "one host through p2pd")
-            cluster.reset_containerds(first)
-            plain = cluster.pull_all(ref, first, via_p2pd=False, timeout=args.timeout)
-            check_pulls(plain, "one host direct")
-            p, d = alone["h1"].seconds, plain["h1"].seconds
-            solo.append({"p2pd_seconds": round(p, 3), "direct_seconds": round(d, 3)})
+        solo = solo_runs(args, cluster)
     wall = time.monotonic() - wall
 
     result = storm_result(args, config, storm_image, p2p, direct, by_remote, timeline, started)
@@ -177,6 +165,112 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], StormR
     report["load_average"] = {"before": load_before, "after": os.getloadavg()}
     report["workdir"] = str(workdir)
     return report, result
+
+
+def run_solo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Only the one-host comparisons (``--solo-only``): a fleet of one host, no storm.
+
+    The fleet is the same as the full run's (registry, supernode, host 1, same links), so the
+    figure is the full run's solo figure without the 8-host storm before it.
+    """
+    load_before = os.getloadavg()
+    sizes = [round(float(x) * MB) for x in args.layers_mb.split(",") if x]
+    config = ClusterConfig(
+        hosts=1,
+        host_up_mbit=args.host_up_mbit or args.host_mbit,
+        host_down_mbit=args.host_down_mbit or args.host_mbit,
+        registry_mbit=args.registry_mbit,
+        supernode_mbit=args.supernode_mbit,
+        tbf_latency=args.tbf_latency,
+    )
+    print(f"building images of {args.layers_mb} MB …", flush=True)
+    images = [
+        make_image(args.seed + 1 + k, sizes, workdir=workdir / f"image-solo{k}")
+        for k in range(args.solo_runs)
+    ]
+    wall = time.monotonic()
+    with Cluster(workdir / "fleet", config) as cluster:
+        for k, image in enumerate(images):
+            cluster.push(image, f"{SOLO_REPO}{k}", TAG)
+        cpu_before = cpu_usage(cluster)
+        solo = solo_runs(args, cluster)
+        cpu = {k: round(v - cpu_before[k], 2) for k, v in cpu_usage(cluster).items()}
+        stats = cluster.hosts[0].stats()
+    report: dict[str, Any] = {
+        "config": {"solo_only": True, **vars_report(args, config)},
+        "solo": solo_report(solo),
+        "daemon_stats": {"h1": stats},
+        # all runs, through p2pd and direct (the supernode and p2pd work in the former only)
+        "cpu_seconds": cpu,
+        "wall_seconds": round(time.monotonic() - wall, 1),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "workdir": str(workdir),
+    }
+    report["goals"] = {"solo": _goal(report["solo"]["ratio"], GOAL_SOLO)}
+    return report
+
+
+def solo_runs(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, float]]:
+    """Host 1 pulls each solo image through p2pd, then (cold again) straight from the registry."""
+    solo: list[dict[str, float]] = []
+    first = cluster.hosts[:1]
+    for k in range(args.solo_runs):
+        print(f"one host alone, run {k + 1}: through p2pd, then direct …", flush=True)
+        ref = f"example.test/{SOLO_REPO}{k}:{TAG}"
+        cluster.reset_containerds(first)
+        alone = cluster.pull_all(ref, first, via_p2pd=True, timeout=args.timeout)
+        check_pulls(alone, "one host through p2pd")
+        cluster.reset_containerds(first)
+        plain = cluster.pull_all(ref, first, via_p2pd=False, timeout=args.timeout)
+        check_pulls(plain, "one host direct")
+        p, d = alone["h1"].seconds, plain["h1"].seconds
+        solo.append({"p2pd_seconds": round(p, 3), "direct_seconds": round(d, 3)})
+        print(f"  {p:.2f} s through p2pd, {d:.2f} s direct ({p / d:.3f}x)", flush=True)
+    return solo
+
+
+def vars_report(args: argparse.Namespace, config: ClusterConfig) -> dict[str, Any]:
+    """The links and image of a run, for the JSON."""
+    return {
+        "host_up_mbit": config.host_up_mbit,
+        "host_down_mbit": config.host_down_mbit,
+        "registry_mbit": config.registry_mbit,
+        "supernode_mbit": config.supernode_mbit,
+        "tbf": {"burst": config.tbf_burst, "latency": config.tbf_latency},
+        "layers_mb": args.layers_mb,
+        "seed": args.seed,
+    }
+
+
+def format_solo(r: dict[str, Any]) -> str:
+    """The ``--solo-only`` report: each run and the median ratio against the goal."""
+    c = r["config"]
+    lines = [
+        f"one host at {c['host_up_mbit']}/{c['host_down_mbit']} Mbit/s up/down, registry "
+        f"{c['registry_mbit']} Mbit/s, supernode {c['supernode_mbit']} Mbit/s; "
+        f"layers {c['layers_mb']} MB"
+    ]
+    for run_ in r["solo"]["runs"]:
+        lines.append(
+            f"one host alone: {run_['p2pd_seconds']:.2f} s through p2pd, "
+            f"{run_['direct_seconds']:.2f} s direct "
+            f"({run_['p2pd_seconds'] / run_['direct_seconds']:.3f}x)"
+        )
+    cpu = r["cpu_seconds"]
+    lines.append(
+        f"CPU seconds over all runs: supernode {cpu['supernode']:.1f}, p2pd {cpu['h1']:.1f}, "
+        f"registry {cpu['registry']:.1f}"
+    )
+    load = r["load_average"]
+    lines.append(
+        f"machine load average (1 min) {load['before'][0]:.1f} before, {load['after'][0]:.1f} "
+        f"after, on {os.cpu_count()} CPUs"
+    )
+    g = r["goals"]["solo"]
+    value = "-" if g["value"] is None else f"{g['value']:.3f}x"
+    verdict = "met" if g["met"] else "MISSED"
+    lines.append(f"goal  one host: p2pd / direct (median) {value} <= {g['limit']:.2f}x  {verdict}")
+    return "\n".join(lines)
 
 
 def link_counters(cluster: Cluster) -> dict[str, tuple[int, int]]:
@@ -397,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--solo-runs", type=int, default=1, help="one-host comparisons, each on a fresh image"
     )
+    parser.add_argument(
+        "--solo-only",
+        action="store_true",
+        help="only the one-host comparisons (a fleet of host 1 alone; no storm, no plot)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--tbf-latency", default="50ms", help="tbf queue bound (default 50ms)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for one pull")
@@ -421,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.solo_only and args.solo_runs < 1:
+        print("p2p-bench hosts: --solo-only needs --solo-runs >= 1", file=sys.stderr)
+        return 2
     if args.hosts < 1 or args.solo_runs < 0:
         print("p2p-bench hosts: --hosts must be >= 1 and --solo-runs >= 0", file=sys.stderr)
         return 2
@@ -432,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.delete_leftovers:
         for name in delete_leftovers():
             print(f"deleted leftover namespace {name}")
+    if args.solo_only:
+        return main_solo(args)
     with signals_raise():
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
@@ -446,6 +550,22 @@ def main(argv: list[str] | None = None) -> int:
     png = args.png or args.out.with_suffix(".png")
     plot_png(result, png)
     print(f"\nJSON: {args.out}\nplot: {png}")
+    return 0
+
+
+def main_solo(args: argparse.Namespace) -> int:
+    with signals_raise():
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            report = run_solo(args, args.keep)
+        else:
+            with tempfile.TemporaryDirectory(prefix="p2p-solo-", dir=args.tmp_base) as tmp:
+                report = run_solo(args, Path(tmp))
+    print()
+    print(format_solo(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
+    print(f"\nJSON: {args.out}")
     return 0
 
 

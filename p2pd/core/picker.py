@@ -23,10 +23,11 @@ Which pieces may be asked for
 Piece ``i`` may be requested from parent ``P`` only when P holds i, ``i < verifiable`` (its
 hash is in the manifest, so we can check it), we do not HAVE it, and P has fewer than
 ``max_in_flight_per_parent`` requests whose bytes are still coming. A request whose bytes
-arrived (`on_received`) stays on the books until `on_piece`, but no longer holds P's slot:
-the limit is about sharing P's upload, and checking and writing the piece is local work, so
-the next request to P overlaps it instead of leaving P's upload idle meanwhile. (The storm
-simulator verifies as the bytes land and never calls `on_received`.)
+arrived, or whose last ones are about to (`on_received`), stays on the books until
+`on_piece`, but no longer holds P's slot: the limit is about sharing P's upload, and checking
+and writing the piece is local work, so the next request to P overlaps it (and the end of the
+body) instead of leaving P's upload idle meanwhile. (The storm simulator verifies as the
+bytes land and never calls `on_received`.)
 
 Order of preference
 -------------------
@@ -265,6 +266,10 @@ class PiecePicker:
 
     def in_flight(self, parent: str) -> int:
         return len(self._parent(parent).inflight)
+
+    def receiving(self) -> bool:
+        """Some request's bytes are still coming (a slot is taken; see `on_received`)."""
+        return any(p.busy for p in self._parents.values())
 
     def next_deadline(self) -> float | None:
         heap = self._deadlines

@@ -125,6 +125,7 @@ class DownloadSession:
         self.last_progress = now  # a verified piece, or the seeder publishing a new one
         self.last_busy = now  # the last poll that found transfers in flight
         self.next_announce = now + self.config.announce_interval
+        self.last_announce = now
         self.idle_gap = self.config.min_announce_gap
         self.pace = 0.0  # the supernode's floor on the gap between our calls
         self._out = Outbox()
@@ -189,9 +190,11 @@ class DownloadSession:
             self.picker.add_parent(parent_id, info.pieces)
 
     def on_received(self, request: Request) -> None:
-        """A transfer's bytes arrived and are being checked and written; `on_piece` follows.
-        The parent's slot is free meanwhile (see the picker). Drivers that verify as the
-        bytes land (the storm simulator) need not call it."""
+        """A transfer's bytes arrived, or their last ones are about to (the daemon calls it
+        shortly before the end so that the parent's next request overlaps them); they are
+        then checked and written, and `on_piece` follows. The parent's slot is free
+        meanwhile (see the picker). Drivers that verify as the bytes land (the storm
+        simulator) need not call it."""
         if request in self.live:
             self.picker.on_received(request.parent, request.index)
 
@@ -277,6 +280,14 @@ class DownloadSession:
             self._out.fetch.extend(fresh)
             if not self.live:
                 self.next_announce = min(self.next_announce, now + self.idle_gap)
+            elif self.completed and not fresh and not self.picker.receiving():
+                # Starved: every request in flight has its bytes (being checked) and no
+                # parent offers anything more. The supernode may be waiting for news of what
+                # we finished before it offers more (the seeder's one-copy claims): tell it
+                # now rather than at the next tick (one host alone behind the seeder: the
+                # parent idled a round trip per piece for it).
+                soonest = self.last_announce + max(self.config.min_announce_gap, self.pace)
+                self.next_announce = min(self.next_announce, max(now, soonest))
             if now >= self.next_announce:
                 self._out.announce = True
         out, self._out = self._out, Outbox()
@@ -290,6 +301,7 @@ class DownloadSession:
         if self.picker.have_count() < self.config.early_pieces:
             interval = min(interval, self.config.early_announce_interval)
         self.next_announce = now + max(interval, self.pace)
+        self.last_announce = now
         batch, self.completed = self.completed, []
         return batch, not self.is_complete()
 

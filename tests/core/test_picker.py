@@ -828,3 +828,15 @@ def test_received_for_a_request_not_in_flight_is_misuse() -> None:
     picker.pick(0.0)
     with pytest.raises(PickerError):
         picker.on_received("b", 0)
+
+
+def test_receiving_says_whether_some_requests_bytes_are_still_coming() -> None:
+    picker = PiecePicker(PieceLayout(4, 1), random.Random(0))
+    picker.set_verifiable(4)
+    assert not picker.receiving()
+    picker.add_parent("a", Bitfield.from_indexes(4, [0, 1]))
+    (req,) = picker.pick(0.0)
+    assert picker.receiving()
+    picker.on_received(req.parent, req.index)
+    assert not picker.receiving()  # in flight still, but its bytes are in
+    assert picker.state(req.index) is PieceState.DOWNLOADING

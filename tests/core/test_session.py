@@ -245,3 +245,53 @@ def test_an_idle_peer_is_not_paced_it_needs_parents() -> None:
     s.apply("fetching", 8, [], 0.0, pace=3.0)
     assert not s.poll(0.0).fetch
     assert s.next_wakeup() == pytest.approx(CONFIG.min_announce_gap)
+
+
+def test_a_starved_peer_tells_the_supernode_what_it_finished_at_once() -> None:
+    # One parent (the seeder under its one-copy rule) offers two pieces at a time: once both
+    # are in, the next ones come only with a reply to news of them, so that news goes out
+    # as soon as the last bytes are in, not at the next announce tick.
+    s = session()
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
+    first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.take_announce(0.0)  # just announced: the next tick is at 1.0
+    s.on_received(first)
+    assert s.on_piece(first, True, 0.3)
+    assert not s.poll(0.3).announce  # the second piece's bytes are still coming
+    s.on_received(second)
+    out = s.poll(0.35)
+    assert out.announce and not out.fetch  # starved: both in, nothing more offered
+    pieces, _ = s.take_announce(0.35)
+    assert pieces == [0]
+    # starved again right after an announce: it waits the minimum gap
+    s.apply("fetching", 8, [parent("sn", "11100000")], 0.37)
+    (third,) = s.poll(0.37).fetch
+    s.on_received(third)
+    assert s.on_piece(second, True, 0.4)
+    assert not s.poll(0.4).announce
+    assert s.next_wakeup() == pytest.approx(0.35 + CONFIG.min_announce_gap)
+    assert s.poll(0.35 + CONFIG.min_announce_gap).announce
+
+
+def test_a_peer_with_bytes_still_coming_keeps_its_announce_tick() -> None:
+    s = session()
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
+    first, _still_coming = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.take_announce(0.0)
+    s.on_received(first)
+    assert s.on_piece(first, True, 0.3)
+    for now in (0.3, 0.5, 0.9):
+        assert not s.poll(now).announce  # `second` is still arriving: not starved
+    assert s.next_wakeup() == pytest.approx(1.0)
+
+
+def test_a_starved_peer_still_respects_the_supernodes_pace() -> None:
+    s = session()
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0, pace=2.0)
+    first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.take_announce(0.0)
+    for r in (first, second):
+        s.on_received(r)
+    assert s.on_piece(first, True, 0.3)
+    assert not s.poll(0.3).announce
+    assert s.poll(2.0).announce

@@ -1,0 +1,147 @@
+"""The swarm filler's driving of transfers and announces, on a virtual clock.
+
+A fake supernode (a `ControlClient` answering from memory) and a fake piece client stand in for
+the network; the `Swarm`, its `DownloadSession`, the store and the manifest are the real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from p2pd import offload, wire
+from p2pd.blobs import BlobSource, Download
+from p2pd.core.bitfield import Bitfield
+from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
+from p2pd.core.manifest import piece_hash
+from p2pd.core.session import SessionConfig
+from p2pd.peers import PieceClient
+from p2pd.store import BlobStore
+from p2pd.swarm import Swarm, SwarmConfig
+from p2pd.tracker import ControlClient
+
+PIECE = 1000
+LAYOUT = PieceLayout(4 * PIECE, PIECE)
+DATA = random.Random(5).randbytes(LAYOUT.total_size)
+DIGEST = Digest.from_bytes(hashlib.sha256(DATA).digest())
+HASHES = b"".join(piece_hash(DATA[o : o + n]) for o, n in map(LAYOUT.span, range(LAYOUT.count)))
+
+
+class FakeSupernode(ControlClient):
+    """Answers every call with the whole manifest and one parent holding every piece; an
+    announce's answer waits `announce_delay` (a reply queued behind piece bytes)."""
+
+    def __init__(self, announce_delay: float = 0.0) -> None:
+        super().__init__(httpx.AsyncClient())
+        self.announce_delay = announce_delay
+        self.announces: list[tuple[float, tuple[int, ...]]] = []
+
+    async def post(
+        self, base: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        msg = wire.decode(body, (wire.Register, wire.Announce, wire.Leave, wire.Report))
+        if isinstance(msg, wire.Leave):
+            return 200, wire.encode(wire.Ack())
+        if isinstance(msg, wire.Announce):
+            self.announces.append((trio.current_time(), msg.pieces))
+            await trio.sleep(self.announce_delay)
+        full = Bitfield.from_indexes(LAYOUT.count, range(LAYOUT.count))
+        reply = wire.Assignment(
+            digest=DIGEST,
+            state="ready",
+            size=LAYOUT.total_size,
+            piece_size=PIECE,
+            manifest_start=0,
+            hashes=HASHES,
+            sealed=True,
+            parents=(wire.ParentInfo("seed", "10.0.0.9:65003", "", full),),
+        )
+        return 200, wire.encode(reply)
+
+
+class FakePieces(PieceClient):
+    """Each piece's body takes `body` seconds; `nearly_done` comes `tail` seconds before its
+    end, as the real client calls it `lead_seconds` before the end."""
+
+    def __init__(self, body: float, tail: float) -> None:
+        super().__init__()
+        self.body = body
+        self.tail = tail
+        self.starts: dict[int, float] = {}
+        self.ends: dict[int, float] = {}
+
+    async def fetch(
+        self,
+        address: str,
+        digest: Digest,
+        index: int,
+        buffer: memoryview,
+        nearly_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.starts[index] = trio.current_time()
+        await trio.sleep(self.body - self.tail)
+        if nearly_done is not None:
+            nearly_done()
+        await trio.sleep(self.tail)
+        offset, length = LAYOUT.span(index)
+        buffer[:] = DATA[offset : offset + length]
+        self.ends[index] = trio.current_time()
+
+
+async def fill(tmp_path: Path, control: FakeSupernode, pieces: FakePieces) -> Download:
+    store = BlobStore(tmp_path)
+    download = Download(DIGEST, store.open_partial(DIGEST, LAYOUT))
+    source = BlobSource("http://registry.test", "library/x", None, LAYOUT.total_size)
+    config = SwarmConfig(
+        peer_id="me",
+        advertise="10.0.0.1:65003",
+        seed_time=0.0,
+        # every piece done is announced at once: the announces run all through the download
+        session=SessionConfig(early_pieces=100, early_announce_interval=0.01),
+    )
+    with offload.inline():
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(config, control, pieces, ["http://sn.test"], nursery, random.Random(1))
+            await swarm.fill(download, source)
+            nursery.cancel_scope.cancel()  # the seeding that follows is not under test
+    return download
+
+
+async def test_a_lone_parent_gets_the_next_request_before_the_last_bytes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The next request reaches the parent while the current body's tail is still on its
+    way (`nearly_done`), so its upload never waits for a round trip between pieces."""
+    pieces = FakePieces(body=1.0, tail=0.2)
+    download = await fill(tmp_path, FakeSupernode(), pieces)
+    assert download.have.is_full()
+    order = sorted(pieces.starts, key=pieces.starts.__getitem__)
+    for before, after in itertools.pairwise(order):
+        assert pieces.starts[after] == pytest.approx(pieces.ends[before] - 0.2)
+    assert pieces.ends[order[-1]] == pytest.approx(4 * 0.8 + 0.2)
+
+
+async def test_a_slow_announce_reply_does_not_hold_up_the_transfers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Announce replies that take longer than a piece (queued behind piece bytes) are
+    waited for beside the transfers, not in their way."""
+    control = FakeSupernode(announce_delay=0.7)
+    pieces = FakePieces(body=0.5, tail=0.1)
+    download = await fill(tmp_path, control, pieces)
+    assert download.have.is_full()
+    last = max(pieces.ends.values())
+    assert last == pytest.approx(4 * 0.4 + 0.1)  # as with an instant supernode
+    assert len(control.announces) >= 2  # some went out while pieces were moving
+    # every piece reached the supernode, the last ones in the final announce
+    announced = sorted(i for _, batch in control.announces for i in batch)
+    assert announced == list(range(LAYOUT.count))
