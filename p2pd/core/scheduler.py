@@ -976,6 +976,13 @@ class Scheduler:
             if stripe:
                 return _first_bits(stripe | mine, _MAX_CLAIMS) if one_copy else stripe | mine
         if mine:
+            if k <= 1:
+                # a lone child keeps claiming _MAX_CLAIMS ahead: else it waits a verify and an
+                # announce's round trip for every second piece (one host behind the seeder,
+                # 100 Mbit/s: 1.16x -> 1.09x the bound in the simulator; 8 and 32 hosts
+                # unchanged; topping up every child's claims made those 1.70 -> 2.19x and
+                # 2.64 -> 3.06x)
+                return mine | _first_bits(rare & ~mine, max(0, _MAX_CLAIMS - mine.bit_count()))
             return mine
         if rare:
             # one copy at a time: a child claims a few pieces, not all (a lone first peer

@@ -1187,3 +1187,13 @@ def test_seeder_spread_zero_is_first_come() -> None:
     assert s.children(D2, SEEDER) == ["h0", "h1"]
     with pytest.raises(SchedulerError, match="seeder_spread"):
         SchedulerConfig(seeder_spread=1.5)
+
+
+def test_a_lone_child_under_the_one_copy_rule_keeps_two_pieces_claimed() -> None:
+    s = _zoned()
+    assert offers(s.register(D, "b1", "", "b", 0.0))[SEEDER] == [0, 1]
+    # one of its two claims arrived: it is offered the next piece at once, not only the other
+    assert offers(s.announce(D, "b1", [0], 1.0))[SEEDER] == [1, 2]
+    # with a second child, claims are no longer topped up (stripes and one copy per zone)
+    s.register(D, "b2", "", "b", 1.0)
+    assert offers(s.announce(D, "b1", [1], 2.0))[SEEDER] == [2]
