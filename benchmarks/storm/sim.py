@@ -581,7 +581,19 @@ class Sim:
         self.tags[flow] = tag
 
     def _flow_done(self, flow: int, tag: object) -> None:
-        if isinstance(tag, tuple) and tag[0] == "seed":
+        assert isinstance(tag, tuple)
+        piece_pull = tag[0]
+        if isinstance(piece_pull, _Pull):
+            # a piece: most flows (tested first: `==` on a _Pull is a dataclass __eq__ call)
+            request = tag[1]
+            assert isinstance(request, Request)
+            if piece_pull.flows.pop(request, None) is None or piece_pull.done:
+                return
+            holds = self._holds(piece_pull, request)
+            piece_pull.session.on_piece(request, True, self.now, holds)
+            self._drive(piece_pull)
+            return
+        if tag[0] == "seed":
             layer = tag[1]
             assert isinstance(layer, _Layer)
             size = layer.layout.length(layer.known)
@@ -592,18 +604,12 @@ class Sim:
             sn.scheduler.seeder_progress(layer.digest, layer.known, self.now)
             self._seed(layer)
             return
-        if isinstance(tag, tuple) and tag[0] == "fallback":
+        if tag[0] == "fallback":
             pull = tag[1]
             assert isinstance(pull, _Pull)
             self._layer_done(pull)
             return
-        assert isinstance(tag, tuple)
-        piece_pull, request = tag
-        assert isinstance(piece_pull, _Pull) and isinstance(request, Request)
-        if piece_pull.flows.pop(request, None) is None or piece_pull.done:
-            return
-        piece_pull.session.on_piece(request, True, self.now, self._holds(piece_pull, request))
-        self._drive(piece_pull)
+        raise AssertionError(f"unknown flow tag {tag!r}")  # pragma: no cover
 
     def _holds(self, pull: _Pull, request: Request) -> Bitfield | None:
         """The parent's bitfield as a piece response could carry it. Off by default, because
