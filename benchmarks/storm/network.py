@@ -214,13 +214,19 @@ class Network:
 
         ``tag`` is the caller's, handed back by ``complete``.
         """
-        self._check_alive(src)
-        self._check_alive(dst)
+        # The checks of _check_alive and _advance_clock, inline: every piece starts here.
+        alive = self._alive
+        if not (0 <= src < len(alive) and alive[src]):
+            self._check_alive(src)
+        if not (0 <= dst < len(alive) and alive[dst]):
+            self._check_alive(dst)
         if src == dst:
             raise ValueError(f"host {src} cannot send to itself")
         if not (0 <= size < _INF):
             raise ValueError(f"size must be finite and >= 0, got {size}")
-        self._advance_clock(now)
+        if now < self._now:
+            self._check_time(now)
+        self._now = now
         fid = self._next_id
         self._next_id += 1
         f = _Flow(fid, src, dst, size, now, tag)
@@ -281,13 +287,13 @@ class Network:
         f = self._flows.get(flow)
         if f is None:
             raise KeyError(flow)
-        self._check_time(now)
-        if self.remaining(flow, now) > REL_TOL * f.size:
+        self._check_time(now)  # so also now >= f.last: what remaining() checks
+        if _left(f, now) > REL_TOL * f.size:
             raise ValueError(
                 f"flow {flow} is not complete at {now}: {self.remaining(flow, now)} of "
                 f"{f.size} bytes left, due at {f.finish}"
             )
-        self._advance_clock(now)
+        self._now = now
         del self._flows[flow]
         self._end(f, now, credit_size=True)
         return f.tag

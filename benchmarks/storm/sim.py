@@ -38,6 +38,7 @@ seeder's registry fetch and of the naive pulls (one request per blob).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import heapq
 import math
@@ -189,6 +190,7 @@ class Sim:
         self.egress = 0.0
         self.egress_timeline: list[tuple[float, float]] = [(0.0, 0.0)]
         self.completed = 0
+        self.settled = 0  # nodes completed or gone: the run ends when all are
         self.tags: dict[int, object] = {}  # flow id -> what it carries (for cut flows)
         # control calls and piece requests take time (see the module docstring)
         self.delayed = scenario.latency > 0 or scenario.supernode_rate > 0
@@ -204,6 +206,19 @@ class Sim:
         heapq.heappush(self.events, (at, self.seq, kind, payload))
 
     def run(self) -> StormResult:
+        # The cyclic garbage collector is off while the storm runs: the simulator makes
+        # next to no reference cycles (a Storm-A run leaves a handful of objects to it), yet
+        # each full collection walks every live object -- sessions, pickers, flows -- and
+        # their number and size both grow with the hosts. Counting is not affected.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self) -> StormResult:
         wall = time.monotonic()
         naive = naive_completion(
             self.s, self.node_up, self.node_down, [n.start for n in self.nodes]
@@ -231,8 +246,8 @@ class Sim:
                 self._flow_done(flow, self.net.complete(flow, self.now))
             else:
                 break
-            if self._finished():
-                break
+            if self.settled == len(self.nodes):
+                break  # every node completed or left
         return StormResult(
             scenario=self.s,
             engine="fast",
@@ -249,9 +264,6 @@ class Sim:
             naive_completion=naive,
             wall_seconds=time.monotonic() - wall,
         )
-
-    def _finished(self) -> bool:
-        return all(n.gone or n.completion is not None for n in self.nodes)
 
     def _dispatch(self, kind: str, payload: object) -> None:
         if kind == "start":
@@ -569,7 +581,19 @@ class Sim:
         self.tags[flow] = tag
 
     def _flow_done(self, flow: int, tag: object) -> None:
-        if isinstance(tag, tuple) and tag[0] == "seed":
+        assert isinstance(tag, tuple)
+        piece_pull = tag[0]
+        if isinstance(piece_pull, _Pull):
+            # a piece: most flows (tested first: `==` on a _Pull is a dataclass __eq__ call)
+            request = tag[1]
+            assert isinstance(request, Request)
+            if piece_pull.flows.pop(request, None) is None or piece_pull.done:
+                return
+            holds = self._holds(piece_pull, request)
+            piece_pull.session.on_piece(request, True, self.now, holds)
+            self._drive(piece_pull)
+            return
+        if tag[0] == "seed":
             layer = tag[1]
             assert isinstance(layer, _Layer)
             size = layer.layout.length(layer.known)
@@ -580,18 +604,12 @@ class Sim:
             sn.scheduler.seeder_progress(layer.digest, layer.known, self.now)
             self._seed(layer)
             return
-        if isinstance(tag, tuple) and tag[0] == "fallback":
+        if tag[0] == "fallback":
             pull = tag[1]
             assert isinstance(pull, _Pull)
             self._layer_done(pull)
             return
-        assert isinstance(tag, tuple)
-        piece_pull, request = tag
-        assert isinstance(piece_pull, _Pull) and isinstance(request, Request)
-        if piece_pull.flows.pop(request, None) is None or piece_pull.done:
-            return
-        piece_pull.session.on_piece(request, True, self.now, self._holds(piece_pull, request))
-        self._drive(piece_pull)
+        raise AssertionError(f"unknown flow tag {tag!r}")  # pragma: no cover
 
     def _holds(self, pull: _Pull, request: Request) -> Bitfield | None:
         """The parent's bitfield as a piece response could carry it. Off by default, because
@@ -624,6 +642,8 @@ class Sim:
         pull.done = True
         node = self.nodes[pull.node]
         if all(p.done for p in node.pulls) and len(node.pulls) == len(self.layers):
+            if node.completion is None and not node.gone:
+                self.settled += 1
             node.completion = self.now
             self.completed += 1
             if self.progress is not None:
@@ -653,6 +673,7 @@ class Sim:
         if node.completion is not None or node.gone:
             return
         node.gone = True
+        self.settled += 1
         for pull in node.pulls:
             pull.done = True
             pull.flows.clear()

@@ -343,6 +343,8 @@ class PiecePicker:
             for name in names[start:] + names[:start]
             if parents[name].busy < limit
         ]
+        if not turn:
+            return out  # every parent busy: most polls end here
         window = ((1 << self._config.prefix_window) - 1) << self._have.first_missing()
         while turn:
             again = []
@@ -466,8 +468,15 @@ class PiecePicker:
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _transition(self, index: int, new: PieceState) -> None:
-        old = self.state(index)
-        if (old, new) not in PIECE_TRANSITIONS:
+        # PIECE_TRANSITIONS spelled out: DOWNLOADING is entered only from MISSING, and left
+        # only towards HAVE or MISSING. Checked without building the old state (an enum
+        # lookup and a hash per piece event): this is on every request's path.
+        if new is PieceState.DOWNLOADING:
+            legal = index not in self._downloading and index not in self._have
+        else:
+            legal = index in self._downloading
+        if not legal:
+            old = self.state(index)
             raise PickerError(f"piece {index}: illegal transition {old.name} -> {new.name}")
         bit = 1 << index
         rbit = 1 << self._rank[index]

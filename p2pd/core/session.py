@@ -255,9 +255,10 @@ class DownloadSession:
         for request in self.picker.expire(now):
             self.live.discard(request)
             self._out.cancel.append(request)
+        complete = self.picker.is_complete()  # neither expiring nor picking changes it
         if self.failed_task:
             self._out.gave_up = "the supernode could not fetch the blob from the registry"
-        elif not self.is_complete() and now - self.last_progress >= self.config.busy_stall_timeout:
+        elif not complete and now - self.last_progress >= self.config.busy_stall_timeout:
             self._out.gave_up = (
                 f"no piece arrived for {self.config.busy_stall_timeout:g} s, transfers in "
                 f"flight or not ({self.picker.have.count()}/{self.layout.count} pieces)"
@@ -267,14 +268,14 @@ class DownloadSession:
             # stall, however congested the swarm is -- up to busy_stall_timeout
             self.last_busy = now
         elif (
-            not self.is_complete()
+            not complete
             and now - max(self.last_progress, self.last_busy) >= self.config.stall_timeout
         ):
             self._out.gave_up = (
                 f"no piece arrived for {self.config.stall_timeout:g} s "
                 f"({self.picker.have.count()}/{self.layout.count} pieces)"
             )
-        if self._out.gave_up is None and not self.is_complete():
+        if self._out.gave_up is None and not complete:
             fresh = self.picker.pick(now)
             self.live.update(fresh)
             self._out.fetch.extend(fresh)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from p2pd.core import freepeers
 from p2pd.core.freepeers import FreePeers, Key
 
 
@@ -25,8 +26,15 @@ def brute(
     return heapq.nsmallest(wanted, keys)
 
 
+@pytest.mark.parametrize("union_share", [0, None, 10**9])
 @pytest.mark.parametrize("seed", range(40))
-def test_best_matches_a_full_sort(seed: int) -> None:
+def test_best_matches_a_full_sort(
+    seed: int, union_share: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # both ways of answering, forced: ranking the holders of the lacking pieces after the
+    # first slice (0), walking on (10**9), and the index's own choice (None)
+    if union_share is not None:
+        monkeypatch.setattr(freepeers, "_UNION_SHARE", union_share)
     rng = random.Random(seed)
     count = rng.choice([1, 3, 8, 50])
     full = (1 << count) - 1
@@ -69,3 +77,34 @@ def test_best_matches_a_full_sort(seed: int) -> None:
             assert index.best(lacking, wanted, parents, shunned) == brute(
                 peers, lacking, wanted, parents, shunned
             )
+
+
+def test_few_holders_of_the_lacking_pieces_are_ranked_directly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child lacking a piece only a few of many free peers hold: the answer comes from
+    those holders (no walk over every entry), and is the full sort's."""
+    count = 10
+    index = FreePeers(count)
+    peers: dict[str, tuple[float, float, int]] = {}
+    rng = random.Random(7)
+    for k in range(500):
+        pid = f"p{k:03}"
+        bits = (1 << (count - 1)) - 1 if k % 100 else (1 << count) - 1  # 5 hold piece 9
+        load, tie = rng.choice([0.0, 0.5]), rng.random()
+        index.put(pid, load, tie, bits)
+        peers[pid] = (load, tie, bits)
+    index.discard("p100")
+    del peers["p100"]
+    ranked: list[int] = []
+    real_rank = FreePeers._rank
+
+    def spy(self: FreePeers, slots: int, *args: object) -> list[Key]:
+        ranked.append(slots.bit_count())
+        return real_rank(self, slots, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FreePeers, "_rank", spy)
+    got = index.best(1 << (count - 1), 8, {"p200"}, set())
+    assert got == brute(peers, 1 << (count - 1), 8, {"p200"}, set())
+    assert sorted(key[-1] for key in got) == ["p000", "p300", "p400"]
+    assert ranked == [4]  # p000, p200, p300, p400: the discarded p100 is not among them
