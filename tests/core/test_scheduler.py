@@ -1142,7 +1142,7 @@ def fed(s: Scheduler) -> dict[str, int]:
 
 
 def test_a_lone_host_gets_the_seeder_in_every_task() -> None:
-    s = sched(seeder_upload_slots=2)
+    s = sched(seeder_upload_slots=2, seeder_spread=0.5)
     for digest in (D2, D3):
         s.add_task(digest, PieceLayout(4, 1), 0.0)
         s.seeder_done(digest, True)
@@ -1152,7 +1152,7 @@ def test_a_lone_host_gets_the_seeder_in_every_task() -> None:
 
 
 def test_seeder_slots_past_half_go_to_hosts_it_feeds_nowhere_else() -> None:
-    s = sched(seeder_upload_slots=4, max_parents=0)  # every peer needs the seeder
+    s = sched(seeder_upload_slots=4, max_parents=0, seeder_spread=0.5)  # all need the seeder
     s.add_task(D2, PieceLayout(4, 1), 0.0)
     s.seeder_done(D2, True)
     # hosts register both layers, one host after the other (a storm's order)
@@ -1178,7 +1178,8 @@ def test_seeder_slots_past_half_go_to_hosts_it_feeds_nowhere_else() -> None:
 
 
 def test_seeder_spread_zero_is_first_come() -> None:
-    s = sched(seeder_upload_slots=2, seeder_spread=0.0)
+    assert SchedulerConfig().seeder_spread == 0.0  # off by default: see Scheduler._seeder_slot
+    s = sched(seeder_upload_slots=2)
     s.add_task(D2, PieceLayout(4, 1), 0.0)
     s.seeder_done(D2, True)
     for n in range(3):
