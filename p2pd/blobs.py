@@ -249,7 +249,9 @@ class Download:
             if self._hashed < target:
                 await offload.run_sync(self._hash_range, target)
                 continue
-            if self._hashed == size:
+            if self._hashed == size and target == size:
+                # (pieces hashed from their buffers may run ahead of the written prefix: the
+                # blob is whole once every piece is marked written too)
                 break
             await self._changed.wait()
         if self.state is not DownloadState.RUNNING:

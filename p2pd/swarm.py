@@ -242,17 +242,25 @@ class _Run:
             if out.gave_up is not None:
                 raise FillerGaveUp(out.gave_up)
             if session.is_complete():
-                while self.announcing:  # its pieces must reach the supernode
+                while self.announcing:  # its pieces should reach the supernode
                     late = await self.receive.receive()
                     if isinstance(late, _Reply):
-                        self._handle_reply(late)
+                        # every piece is written: a supernode that stopped answering now
+                        # is the final announce's business (it ignores that), not a failure
+                        self.announcing = False
+                        if late.error is None:
+                            self._handle_reply(late)
                 return
             if out.announce and not self.announcing:
                 self._announce_in_background(nursery, now)
             wake = session.next_wakeup()
             if self.announcing and wake <= now:
                 # the announce timer is due, but one is in flight: its reply wakes the loop
+                # (a request's deadline still counts)
                 wake = now + _ANNOUNCE_WAIT
+                deadline = session.picker.next_deadline()
+                if deadline is not None and deadline < wake:
+                    wake = deadline
             message: _Result | _Reply | None = None
             with trio.move_on_at(wake):
                 message = await self.receive.receive()

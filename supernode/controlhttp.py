@@ -63,6 +63,7 @@ _HEAD = re.compile(
 _FIELDS = re.compile(rb"\r\n(" + _TOKEN + rb"):([\t -~]*)")
 _FALLBACK_NAMES = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 _HEAD_END = b"\r\n\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended by LF alone: h11 takes such heads
 _MAX_BODY = wire.MAX_MESSAGE_SIZE
 _STREAK = 16
 
@@ -104,7 +105,8 @@ def parse_head(head: bytes, auth_header: bytes) -> _Head | None:
                 return None
             auth = value.decode("ascii")
         elif name == b"connection":
-            close = b"close" in (t.strip(b" \t").lower() for t in value.split(b","))
+            # any "close" among them closes, as on the general server
+            close = close or b"close" in (t.strip(b" \t").lower() for t in value.split(b","))
         elif name in _FALLBACK_NAMES:
             return None
     if length is None or hosts != 1:
@@ -261,8 +263,10 @@ class _Lean:
             end = buffer.find(_HEAD_END)
             if end >= 0:
                 return end
-            if len(buffer) > self.limits.max_head or (
-                len(buffer) >= 5 and not buffer.startswith(b"POST ")
+            if (
+                len(buffer) > self.limits.max_head
+                or (len(buffer) >= 5 and not buffer.startswith(b"POST "))
+                or _BARE_LF.search(buffer)
             ):
                 return -1
             await self._receive()

@@ -256,3 +256,25 @@ async def fill_in(
             download.hash_if_next(index, piece)
             download.mark_written(index, "peer:p")
             await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_no_commit_before_every_piece_is_marked_written(tmp_path: Path) -> None:
+    # two pieces written and hashed from their buffers in two worker threads; the loop hears
+    # of piece 0 first: the hasher has the whole sha256 but must wait for piece 1's mark
+    layout = PieceLayout(2000, 1000)
+    digest, data = make_blob(layout.total_size, seed=7)
+    download = Download(digest, BlobStore(tmp_path).open_partial(digest, layout))
+    with offload.inline():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(download.hash_and_commit)
+            await trio.testing.wait_all_tasks_blocked()
+            for index in (0, 1):
+                offset, length = layout.span(index)
+                download.partial.write_bytes(index, data[offset : offset + length])
+                download.hash_if_next(index, memoryview(data)[offset : offset + length])
+            download.mark_written(0, "peer:p")
+            await trio.testing.wait_all_tasks_blocked()
+            assert download.state.value == "running"
+            download.mark_written(1, "peer:p")
+    assert download.state.value == "complete"
+    assert sorted(download.have) == [0, 1]

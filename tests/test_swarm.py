@@ -145,3 +145,36 @@ async def test_a_slow_announce_reply_does_not_hold_up_the_transfers(
     # every piece reached the supernode, the last ones in the final announce
     announced = sorted(i for _, batch in control.announces for i in batch)
     assert announced == list(range(LAYOUT.count))
+
+
+class DiesMidAnnounce(FakeSupernode):
+    """Answers register and the first announce; the next announce is slow and meets a
+    supernode that has stopped answering (503), as does every call after it."""
+
+    def __init__(self, announce_delay: float) -> None:
+        super().__init__(announce_delay)
+        self.down = False
+
+    async def post(
+        self, base: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        msg = wire.decode(body, (wire.Register, wire.Announce, wire.Leave, wire.Report))
+        if self.down:
+            return 503, b""
+        if isinstance(msg, wire.Announce) and self.announces:
+            self.announces.append((trio.current_time(), msg.pieces))
+            await trio.sleep(self.announce_delay)
+            self.down = True
+            return 503, b""
+        return await super().post(base, path, body, headers)
+
+
+async def test_a_supernode_dying_during_the_last_announce_does_not_fail_a_complete_download(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # the announce in flight when the last piece lands fails, and so does its fail-over: every
+    # piece is written, so the download is done (the final announce ignores that)
+    control = DiesMidAnnounce(announce_delay=0.7)
+    download = await fill(tmp_path, control, FakePieces(body=0.5, tail=0.1))
+    assert download.have.is_full()
+    assert control.down

@@ -314,6 +314,29 @@ async def test_connection_close_is_honoured(tmp_path: Path) -> None:
         assert await c.closed()
 
 
+async def test_any_connection_close_among_several_headers_closes(tmp_path: Path) -> None:
+    async with running(tmp_path, registry()) as h, connect(h.port) as c:
+        request = post("/v1/leave", leave(), "Connection: close", "Connection: keep-alive")
+        await c.stream.send_all(request)
+        status, fields, _ = await c.response()
+        assert (status, fields[b"connection"]) == (b"HTTP/1.1 404 ", b"close")
+        assert await c.closed()
+
+
+async def test_a_head_with_bare_line_feeds_goes_to_the_general_server_at_once(
+    tmp_path: Path,
+) -> None:
+    # h11 accepts lines ended by a bare LF; the lean path must not sit waiting for a CRLF
+    # blank line that never comes (it waited for head_timeout)
+    async with running(tmp_path, registry()) as h, connect(h.port) as c:
+        body = leave()
+        head = b"POST /v1/leave HTTP/1.1\nHost: sn\nContent-Length: %d\n\n" % len(body)
+        await c.stream.send_all(head + body)
+        with trio.fail_after(3):
+            status, _, _ = await c.response()
+        assert status == b"HTTP/1.1 404 "
+
+
 async def test_slow_clients_are_dropped_without_holding_up_others(tmp_path: Path) -> None:
     supernode = Supernode(
         config_for(tmp_path), transport=registry().transport(), limits=ServerLimits(head_timeout=1)
