@@ -27,12 +27,15 @@ keys, a tenth of the simulator's time, and growing with the square of the hosts.
   free peer holds the pieces the swarm got first, and so does the child.
 
 - It keeps, per piece, a bitmask of the peers holding it (each peer has a bit of its own, a
-  *slot*, for as long as the index lives). When the first slice of the walk does not settle
-  the answer and the peers holding some lacking piece -- the union of those masks -- are few
-  next to the entries still to walk, it ranks exactly those instead of walking on. That is the
-  case the walk is slowest in: a child lacking pieces only a few free peers hold, late in a
-  storm, with fewer candidates than it wants, walks every entry. At 3000 hosts those walks
-  took 13 % of the simulator's time, growing with the square of the hosts.
+  *slot*, until the scheduler says it left the task for good: `forget`; the masks are rebuilt
+  once forgotten slots outnumber the others, so a task that lives for weeks while hosts come
+  and go keeps masks as wide as its peers, not as all the peers it ever had). When the first
+  slice of the walk does not settle the answer and the peers holding some lacking piece --
+  the union of those masks -- are few next to the entries still to walk, it ranks exactly
+  those instead of walking on. That is the case the walk is slowest in: a child lacking
+  pieces only a few free peers hold, late in a storm, with fewer candidates than it wants,
+  walks every entry. At 3000 hosts those walks took 13 % of the simulator's time, growing
+  with the square of the hosts.
 
 The answer is exactly the `wanted` smallest keys that sorting every candidate would give
 (`tests/core/test_freepeers.py` checks it against that on random swarms), so decisions, and the
@@ -60,6 +63,7 @@ _UNION_SHARE = 4
 class FreePeers:
     __slots__ = (
         "_bits",
+        "_dead",
         "_entries",
         "_held",
         "_holders",
@@ -86,6 +90,7 @@ class FreePeers:
         self._holders = [0] * count  # piece -> slots whose `_masked` bits hold it
         self._masked: list[int] = []  # slot -> the pieces its bits in `_holders` say
         self._present = 0  # slots of the peers in the index now
+        self._dead = 0  # slots of forgotten peers, not reused until the next rebuild
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -129,6 +134,35 @@ class FreePeers:
             del self._entries[bisect_left(self._entries, entry)]
             self._count(self._bits.pop(peer_id), -1)
             self._present &= ~(1 << self._slot[peer_id])
+
+    def forget(self, peer_id: str) -> None:
+        """`peer_id` left the task (or this zone) for good: drop it and its slot."""
+        self.discard(peer_id)
+        self._bits.pop(peer_id, None)
+        if self._slot.pop(peer_id, None) is None:
+            return
+        self._dead += 1
+        if self._dead > len(self._slot) + 64:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Number the live slots afresh, in their old order, and recompute the masks."""
+        masked = self._masked
+        live = sorted(self._slot.items(), key=lambda item: item[1])
+        self._ids = [pid for pid, _ in live]
+        self._masked = [masked[slot] for _, slot in live]
+        self._slot = {pid: slot for slot, pid in enumerate(self._ids)}
+        holders = [0] * len(self._holders)
+        present = 0
+        for slot, (pid, bits) in enumerate(zip(self._ids, self._masked, strict=True)):
+            flag = 1 << slot
+            for i in iter_bits(bits):
+                holders[i] |= flag
+            if pid in self._where:
+                present |= flag
+        self._holders = holders
+        self._present = present
+        self._dead = 0
 
     def best(
         self, lacking: int, wanted: int, parents: Container[str], shunned: Container[str]

@@ -477,6 +477,8 @@ class Scheduler:
             task.peers[peer_id] = peer
         else:
             self._unindex(task, peer)
+            if zone != peer.zone and peer.zone in task.ranked:
+                task.ranked[peer.zone].forget(peer_id)
             self._lose(task, peer.pieces.bits, peer.zone, peer_id, peer.slots)
             self._claim(task, peer, 0)  # in its old zone
             peer.address, peer.zone, peer.slots = address, zone, slots
@@ -1000,6 +1002,9 @@ class Scheduler:
         self._release_parents(task, peer)
         self._release_children(task, peer)
         self._unindex(task, peer)
+        ranked = task.ranked.get(peer.zone)
+        if ranked is not None:
+            ranked.forget(peer.peer_id)  # its slot there, for good
         del task.peers[peer.peer_id]
         del self._alive[task.digest, peer.peer_id]
         if len(task.holders) > 2 * len(task.peers) + 64:

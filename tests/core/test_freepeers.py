@@ -46,6 +46,9 @@ def test_best_matches_a_full_sort(
         if roll < 0.05:
             index.discard(pid)
             peers.pop(pid, None)
+        elif roll < 0.08:
+            index.forget(pid)  # left the task: its slot goes
+            peers.pop(pid, None)
         else:
             # few loads and piece counts, so that runs of equal (load, count) are long
             load = rng.choice([0.0, 0.125, 0.5, 0.875])
@@ -108,3 +111,26 @@ def test_few_holders_of_the_lacking_pieces_are_ranked_directly(
     assert got == brute(peers, 1 << (count - 1), 8, {"p200"}, set())
     assert sorted(key[-1] for key in got) == ["p000", "p300", "p400"]
     assert ranked == [4]  # p000, p200, p300, p400: the discarded p100 is not among them
+
+
+def test_forgotten_peers_give_their_slots_back() -> None:
+    # a long-lived task: 20 000 peers come and go, some 50 at a time in the index
+    rng = random.Random(5)
+    count = 64
+    index = FreePeers(count)
+    peers: dict[str, tuple[float, float, int]] = {}
+    for n in range(20_000):
+        pid = f"h{n}"
+        bits = rng.getrandbits(count) or 1
+        tie = rng.random()
+        index.put(pid, 0.5, tie, bits)
+        peers[pid] = (0.5, tie, bits)
+        if len(peers) > 50:
+            gone = next(iter(peers))
+            index.forget(gone)
+            del peers[gone]
+        if n % 997 == 0:
+            lacking = rng.getrandbits(count)
+            assert index.best(lacking, 4, set(), set()) == brute(peers, lacking, 4, set(), set())
+    assert len(index._ids) <= 2 * len(peers) + 65
+    assert max(holders.bit_length() for holders in index._holders) <= 2 * len(peers) + 65
