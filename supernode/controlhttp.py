@@ -30,7 +30,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -39,7 +38,7 @@ from collections.abc import Callable
 import trio
 
 from p2pd import wire
-from p2pd.http.server import Handler, ServerLimits, serve_stream
+from p2pd.http.server import Handler, ServerLimits, linger, serve_stream
 
 log = logging.getLogger(__name__)
 
@@ -294,13 +293,4 @@ class _Lean:
         log.info("%s POST -> 413 too_large: %s", self.client, message)
         body = wire.encode(wire.Error("too_large", message))
         await self._send(render(413, [("content-type", "application/msgpack")], body, close=True))
-        # Half-close and discard a little of what the client still sends: closing with
-        # unread input makes the kernel reset the connection, which can destroy the answer.
-        with (
-            trio.move_on_after(1),
-            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
-        ):
-            await self.stream.send_eof()
-            budget = 1 << 20
-            while budget > 0 and (data := await self.stream.receive_some(65536)):
-                budget -= len(data)
+        await linger(self.stream)

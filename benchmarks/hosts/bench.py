@@ -36,8 +36,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks.harness.image import Image, make_image
 from benchmarks.harness.netns import (
@@ -64,6 +65,8 @@ from benchmarks.storm.report import (
     storm_bound,
     summarize,
 )
+
+T = TypeVar("T")
 
 MB = 1_000_000
 MIB = 1024 * 1024
@@ -92,17 +95,21 @@ def _stats(values: list[float], bound: float) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], StormResult]:
-    load_before = os.getloadavg()
-    sizes = [round(float(x) * MB) for x in args.layers_mb.split(",") if x]
-    config = ClusterConfig(
-        hosts=args.hosts,
+def _cluster_config(args: argparse.Namespace, hosts: int) -> ClusterConfig:
+    return ClusterConfig(
+        hosts=hosts,
         host_up_mbit=args.host_up_mbit or args.host_mbit,
         host_down_mbit=args.host_down_mbit or args.host_mbit,
         registry_mbit=args.registry_mbit,
         supernode_mbit=args.supernode_mbit,
         tbf_latency=args.tbf_latency,
     )
+
+
+def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], StormResult]:
+    load_before = os.getloadavg()
+    sizes = [round(float(x) * MB) for x in args.layers_mb.split(",") if x]
+    config = _cluster_config(args, args.hosts)
     print(f"building images of {args.layers_mb} MB …", flush=True)
     storm_image = make_image(args.seed, sizes, workdir=workdir / "image-storm")
     solo_images = [
@@ -175,14 +182,7 @@ def run_solo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """
     load_before = os.getloadavg()
     sizes = [round(float(x) * MB) for x in args.layers_mb.split(",") if x]
-    config = ClusterConfig(
-        hosts=1,
-        host_up_mbit=args.host_up_mbit or args.host_mbit,
-        host_down_mbit=args.host_down_mbit or args.host_mbit,
-        registry_mbit=args.registry_mbit,
-        supernode_mbit=args.supernode_mbit,
-        tbf_latency=args.tbf_latency,
-    )
+    config = _cluster_config(args, 1)
     print(f"building images of {args.layers_mb} MB …", flush=True)
     images = [
         make_image(args.seed + 1 + k, sizes, workdir=workdir / f"image-solo{k}")
@@ -537,34 +537,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.solo_only:
         return main_solo(args)
     with signals_raise():
-        if args.keep is not None:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            report, result = run(args, args.keep)
-        else:
-            with tempfile.TemporaryDirectory(prefix="p2p-hosts-", dir=args.tmp_base) as tmp:
-                report, result = run(args, Path(tmp))
+        report, result = _in_workdir(args, "p2p-hosts-", run)
     print()
     print(format_report(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
+    _write_json(args.out, report)
     png = args.png or args.out.with_suffix(".png")
     plot_png(result, png)
     print(f"\nJSON: {args.out}\nplot: {png}")
     return 0
 
 
+def _in_workdir(
+    args: argparse.Namespace, prefix: str, work: Callable[[argparse.Namespace, Path], T]
+) -> T:
+    """Run `work` in `--keep`'s directory (kept), or in a temporary one under `--tmp-base`."""
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        return work(args, args.keep)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=args.tmp_base) as tmp:
+        return work(args, Path(tmp))
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
+
+
 def main_solo(args: argparse.Namespace) -> int:
     with signals_raise():
-        if args.keep is not None:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            report = run_solo(args, args.keep)
-        else:
-            with tempfile.TemporaryDirectory(prefix="p2p-solo-", dir=args.tmp_base) as tmp:
-                report = run_solo(args, Path(tmp))
+        report = _in_workdir(args, "p2p-solo-", run_solo)
     print()
     print(format_solo(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
+    _write_json(args.out, report)
     print(f"\nJSON: {args.out}")
     return 0
 

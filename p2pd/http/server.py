@@ -223,16 +223,7 @@ class _Connection:
                 await self.stream.aclose()
 
     async def _linger(self) -> None:
-        """Half-close and discard what the client still sends, briefly: closing a socket with
-        unread input makes the kernel send a reset that can destroy our error response."""
-        with (
-            trio.move_on_after(1),
-            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
-        ):
-            await self.stream.send_eof()
-            budget = 1 << 20
-            while budget > 0 and (data := await self.stream.receive_some(65536)):
-                budget -= len(data)
+        await linger(self.stream)
 
     def _can_reuse(self) -> bool:
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
@@ -347,6 +338,19 @@ class _Connection:
             await self._send(h11.EndOfMessage())
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+async def linger(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close `stream` and discard what the client still sends, briefly: closing a socket
+    with unread input makes the kernel send a reset that can destroy our error response."""
+    with (
+        trio.move_on_after(1),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+    ):
+        await stream.send_eof()
+        budget = 1 << 20
+        while budget > 0 and (data := await stream.receive_some(65536)):
+            budget -= len(data)
 
 
 async def sendfile(
