@@ -106,7 +106,7 @@ async def fill(tmp_path: Path, control: FakeSupernode, pieces: FakePieces) -> Do
         advertise="10.0.0.1:65003",
         seed_time=0.0,
         # every piece done is announced at once: the announces run all through the download
-        session=SessionConfig(early_pieces=100, early_announce_interval=0.01),
+        session=SessionConfig(early_bytes=100 * LAYOUT.piece_size, early_announce_interval=0.01),
     )
     with offload.inline():
         async with trio.open_nursery() as nursery:

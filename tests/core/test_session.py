@@ -25,7 +25,7 @@ CONFIG = SessionConfig(
     min_announce_gap=0.1,
     stall_timeout=10.0,
     max_connect_failures=2,
-    early_pieces=0,
+    early_bytes=0,
     picker=PickerConfig(max_in_flight_per_parent=2, prefix_window=0),
 )
 
@@ -77,7 +77,7 @@ def test_early_in_a_download_the_session_calls_often_then_settles() -> None:
         announce_interval=1.0,
         min_announce_gap=0.1,
         early_announce_interval=0.25,
-        early_pieces=2,
+        early_bytes=2 * LAYOUT.piece_size,
         picker=PickerConfig(max_in_flight_per_parent=1, prefix_window=0),
     )
     s = DownloadSession(LAYOUT, "me", random.Random(1), config, now=0.0)

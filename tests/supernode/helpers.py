@@ -21,7 +21,7 @@ import trio
 from p2pd import wire
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
-from p2pd.core.layout import PieceLayout
+from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
 from p2pd.core.manifest import PieceManifest
 from supernode.config import from_mapping
 from supernode.seeder import Task
@@ -29,7 +29,7 @@ from supernode.server import Supernode
 
 UPSTREAM = "https://registry.test"
 REPO = "team/app"
-PIECE = 4 * 1024 * 1024
+PIECE = MIN_PIECE_SIZE
 
 
 def make_blob(size: int, seed: int = 7) -> tuple[Digest, bytes]:

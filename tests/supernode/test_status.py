@@ -13,9 +13,9 @@ import trio
 from benchmarks.harness.procs import free_port
 from p2pd.status import human
 from supernode import cli
-from tests.supernode.helpers import BLOB, DIGEST, SIZE, FakeRegistry, make_blob, running
+from tests.supernode.helpers import BLOB, DIGEST, PIECE, SIZE, FakeRegistry, make_blob, running
 
-OTHER_SIZE = 3_000_000
+OTHER_SIZE = 1_500_000
 OTHER, OTHER_BLOB = make_blob(OTHER_SIZE, seed=11)
 MISSING, _ = make_blob(1000, seed=12)
 
@@ -29,9 +29,7 @@ async def test_status_shows_tasks_progress_rates_and_failures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # DIGEST's body pauses after its first piece; OTHER (smaller) never reaches that point
-    registry = FakeRegistry(
-        blobs={str(DIGEST): BLOB, str(OTHER): OTHER_BLOB}, hold_after=4 * 1024 * 1024
-    )
+    registry = FakeRegistry(blobs={str(DIGEST): BLOB, str(OTHER): OTHER_BLOB}, hold_after=PIECE)
     async with running(tmp_path, registry) as h:
         await h.register("ready-peer", digest=OTHER, size=OTHER_SIZE)
         await h.wait_done(OTHER)
@@ -49,13 +47,13 @@ async def test_status_shows_tasks_progress_rates_and_failures(
         assert f"supernode {url} (seeder 127.0.0.1:{h.port})" in out
         assert "tasks: 3 (1 failed, 1 fetching, 1 ready); peers: 3" in out
         fetching = table_row(out, str(DIGEST))
-        assert fetching[1:3] == ["fetching", f"{100 * 4 * 1024 * 1024 / SIZE:.1f}%"]
+        assert fetching[1:3] == ["fetching", f"{100 * PIECE / SIZE:.1f}%"]
         assert fetching[-4:] == ["-", "1", "0", "team/app"]
         ready = table_row(out, str(OTHER))
         assert ready[1:3] == ["ready", "100.0%"] and ready[-3:] == ["1", "0", "team/app"]
         assert table_row(out, str(MISSING))[1] == "failed"
         assert f"{MISSING}: GET https://registry.test" in out and "404" in out
-        assert f"held: {human(4 * 1024 * 1024 + OTHER_SIZE)} of " in out
+        assert f"held: {human(PIECE + OTHER_SIZE)} of " in out
 
         # two samples: the registry is let go during the interval, the rate shows it
         async with trio.open_nursery() as nursery:
