@@ -24,6 +24,7 @@ percent-encoded slashes or upper-case hex never reach a file name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -35,6 +36,7 @@ from p2pd import __version__, metrics, wire
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
 from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port
+from p2pd.peers import UPLOADS_HEADER
 from p2pd.store import BlobStore
 from supernode import controlhttp
 from supernode.config import SupernodeConfig
@@ -87,6 +89,7 @@ class Supernode:
             log.warning("no cluster_secret_file: anyone who reaches this port may fetch pieces")
         self.messages = 0  # control messages answered
         self.piece_bytes = 0  # piece bytes handed to peers
+        self.uploads = 0  # piece responses being sent now
         self.metrics = metrics.registry_for(self.counters, SUPERNODE_COUNTERS, SUPERNODE_GAUGES)
         self.port: int | None = None
 
@@ -233,7 +236,20 @@ class Supernode:
             status, _, message = _refusal(exc)
             raise HTTPError(status, message) from None
         self.piece_bytes += region.length
-        return Response(200, [("content-type", "application/octet-stream")], region)
+        self.uploads += 1
+        done = region.on_done
+
+        def sent() -> None:
+            self.uploads -= 1
+            if done is not None:
+                done()
+
+        # the peer overlaps its next request only when we serve no one else (UPLOADS_HEADER)
+        headers = [
+            ("content-type", "application/octet-stream"),
+            (UPLOADS_HEADER, str(self.uploads)),
+        ]
+        return Response(200, headers, dataclasses.replace(region, on_done=sent))
 
 
 SUPERNODE_COUNTERS: metrics.Table = {

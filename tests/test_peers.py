@@ -9,6 +9,7 @@ import random
 import socket
 from pathlib import Path
 
+import h11
 import httpx
 import pytest
 import trio
@@ -17,9 +18,10 @@ from p2pd.blobs import BlobManager
 from p2pd.clusterauth import ClusterAuth
 from p2pd.core.digest import Digest
 from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
-from p2pd.http.server import ServerLimits, bound_port, serve
+from p2pd.http.server import FileRegion, Request, ServerLimits, bound_port, serve
 from p2pd.peers import (
     BODY_LOWAT,
+    UPLOADS_HEADER,
     PieceClient,
     PieceFetchError,
     PieceServer,
@@ -156,7 +158,11 @@ async def test_busy_and_missing_are_told_apart(nursery: trio.Nursery, tmp_path: 
 
 
 async def trickle_server(
-    nursery: trio.Nursery, body: bytes, chunk: int = 1000, pause: float = 0.0005
+    nursery: trio.Nursery,
+    body: bytes,
+    chunk: int = 1000,
+    pause: float = 0.0005,
+    extra_head: bytes = b"",
 ) -> str:
     """A parent that answers a piece request with `body`, sent `chunk` bytes at a time with a
     pause between (a link slower than the reader), then the next request on the same
@@ -174,7 +180,8 @@ async def trickle_server(
             if number > 0:
                 await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno\n")
                 continue
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra_head)
+            await stream.send_all(head)
             for start in range(0, len(body), chunk):
                 await stream.send_all(body[start : start + chunk])
                 await trio.sleep(pause)
@@ -262,6 +269,73 @@ async def test_nearly_done_comes_once_shortly_before_the_last_bytes(
     assert buf == body
     assert len(calls) == 1
     assert length // 2 <= calls[0] < length, calls
+    await client.aclose()
+
+
+@pytest.mark.parametrize(("uploads", "early"), [(b"1", True), (b"2", False), (b"17", False)])
+async def test_nearly_done_is_early_only_for_a_parent_that_serves_no_one_else(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, uploads: bytes, early: bool
+) -> None:
+    """A parent busy with other children fills its upload while our next request travels:
+    asking early there would only split its upload further (UPLOADS_HEADER)."""
+    length = 3_000_000
+    body = random.Random(4).randbytes(length)
+    head = b"%s: %s\r\n" % (UPLOADS_HEADER.encode(), uploads)
+    address = await trickle_server(nursery, body, 32 * 1024, 0.003, extra_head=head)
+    calls: list[str] = []
+    reads_after = 0  # body reads after `nearly_done`: none when it came at the end
+    receive_into = _Conn.receive_into
+
+    async def counting(self: _Conn, view: memoryview) -> int:
+        nonlocal reads_after
+        reads_after += bool(calls)
+        return await receive_into(self, view)
+
+    monkeypatch.setattr(_Conn, "receive_into", counting)
+    client = PieceClient(lead_seconds=0.05)
+    buf = bytearray(length)
+    with trio.fail_after(30):
+        await client.fetch(
+            address, Digest("ab" * 32), 0, memoryview(buf), lambda: calls.append("x")
+        )
+    assert buf == body and len(calls) == 1
+    assert (reads_after > 0) is early, reads_after
+    await client.aclose()
+
+
+def get(target: str) -> Request:
+    event = h11.Request(method="GET", target=target, headers=[("host", "test")])
+
+    async def no_body() -> h11.Event:
+        raise AssertionError("a GET has no body to read")
+
+    return Request(event, h11.Connection(h11.SERVER), no_body, "test")
+
+
+async def test_a_piece_response_counts_the_uploads_under_way(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        store = BlobStore(tmp_path)
+        digest = put_complete(store, random.Random(1).randbytes(SIZE))
+        server = PieceServer(BlobManager(store, nursery, []), upload_slots=2)
+        first = await server.handle(get(f"/pieces/{digest.hex}/0"))
+        second = await server.handle(get(f"/pieces/{digest.hex}/1"))
+        assert (dict(first.headers)[UPLOADS_HEADER], dict(second.headers)[UPLOADS_HEADER]) == (
+            "1",
+            "2",
+        )
+        for response in (first, second):
+            assert isinstance(response.body, FileRegion) and response.body.on_done is not None
+            response.body.on_done()  # sent
+        assert server.busy == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_malformed_uploads_header_is_a_protocol_error(nursery: trio.Nursery) -> None:
+    head = b"%s: many\r\n" % UPLOADS_HEADER.encode()
+    address = await trickle_server(nursery, b"x" * 10, extra_head=head)
+    client = PieceClient()
+    with pytest.raises(PieceFetchError, match=UPLOADS_HEADER):
+        await client.fetch(address, Digest("ab" * 32), 0, memoryview(bytearray(10)))
     await client.aclose()
 
 

@@ -333,6 +333,10 @@ class Network:
     def bytes_received(self, host: int) -> float:
         return self._received[host]
 
+    def uploads(self, host: int) -> int:
+        """Flows ``host`` is sending now (zero-size flows hold no share and do not count)."""
+        return len(self._ups[host])
+
     def active_flows(self) -> int:
         return len(self._flows)
 

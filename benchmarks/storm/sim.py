@@ -60,6 +60,7 @@ from p2pd.core.session import (
     ParentView,
     SessionConfig,
 )
+from p2pd.peers import LEAD_SECONDS
 
 SEEDER = "supernode"
 
@@ -289,6 +290,9 @@ class Sim:
         elif kind == "request":
             assert isinstance(payload, tuple)
             self._request_arrives(*payload)
+        elif kind == "nearly":
+            assert isinstance(payload, tuple)
+            self._nearly_received(*payload)
 
     # -- the seeder ---------------------------------------------------------------------------
 
@@ -579,6 +583,40 @@ class Sim:
         flow = self.net.start_flow(src, node.host, size, self.now, tag)
         pull.flows[request] = flow
         self.tags[flow] = tag
+        if self.net.uploads(src) == 1:
+            # a parent serving no one else: the daemon's piece client overlaps the next
+            # request with this body's end (see _nearly_received)
+            self._nearly_received(pull, request, flow, self.now)
+
+    def _nearly_received(self, pull: _Pull, request: Request, flow: int, start: float) -> None:
+        """The daemon's piece client (`p2pd.peers.PieceClient.fetch`) tells the session a
+        body's last bytes are due within `LEAD_SECONDS` at the rate seen so far, once it has
+        watched that rate for `LEAD_SECONDS` or over half the body; the session frees the
+        parent's slot and the next request to it overlaps this body's end. It does so only
+        when the parent's response said it served no one else (`UPLOADS_HEADER`): a parent
+        with other children has their requests to fill its upload meanwhile, and a second
+        request in flight would only slow this child's pieces (Storm-A, 200 hosts, with
+        every body overlapped: 1.17x -> 1.25x the bound). Checked here at the flow's
+        rate now, looked at again while too early."""
+        if pull.flows.get(request) != flow or pull.done:
+            return  # ended, cancelled or the layer is done
+        net = self.net
+        rate = net.rate(flow)
+        if rate <= 0:
+            return  # stalled: the body's end (or a rate change) comes first
+        size = pull.layer.layout.length(request.index)
+        left = net.remaining(flow, self.now)
+        elapsed = self.now - start
+        # the daemon's test, with the rate so far taken as the rate now
+        if left > rate * LEAD_SECONDS * (1 + 1e-9) or (
+            elapsed < LEAD_SECONDS and 2 * (size - left) < size
+        ):
+            due = left / rate
+            at = max(due - LEAD_SECONDS, min(LEAD_SECONDS - elapsed, (left - size / 2) / rate))
+            self._push(self.now + max(at, 1e-6), "nearly", (pull, request, flow, start))
+            return
+        pull.session.on_received(request)
+        self._drive(pull)
 
     def _flow_done(self, flow: int, tag: object) -> None:
         assert isinstance(tag, tuple)

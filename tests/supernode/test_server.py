@@ -14,6 +14,7 @@ from p2pd import wire
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import piece_hash
+from p2pd.peers import UPLOADS_HEADER
 from p2pd.wire import PROTOCOL_VERSION
 from tests.supernode.helpers import (
     BLOB,
@@ -65,8 +66,11 @@ async def test_register_fetches_once_and_serves_verified_pieces(tmp_path: Path) 
             assert r.headers["content-type"] == "application/octet-stream"
             assert int(r.headers["content-length"]) == LAYOUT.length(index)
             assert manifest.verify(index, r.content)
+            # one piece at a time: the peer may ask for its next one early (UPLOADS_HEADER)
+            assert r.headers[UPLOADS_HEADER] == "1"
             pieces.append(r.content)
         assert hashlib.sha256(b"".join(pieces)).digest() == DIGEST.raw
+        assert h.supernode.uploads == 0
         head = await h.http.head(f"/pieces/{DIGEST.hex}/2")
         assert (head.status_code, head.headers["content-length"]) == (200, str(SIZE - 2 * PIECE))
 
