@@ -173,6 +173,12 @@ COALESCE_DELAY = 0.002
 # upload for that long: nothing lost to a lone child, a small share of a busy parent's.
 LEAD_SECONDS = 0.15
 
+# Pieces past its published prefix that a seeder serves cut-through, as they arrive from the
+# registry (supernode/seeder.py): the one it is reading and the next, so that a child's
+# request for the next is there before its first byte. A child may ask for as many pieces
+# past the hashes it knows (`SessionConfig.stream_ahead`) and checks each once its hash came.
+STREAM_AHEAD = 2
+
 # Opens a stream to (host, port); the storm's full-stack engine passes an in-memory one.
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 

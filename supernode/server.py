@@ -34,7 +34,7 @@ import trio
 from p2pd import __version__, metrics, wire
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
-from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port
+from p2pd.http.server import FileRegion, HTTPError, Request, Response, ServerLimits, bound_port
 from p2pd.store import BlobStore
 from supernode import controlhttp
 from supernode.config import SupernodeConfig
@@ -227,13 +227,22 @@ class Supernode:
         match = _PIECE_PATH.fullmatch(request.path)
         if match is None:
             raise HTTPError(400, "malformed piece path: want /pieces/<64 lowercase hex>/<index>")
+        digest, index = Digest.parse(f"sha256:{match[1]}"), int(match[2])
         try:
-            region = self.tracker.open_piece(Digest.parse(f"sha256:{match[1]}"), int(match[2]))
+            region = self.tracker.open_piece(digest, index)
         except ApiError as exc:
             status, _, message = _refusal(exc)
             raise HTTPError(status, message) from None
-        self.piece_bytes += region.length
-        return Response(200, [("content-type", "application/octet-stream")], region)
+        headers = [("content-type", "application/octet-stream")]
+        if isinstance(region, FileRegion):
+            self.piece_bytes += region.length
+            return Response(200, headers, region)
+        # still arriving from the registry: streamed as it lands (cut-through)
+        task = self.tracker.task(digest)
+        assert task is not None  # open_piece found it
+        length = task.layout.length(index)
+        self.piece_bytes += length
+        return Response(200, headers, region, content_length=length)
 
 
 SUPERNODE_COUNTERS: metrics.Table = {
