@@ -29,7 +29,7 @@ from p2pd.config import P2pdConfig
 from p2pd.core.session import SessionConfig
 from p2pd.http.server import Handler, Request, Response, bound_port, serve
 from p2pd.mirror import Mirror, upstream_client
-from p2pd.peers import Connector, PieceClient, PieceServer, RateLimiter
+from p2pd.peers import STREAM_AHEAD, Connector, PieceClient, PieceServer, RateLimiter
 from p2pd.store import BlobStore
 from p2pd.swarm import Swarm, SwarmConfig
 from p2pd.tracker import ControlClient
@@ -94,7 +94,9 @@ class Daemon:
                 advertise=str(config.advertise),
                 zone=config.zone,
                 upload_slots=config.upload_slots,
-                session=SessionConfig(stall_timeout=config.back_to_source_after),
+                session=SessionConfig(
+                    stall_timeout=config.back_to_source_after, stream_ahead=STREAM_AHEAD
+                ),
             ),
             self.control_client,
             self.pieces,

@@ -181,6 +181,12 @@ LEAD_SECONDS = 0.15
 # `nearly_done` is called early only when this header says 1 (or is absent: an older peer).
 UPLOADS_HEADER = "x-p2p-uploads"
 
+# Pieces past its published prefix that a seeder serves cut-through, as they arrive from the
+# registry (supernode/seeder.py): the one it is reading and the next, so that a child's
+# request for the next is there before its first byte. A child may ask for as many pieces
+# past the hashes it knows (`SessionConfig.stream_ahead`) and checks each once its hash came.
+STREAM_AHEAD = 2
+
 # Opens a stream to (host, port); the storm's full-stack engine passes an in-memory one.
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 

@@ -335,6 +335,12 @@ class PartialBlob:
         offset, length = self.layout.span(index)
         if len(data) != length:
             raise StorageError(f"piece {index} is {length} bytes, got {len(data)}")
+        self.write_at(offset, data, f"piece {index}")
+
+    def write_at(
+        self, offset: int, data: bytes | bytearray | memoryview, what: str = "bytes"
+    ) -> None:
+        """Write `data` at byte `offset` without counting any piece (one pwrite)."""
         view = memoryview(data)
         try:
             while view:
@@ -342,7 +348,7 @@ class PartialBlob:
                 view = view[written:]
                 offset += written
         except OSError as exc:
-            raise _storage_error(exc, f"cannot write piece {index} of {self.digest}") from exc
+            raise _storage_error(exc, f"cannot write {what} of {self.digest}") from exc
 
     def read(self, offset: int, length: int) -> bytes:
         try:

@@ -13,7 +13,9 @@ child tasks and report back over a memory channel, so the session sees events in
 
 Rules:
 - A piece is written only after its xxh3-128 matches the manifest; a mismatch is reported to
-  the supernode (the parent is blamed) and the piece is fetched again elsewhere.
+  the supernode (the parent is blamed) and the piece is fetched again elsewhere. A piece the
+  seeder streamed before its hash was known waits, bytes in hand, for a reply that brings
+  the hash (the loop calls the supernode as soon as pacing allows while one waits).
 - Requests the session cancels (endgame losers, dropped parents, timeouts) have their transfer
   tasks cancelled; a result that arrives for a request no longer on the books is dropped.
 - When the session gives up (no progress for its stall timeout, a failed task), or no
@@ -182,6 +184,8 @@ class _Run:
         self.tokens = 0
         self.released: set[Request] = set()  # slots freed early, verdicts pending
         self.announcing = False  # an announce is in flight (`_announce_in_background`)
+        self.awaiting_hash = 0  # transfers whose bytes are in, waiting for their hash
+        self.hashes = trio.Event()  # set (and replaced) when the manifest grows
         self.send, self.receive = trio.open_memory_channel[_Result | _Reply](math.inf)
 
     async def run(self, assignment: wire.Assignment) -> None:
@@ -224,6 +228,8 @@ class _Run:
         assert session is not None
         while True:
             now = trio.current_time()
+            if self.awaiting_hash:
+                session.hashes_wanted(now)
             out = session.poll(now)
             for request in out.cancel:
                 self.released.discard(request)
@@ -281,10 +287,14 @@ class _Run:
     # -- supernode replies --------------------------------------------------------------------
 
     def _extend_manifest(self, assignment: wire.Assignment) -> None:
+        known = self.manifest.known
         try:
             self.manifest.extend(assignment.manifest_start, assignment.hashes)
         except ManifestError as exc:
             raise FillerGaveUp(f"supernode sent a bad manifest: {exc}") from exc
+        if self.manifest.known > known:
+            self.hashes.set()
+            self.hashes = trio.Event()
 
     def _apply(self, assignment: wire.Assignment, now: float) -> None:
         assert self.session is not None
@@ -379,7 +389,16 @@ class _Run:
                 except PieceFetchError as exc:
                     self.send.send_nowait(_Result(request, token, error=exc))
                     return
+                streamed = request.index >= self.manifest.known
+                if streamed:
+                    self.awaiting_hash += 1  # before the loop hears of it (see `_loop`)
                 self.send.send_nowait(_Result(request, token))
+                if streamed:
+                    try:
+                        while request.index >= self.manifest.known:
+                            await self.hashes.wait()
+                    finally:
+                        self.awaiting_hash -= 1
                 piece = memoryview(buffer)[:length]
                 try:
                     # not abandoned on cancel: the buffer goes back only once the thread is done

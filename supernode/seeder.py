@@ -14,12 +14,19 @@ Two sources, tried in order:
    registrant's ``Authorization``, following redirects (httpx drops the header when a redirect
    leaves the registry's origin, as storage back-ends require).
 
-Data path of a fetch: network chunks are copied into one reused piece-sized buffer; when a
-piece is complete one worker-thread call hashes it (xxh3 + the running sha256, in a private
-`ManifestBuilder`) and writes it to the ``.part`` file; back on the trio thread its hash joins
-the public manifest and `Scheduler.seeder_progress` lets peers fetch it. So peers start long
-before the blob is complete, the event loop never hashes, and only the trio thread touches the
-scheduler, the store's bookkeeping and the public manifest.
+Data path of a fetch: network chunks are written to the ``.part`` file as they arrive and
+copied into one reused piece-sized buffer; when a piece is complete one worker-thread call
+hashes it (xxh3 + the running sha256, in a private `ManifestBuilder`); back on the trio thread
+its hash joins the public manifest and `Scheduler.seeder_progress` lets peers fetch it. So
+peers start long before the blob is complete, the event loop never hashes, and only the trio
+thread touches the scheduler, the store's bookkeeping and the public manifest.
+
+Cut-through: the next `STREAM_AHEAD` pieces after the published prefix may be served while
+they arrive (`Task.stream_piece`, when the scheduler offers them: to a lone peer only): the
+bytes go out as they land in the file, all but the last, which waits until the piece is
+hashed and published, so that the peer, which checks the piece once its hash reaches it,
+finds it in the reply to the announce it sends on the last byte. Nothing unverified is kept
+as held: a peer checks a streamed piece against the manifest before it writes or serves it.
 
 Errors (`SeedError`, the one tree of this boundary) decide retries at one place, `_fetch`:
 
@@ -51,7 +58,8 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import ManifestBuilder, PieceManifest
 from p2pd.core.scheduler import Scheduler, TaskState
-from p2pd.peers import COALESCE_BELOW, COALESCE_DELAY, set_lowat
+from p2pd.http.server import FileRegion, ResponseAborted
+from p2pd.peers import COALESCE_BELOW, COALESCE_DELAY, STREAM_AHEAD, set_lowat
 from p2pd.store import BlobStore, PartialBlob, StorageError
 from supernode.config import FetchConfig
 
@@ -112,6 +120,7 @@ class Task:
     """One blob as the supernode sees it; the scheduler holds its swarm state."""
 
     __slots__ = (
+        "_grew",
         "digest",
         "done",
         "failure",
@@ -120,6 +129,7 @@ class Task:
         "manifest",
         "partial",
         "source",
+        "streamed",
     )
 
     def __init__(self, digest: Digest, layout: PieceLayout, source: Source) -> None:
@@ -132,6 +142,33 @@ class Task:
         self.failure: SeedError | None = None
         self.finished_at: float | None = None  # trio time of READY or FAILED
         self.done = trio.Event()
+        self.streamed = 0  # bytes of the blob in the partial file, from its start
+        self._grew = trio.Event()
+
+    def grew(self, streamed: int) -> None:
+        """`streamed` bytes are in the file now, or a piece was published: wake streams."""
+        self.streamed = streamed
+        self._grew.set()
+        self._grew = trio.Event()
+
+    async def stream_piece(self, index: int, fd: int) -> AsyncGenerator[FileRegion, None]:
+        """Piece `index` from `fd` (the caller's, closed by it) as its bytes arrive: all but
+        the last until the piece is published. Raises `ResponseAborted` if the fetch fails
+        first (the peer sees a short body)."""
+        offset, length = self.layout.span(index)
+        sent, end = offset, offset + length
+        while sent < end:
+            if index < self.manifest.known:
+                ready = end
+            elif self.partial is None or self.done.is_set():
+                raise ResponseAborted(f"fetch of {self.digest} ended before piece {index}")
+            else:
+                ready = min(self.streamed, end - 1)
+            if ready > sent:
+                yield FileRegion(fd, sent, ready - sent)
+                sent = ready
+            else:
+                await self._grew.wait()
 
 
 class Seeder:
@@ -240,6 +277,8 @@ class Seeder:
             partial.discard()
             partial = self.store.open_partial(digest, layout)
         task.partial = partial
+        task.grew(0)
+        self.scheduler.seeder_progress(digest, 0, trio.current_time(), streaming=STREAM_AHEAD)
         builder = ManifestBuilder(PieceManifest(digest, layout))
         buf = bytearray(layout.piece_size if layout.count else 0)
         attempt = 0
@@ -378,11 +417,20 @@ class Seeder:
         """Cut the body into pieces in `buf`; return the bytes of an unfinished last piece."""
         layout, view = task.layout, memoryview(buf)
         index, fill = builder.manifest.known, 0
+        partial = task.partial
+        assert partial is not None
         async for raw in body:
             chunk = memoryview(raw)
             if skip:
                 cut = min(skip, len(chunk))
                 chunk, skip = chunk[cut:], skip - cut
+            if chunk and index < layout.count:
+                # into the file at once, for the peers it is streamed to (one pwrite into the
+                # page cache: tens of microseconds for a network chunk)
+                at = layout.offset(index) + fill
+                end = min(at + len(chunk), layout.total_size)
+                partial.write_at(at, chunk[: end - at])
+                task.grew(end)
             while chunk:
                 if index == layout.count:
                     raise BlobMismatch(
@@ -401,17 +449,17 @@ class Seeder:
     async def _absorb(
         self, task: Task, builder: ManifestBuilder, index: int, data: memoryview
     ) -> None:
-        """Hash and store piece `index`, then tell peers it exists."""
+        """Hash piece `index` (already in the file), then tell peers it exists."""
         partial = task.partial
         assert partial is not None
 
-        def work() -> None:
-            builder.feed(data)
-            partial.write_piece(index, data)
-
-        await offload.run_sync(work)
+        await offload.run_sync(builder.feed, data)  # the bytes are in the file already
+        partial.have.add(index)
         task.manifest.extend(index, builder.manifest.hash_of(index))
-        self.scheduler.seeder_progress(task.digest, task.manifest.known, trio.current_time())
+        self.scheduler.seeder_progress(
+            task.digest, task.manifest.known, trio.current_time(), streaming=STREAM_AHEAD
+        )
+        task.grew(task.streamed)  # its last bytes may go now
 
 
 def _fetch_fields(task: Task, started: float, outcome: SeedError | str | None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import trio
 from p2pd import __version__, metrics, wire
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
-from p2pd.http.server import HTTPError, Request, Response, ServerLimits, bound_port
+from p2pd.http.server import FileRegion, HTTPError, Request, Response, ServerLimits, bound_port
 from p2pd.peers import UPLOADS_HEADER
 from p2pd.store import BlobStore
 from supernode import controlhttp
@@ -230,11 +230,22 @@ class Supernode:
         match = _PIECE_PATH.fullmatch(request.path)
         if match is None:
             raise HTTPError(400, "malformed piece path: want /pieces/<64 lowercase hex>/<index>")
+        digest, index = Digest.parse(f"sha256:{match[1]}"), int(match[2])
         try:
-            region = self.tracker.open_piece(Digest.parse(f"sha256:{match[1]}"), int(match[2]))
+            region = self.tracker.open_piece(digest, index)
         except ApiError as exc:
             status, _, message = _refusal(exc)
             raise HTTPError(status, message) from None
+        content = "application/octet-stream"
+        if not isinstance(region, FileRegion):
+            # still arriving from the registry, streamed as it lands (cut-through), to a
+            # task's only peer: it may overlap its next request (UPLOADS_HEADER)
+            task = self.tracker.task(digest)
+            assert task is not None  # open_piece found it
+            length = task.layout.length(index)
+            self.piece_bytes += length
+            headers = [("content-type", content), (UPLOADS_HEADER, "1")]
+            return Response(200, headers, region, content_length=length)
         self.piece_bytes += region.length
         self.uploads += 1
         done = region.on_done
@@ -245,10 +256,7 @@ class Supernode:
                 done()
 
         # the peer overlaps its next request only when we serve no one else (UPLOADS_HEADER)
-        headers = [
-            ("content-type", "application/octet-stream"),
-            (UPLOADS_HEADER, str(self.uploads)),
-        ]
+        headers = [("content-type", content), (UPLOADS_HEADER, str(self.uploads))]
         return Response(200, headers, dataclasses.replace(region, on_done=sent))
 
 

@@ -42,7 +42,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import httpx
 import trio
@@ -268,14 +268,19 @@ class Tracker:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def open_piece(self, digest: Digest, index: int) -> FileRegion:
-        """The region of piece `index` to send; the fd and lease go with its ``on_done``."""
+    def open_piece(self, digest: Digest, index: int) -> FileRegion | AsyncIterator[FileRegion]:
+        """The region of piece `index` to send; the fd and lease go with its ``on_done``. A
+        piece still arriving from the registry (`Task.streamable`) comes as an iterator of
+        regions instead, which closes its fd when it ends."""
         task = self._tasks.get(digest)
         if task is None:
             raise ApiError(404, "unknown_task", f"no task for {digest}")
         if not 0 <= index < task.layout.count:
             raise _bad_request(f"piece index {index} out of range 0..{task.layout.count - 1}")
         state = self.scheduler.task_state(digest)
+        streaming = state is TaskState.FETCHING and index >= task.manifest.known
+        if streaming and self.scheduler.seeder_streams(digest, index) and task.partial is not None:
+            return _StreamedPiece(task, index, os.dup(task.partial.fd))
         if state is TaskState.FAILED or index >= task.manifest.known or digest in self._evicted:
             raise ApiError(404, "piece_not_held", f"piece {index} of {digest} is not held")
         offset, length = task.layout.span(index)
@@ -415,3 +420,24 @@ class Tracker:
         address = self.advertise if p.peer_id == self.scheduler.seeder_id else p.address
         # the scheduler's peers all came in checked Registers: no need to check them again
         return wire.ParentInfo.trusted(p.peer_id, address, p.zone, p.pieces)
+
+
+class _StreamedPiece:
+    """`Task.stream_piece` from a private fd, closed by `aclose` -- which the server calls
+    also for a body it never started (an async generator's ``finally`` would not run then)."""
+
+    def __init__(self, task: Task, index: int, fd: int) -> None:
+        self._fd = fd
+        self._regions = task.stream_piece(index, fd)
+
+    def __aiter__(self) -> _StreamedPiece:
+        return self
+
+    async def __anext__(self) -> FileRegion:
+        return await anext(self._regions)
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            await self._regions.aclose()
+            os.close(self._fd)
+            self._fd = -1

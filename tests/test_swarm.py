@@ -178,3 +178,95 @@ async def test_a_supernode_dying_during_the_last_announce_does_not_fail_a_comple
     download = await fill(tmp_path, control, FakePieces(body=0.5, tail=0.1))
     assert download.have.is_full()
     assert control.down
+
+
+# -- cut-through: pieces streamed by the seeder before their hashes are known -------------------
+
+PUBLISH_EVERY = 1.0  # the seeder publishes piece i at (i + 1) * PUBLISH_EVERY
+
+
+def published(now: float) -> int:
+    return min(LAYOUT.count, int(now / PUBLISH_EVERY + 1e-9))
+
+
+class StreamingSupernode(FakeSupernode):
+    """A seeder still reading the blob: hashes of the pieces published so far, and an offer
+    of those plus the next two, which it streams."""
+
+    async def post(
+        self, base: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        msg = wire.decode(body, (wire.Register, wire.Announce, wire.Leave, wire.Report))
+        if isinstance(msg, wire.Leave):
+            return 200, wire.encode(wire.Ack())
+        if isinstance(msg, wire.Announce):
+            self.announces.append((trio.current_time(), msg.pieces))
+        known = published(trio.current_time())
+        offer = Bitfield.from_indexes(LAYOUT.count, range(min(LAYOUT.count, known + 2)))
+        reply = wire.Assignment(
+            digest=DIGEST,
+            state="ready" if known == LAYOUT.count else "fetching",
+            size=LAYOUT.total_size,
+            piece_size=PIECE,
+            manifest_start=0,
+            hashes=HASHES[: 16 * known],
+            sealed=known == LAYOUT.count,
+            parents=(wire.ParentInfo("seed", "10.0.0.9:65003", "", offer),),
+        )
+        return 200, wire.encode(reply)
+
+
+class StreamedPieces(FakePieces):
+    """A piece's last bytes come once the seeder published it (or `body` after the start)."""
+
+    async def fetch(
+        self,
+        address: str,
+        digest: Digest,
+        index: int,
+        buffer: memoryview,
+        nearly_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.starts[index] = now = trio.current_time()
+        end = max(now + self.body, (index + 1) * PUBLISH_EVERY + 0.001)
+        await trio.sleep_until(end - self.tail)
+        if nearly_done is not None:
+            nearly_done()
+        await trio.sleep_until(end)
+        offset, length = LAYOUT.span(index)
+        buffer[:] = DATA[offset : offset + length]
+        self.ends[index] = trio.current_time()
+
+
+async def test_streamed_pieces_are_fetched_early_and_written_only_once_their_hash_came(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = BlobStore(tmp_path)
+    download = Download(DIGEST, store.open_partial(DIGEST, LAYOUT))
+    written: dict[int, float] = {}
+    mark_written = download.mark_written
+
+    def record(index: int, source: str) -> None:
+        written[index] = trio.current_time()
+        mark_written(index, source)
+
+    download.mark_written = record  # type: ignore[method-assign]
+    source = BlobSource("http://registry.test", "library/x", None, LAYOUT.total_size)
+    # announces on their own only every 5 s: the hashes must be asked for
+    session = SessionConfig(
+        early_bytes=0, announce_interval=5.0, min_announce_gap=0.01, stream_ahead=2
+    )
+    config = SwarmConfig(peer_id="me", advertise="10.0.0.1:65003", seed_time=0.0, session=session)
+    pieces = StreamedPieces(body=0.1, tail=0.05)
+    with offload.inline():
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(
+                config, StreamingSupernode(), pieces, ["http://sn.test"], nursery, random.Random(1)
+            )
+            await swarm.fill(download, source)
+            nursery.cancel_scope.cancel()
+    assert download.have.is_full() and swarm.bad_pieces == 0
+    for index in range(LAYOUT.count):
+        publish = (index + 1) * PUBLISH_EVERY
+        assert pieces.starts[index] < publish  # asked for before its hash existed
+        assert publish <= written[index] < publish + 0.1  # checked once it came, promptly

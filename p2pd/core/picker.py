@@ -285,7 +285,8 @@ class PiecePicker:
     # -- manifest and parents -----------------------------------------------------------------
 
     def set_verifiable(self, known: int) -> None:
-        """Pieces ``[0, known)`` have known hashes; only those may be requested."""
+        """Pieces ``[0, known)`` have known hashes (or, from the session, streamed ones whose
+        hashes the driver awaits); only those may be requested."""
         if type(known) is not int or not 0 <= known <= self._n:
             raise PickerError(f"verifiable count {known!r} out of range 0..{self._n}")
         if known < self._verifiable:

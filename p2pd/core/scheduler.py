@@ -260,6 +260,7 @@ class _Task:
         "rare",
         "seeder",
         "state",
+        "streaming",
         "unreachable",
     )
 
@@ -275,6 +276,8 @@ class _Task:
         self.layout = layout
         self.state = TaskState.FETCHING
         self.seeder = seeder
+        # pieces past its prefix the seeder serves as they arrive (see seeder_progress)
+        self.streaming = 0
         self.peers: dict[str, _Peer] = {}
         # zone -> peers that could take a child now: free slot, some piece, not banned.
         self.free: dict[str, dict[str, _Peer]] = {}
@@ -389,9 +392,20 @@ class Scheduler:
     def task_state(self, digest: Digest) -> TaskState:
         return self._task(digest).state
 
-    def seeder_progress(self, digest: Digest, known: int, now: float | None = None) -> None:
+    def seeder_progress(
+        self, digest: Digest, known: int, now: float | None = None, streaming: int = 0
+    ) -> None:
         """The seeder now holds pieces ``[0, known)``; `known` never decreases. With `now`,
-        the time per new piece feeds the seeder's one-copy rule (see _seeder_offer)."""
+        the time per new piece feeds the seeder's one-copy rule (see _seeder_offer).
+
+        `streaming`: the seeder also serves the next that many pieces *cut-through*, their
+        bytes sent as they arrive from the registry, before their hashes are known (the child
+        checks each once its hash reaches it). Offered to a lone child only (`_seeder_offer`):
+        behind a registry no faster than that host, store-and-forward left its link idle
+        until each layer's first piece had landed whole at the seeder (~1 s with the registry
+        link shared by three layers) and one piece behind the seeder to the end. In a swarm
+        a piece's hops are what matter, and the seeder's uplink is shared by its children.
+        The storm simulator does not model it (it passes 0)."""
         task = self._task(digest)
         if task.state is not TaskState.FETCHING:
             raise SchedulerError(f"seeder progress on task {digest} in state {task.state.name}")
@@ -405,7 +419,14 @@ class Scheduler:
             took = (now - task.progress_at) / (known - held)
             task.progress_at = now
             task.piece_time = _average(task.piece_time, took)
+        if type(streaming) is not int or streaming < 0:
+            raise SchedulerError(f"seeder streaming count {streaming!r}: want an int >= 0")
         task.seeder.pieces.update((1 << known) - 1)
+        task.streaming = streaming
+
+    def seeder_streams(self, digest: Digest, index: int) -> bool:
+        """Whether the seeder now offers piece `index` cut-through (see `seeder_progress`)."""
+        return bool(self._streamed(self._task(digest)) >> index & 1)
 
     def seeder_done(self, digest: Digest, ok: bool) -> None:
         """The fetch ended: READY (every piece held, sha256 checked) or FAILED."""
@@ -753,7 +774,7 @@ class Scheduler:
         a parent in another zone only for what the child's zone is short of."""
         count = task.layout.count
         if parent.is_seeder:
-            return Bitfield(count, self._seeder_offer(task, child))
+            return Bitfield(count, self._seeder_offer(task, child) | self._streamed(task))
         if parent.zone != child.zone:
             return Bitfield(count, self._offer_bits(task, parent, child))
         return parent.pieces.copy()
@@ -995,6 +1016,15 @@ class Scheduler:
             return 0
         return seeder
 
+    def _streamed(self, task: _Task) -> int:
+        """The pieces the seeder serves cut-through (see `seeder_progress`): while it is
+        fetching, to the task's only peer."""
+        if not task.streaming or task.state is not TaskState.FETCHING or len(task.peers) != 1:
+            return 0
+        known = task.seeder.pieces.first_missing()
+        end = min(task.layout.count, known + task.streaming)
+        return (1 << end) - (1 << known) if end > known else 0
+
     def _drop(self, task: _Task, peer: _Peer) -> None:
         self._count(peer, False)
         self._claim(task, peer, 0)  # its zone may be offered those pieces from outside again
@@ -1044,7 +1074,7 @@ class Scheduler:
         for parent in child.parents.values():
             if not parent.is_seeder:
                 cover |= self._offer_bits(task, parent, child)
-        only_seeder = self._seeder_offer(task, child) & lacking & ~cover
+        only_seeder = (self._seeder_offer(task, child) | self._streamed(task)) & lacking & ~cover
         if seeder.peer_id in child.parents:
             if not only_seeder:
                 self._unlink(task, seeder, child)

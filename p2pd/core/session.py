@@ -21,7 +21,10 @@ Driving it::
         session.on_piece(request, ok, now) / session.on_failure(request, not_found, now)
 
 Rules:
-- Pieces become fetchable only once their hash is known (``known`` of the manifest).
+- Pieces become fetchable only once their hash is known (``known`` of the manifest), or,
+  with ``stream_ahead``, up to that many pieces after them while a parent offers them: the
+  seeder streaming them cut-through (`Scheduler.seeder_progress`). The driver checks such a
+  piece only once its hash came with a later reply, and asks for one soon (`hashes_wanted`).
 - Announces are batched every ``announce_interval``; while nothing is in flight (no parents yet,
   the seeder still reading) the session asks sooner, from ``min_announce_gap`` doubling back to
   the interval, so idle peers stay cheap for the supernode.
@@ -81,6 +84,10 @@ class SessionConfig:
     # download in the swarm. No verified piece for this long gives up regardless.
     busy_stall_timeout: float = 60.0
     max_connect_failures: int = 2
+    # Pieces past the known hashes that may be asked of a parent offering them (the seeder
+    # streaming them); 0 = only hashed pieces. The daemon takes its seeder's cut-through
+    # (p2pd.peers.STREAM_AHEAD); the storm simulator does not model it.
+    stream_ahead: int = 0
     picker: PickerConfig = field(default_factory=PickerConfig)
 
 
@@ -124,6 +131,7 @@ class DownloadSession:
         self.shunned: set[str] = set()
         self.failures: dict[str, int] = {}
         self.known = 0
+        self.requestable = 0  # >= known: also the pieces parents stream (see apply)
         self.failed_task = False
         self.last_progress = now  # a verified piece, or the seeder publishing a new one
         self.last_busy = now  # the last poll that found transfers in flight
@@ -181,12 +189,21 @@ class DownloadSession:
             # the seeder is still bringing the blob in: the swarm is alive, merely behind it
             self.last_progress = max(self.last_progress, now)
             self.known = known
-        self.picker.set_verifiable(self.known)
         wanted = {
             p.peer_id: p
             for p in parents
             if p.peer_id != self.peer_id and p.peer_id not in self.shunned
         }
+        # pieces right after the known hashes that a parent offers: it streams them
+        offered = 0
+        for info in wanted.values():
+            offered |= info.pieces.bits
+        requestable = max(self.known, self.requestable)
+        end = min(self.layout.count, self.known + self.config.stream_ahead)
+        while requestable < end and offered >> requestable & 1:
+            requestable += 1
+        self.requestable = requestable
+        self.picker.set_verifiable(requestable)
         for parent in self.picker.parents():
             if parent not in wanted:
                 self._drop_parent(parent)
@@ -292,12 +309,17 @@ class DownloadSession:
                 # we finished before it offers more (the seeder's one-copy claims): tell it
                 # now rather than at the next tick (one host alone behind the seeder: the
                 # parent idled a round trip per piece for it).
-                soonest = self.last_announce + max(self.config.min_announce_gap, self.pace)
-                self.next_announce = min(self.next_announce, max(now, soonest))
+                self.hashes_wanted(now)
             if now >= self.next_announce:
                 self._out.announce = True
         out, self._out = self._out, Outbox()
         return out
+
+    def hashes_wanted(self, now: float) -> None:
+        """Call the supernode as soon as pacing allows: pieces wait for news from it (their
+        hashes, or more pieces on offer)."""
+        soonest = self.last_announce + max(self.config.min_announce_gap, self.pace)
+        self.next_announce = min(self.next_announce, max(now, soonest))
 
     def take_announce(self, now: float) -> tuple[list[int], bool]:
         """The pieces completed since the last announce; restarts the announce timer."""

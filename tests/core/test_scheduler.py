@@ -1198,3 +1198,32 @@ def test_a_lone_child_under_the_one_copy_rule_keeps_two_pieces_claimed() -> None
     # with a second child, claims are no longer topped up (stripes and one copy per zone)
     s.register(D, "b2", "", "b", 1.0)
     assert offers(s.announce(D, "b1", [1], 2.0))[SEEDER] == [2]
+
+
+# -- cut-through: the seeder streams pieces to a lone child -------------------------------------
+
+
+def test_a_lone_child_is_offered_the_pieces_the_seeder_streams() -> None:
+    s = sched(6, ready=False)
+    s.seeder_progress(D, 0, 0.0, streaming=2)
+    # nothing held yet, but the seeder streams pieces 0 and 1: it is the child's parent at once
+    a = s.register(D, "a", "", "", 0.0)
+    assert seeder_offer(a) == [0, 1]
+    assert s.seeder_streams(D, 1) and not s.seeder_streams(D, 2)
+    s.seeder_progress(D, 1, 1.0, streaming=2)
+    assert seeder_offer(s.announce(D, "a", [0], 1.0)) == [0, 1, 2]  # held 0, streams 1, 2
+    s.seeder_done(D, True)  # done: nothing streams any more
+    assert not s.seeder_streams(D, 5)
+
+
+def test_streamed_pieces_are_offered_to_no_swarm_and_not_by_default() -> None:
+    s = sched(6, ready=False)
+    s.seeder_progress(D, 2, 0.0)  # streaming=0, as the storm simulator calls it
+    assert seeder_offer(s.register(D, "a", "", "", 0.0)) == [0, 1]
+    s.seeder_progress(D, 2, 0.0, streaming=2)
+    assert seeder_offer(s.announce(D, "a", [], 0.1)) == [0, 1, 2, 3]
+    s.register(D, "b", "", "", 0.2)  # a second peer: hops through peers matter more
+    assert all(i < 2 for i in seeder_offer(s.announce(D, "a", [], 0.3)))
+    assert not s.seeder_streams(D, 2)
+    with pytest.raises(SchedulerError, match="streaming"):
+        s.seeder_progress(D, 2, 0.4, streaming=-1)

@@ -295,3 +295,28 @@ def test_a_starved_peer_still_respects_the_supernodes_pace() -> None:
     assert s.on_piece(first, True, 0.3)
     assert not s.poll(0.3).announce
     assert s.poll(2.0).announce
+
+
+def test_stream_ahead_lets_pieces_past_the_hashes_be_asked_of_a_parent_offering_them() -> None:
+    config = SessionConfig(
+        early_bytes=0, stream_ahead=2, picker=PickerConfig(max_in_flight_per_parent=8)
+    )
+    s = DownloadSession(LAYOUT, "me", random.Random(1), config)
+    # hashes of 0..2 known; the seeder offers 3 and 4 too (streamed), and 6 (not contiguous)
+    s.apply("fetching", 3, [parent("seeder", "11111010")], 0.0)
+    assert sorted(r.index for r in s.poll(0.0).fetch) == [0, 1, 2, 3, 4]
+    # without stream_ahead only hashed pieces are asked for (see the first test)
+    plain = session()
+    plain.apply("fetching", 3, [parent("seeder", "11111010")], 0.0)
+    assert all(r.index < 3 for r in plain.poll(0.0).fetch)
+
+
+def test_hashes_wanted_brings_the_next_announce_forward_within_pacing() -> None:
+    s = session()
+    s.apply("fetching", 8, [parent("a")], 0.0, pace=0.3)
+    assert s.next_wakeup() >= 0.3
+    s.take_announce(0.0)
+    s.hashes_wanted(0.1)
+    assert s.next_announce == pytest.approx(0.3)  # not before the pace allows
+    s.hashes_wanted(0.5)
+    assert s.next_announce == pytest.approx(0.3)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from p2pd import wire
-from p2pd.http.server import bound_port
+from p2pd.core.manifest import piece_hash
+from p2pd.http.server import ResponseAborted, bound_port
+from p2pd.store import BlobStore
 from supernode.seeder import (
     UPSTREAM_LOWAT,
     BlobMismatch,
+    Source,
+    Task,
     UpstreamRefused,
     UpstreamUnavailable,
     _BodyLowat,
@@ -24,7 +30,9 @@ from tests.supernode.helpers import (
     DIGEST,
     LAYOUT,
     PIECE,
+    REPO,
     SIZE,
+    UPSTREAM,
     FakeRegistry,
     make_blob,
     manifest_of,
@@ -263,3 +271,69 @@ async def test_no_read_low_water_mark_over_tls() -> None:
     plain = _BodyLowat.of(response(None))
     assert plain is not None  # the same over a plain socket
     plain.sock.close()
+
+
+# -- cut-through: a piece streamed as it arrives -------------------------------------------------
+
+
+def _streaming_task(tmp_path: Path) -> Task:
+    task = Task(DIGEST, LAYOUT, Source(UPSTREAM, REPO, None))
+    task.partial = BlobStore(tmp_path).open_partial(DIGEST, LAYOUT)
+    return task
+
+
+async def test_a_streamed_piece_holds_its_last_byte_until_it_is_published(
+    tmp_path: Path,
+) -> None:
+    task = _streaming_task(tmp_path)
+    assert task.partial is not None
+    length = LAYOUT.length(0)
+    got = bytearray()
+
+    async def read() -> None:
+        fd = os.dup(task.partial.fd)  # type: ignore[union-attr]
+        try:
+            async for region in task.stream_piece(0, fd):
+                got.extend(os.pread(region.fd, region.length, region.offset))
+        finally:
+            os.close(fd)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        task.partial.write_at(0, BLOB[:1000])
+        task.grew(1000)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == BLOB[:1000]  # bytes go out as they land
+        task.partial.write_at(1000, BLOB[1000 : length + 10])
+        task.grew(length + 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == BLOB[: length - 1]  # all but the last, until the hash is published
+        task.manifest.extend(0, piece_hash(BLOB[:length]))
+        task.grew(task.streamed)
+    assert got == BLOB[:length]
+
+
+async def test_a_streamed_piece_is_aborted_when_the_fetch_ends_without_it(
+    tmp_path: Path,
+) -> None:
+    task = _streaming_task(tmp_path)
+    assert task.partial is not None
+    task.partial.write_at(PIECE, BLOB[PIECE : PIECE + 100])
+    task.grew(PIECE + 100)
+    regions = []
+    aborted: list[ResponseAborted] = []
+
+    async def read() -> None:
+        try:
+            async for region in task.stream_piece(1, task.partial.fd):  # type: ignore[union-attr]
+                regions.append(region)
+        except ResponseAborted as exc:
+            aborted.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        task.done.set()  # failed: nothing more comes
+        task.grew(task.streamed)
+    assert [(r.offset, r.length) for r in regions] == [(PIECE, 100)]
+    assert "ended before piece 1" in str(aborted[0])

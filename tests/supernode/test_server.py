@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import httpx
 import msgpack
 import pytest
 import trio
@@ -97,19 +98,45 @@ async def test_peers_see_hashes_and_pieces_before_the_seeder_finishes(tmp_path: 
         manifest = manifest_of(got)
         assert manifest.known == 2
         assert [p.peer_id for p in got.parents] == ["supernode"]
-        assert list(got.parents[0].pieces) == [0, 1]
+        # the lone peer is also offered piece 2, cut-through: streamed as it arrives
+        assert list(got.parents[0].pieces) == [0, 1, 2]
         r = await h.piece(1)
         assert r.status_code == 200 and manifest.verify(1, r.content)
-        assert (await h.piece(2)).status_code == 404  # not held yet
+        streamed: list[httpx.Response] = []
 
-        upstream.release.set()
+        async def get_piece_2() -> None:
+            streamed.append(await h.piece(2))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get_piece_2)
+            await trio.sleep(0.2)
+            assert not streamed  # its bytes are still held by the registry
+            upstream.release.set()
         await h.wait_done()
         later = await h.announce("a", (1,), known=2)
         assert (later.state, later.sealed, later.manifest_start) == ("ready", True, 2)
         manifest_of(later, manifest)
         assert manifest.known == 3
+        assert streamed[0].status_code == 200 and manifest.verify(2, streamed[0].content)
         r = await h.piece(2)
         assert manifest.verify(2, r.content)
+
+
+async def test_pieces_past_the_prefix_are_not_held_for_a_swarm(tmp_path: Path) -> None:
+    upstream = registry()
+    upstream.hold_after = 2 * PIECE
+    async with running(tmp_path, upstream) as h:
+        await h.register("a")
+        await h.register("b")  # two peers: no cut-through (see Scheduler.seeder_progress)
+        with trio.fail_after(10):
+            await upstream.held.wait()
+            while h.task().manifest.known < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        got = await h.announce("a")
+        assert all(i < 2 for p in got.parents for i in p.pieces)
+        assert (await h.piece(2)).status_code == 404  # not held yet, nor streamed
+        upstream.release.set()
+        await h.wait_done()
 
 
 async def test_two_peers_become_each_others_parents(tmp_path: Path) -> None:
@@ -416,20 +443,23 @@ async def test_upstream_allowlist_is_normalised(tmp_path: Path) -> None:
 async def test_the_registry_is_read_while_a_piece_is_being_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Hashing and writing a piece must not pause the registry download (it did, issue 5)."""
+    """Hashing a piece (in a worker thread; its bytes are written as they arrive) must not
+    pause the registry download (storing it did, issue 5)."""
     import threading
 
-    from p2pd.store import PartialBlob
+    from p2pd.core.manifest import ManifestBuilder
 
     unblock = threading.Event()
-    original = PartialBlob.write_piece
+    original = ManifestBuilder.feed
+    calls = []
 
-    def slow_write(self: PartialBlob, index: int, data: memoryview) -> None:
-        if index == 0:
+    def slow_feed(self: ManifestBuilder, data: memoryview) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
             unblock.wait(10)
-        original(self, index, data)
+        return original(self, data)
 
-    monkeypatch.setattr(PartialBlob, "write_piece", slow_write)
+    monkeypatch.setattr(ManifestBuilder, "feed", slow_feed)
     upstream = registry()
     upstream.hold_after = 2 * PIECE
     async with running(tmp_path, upstream) as h:
