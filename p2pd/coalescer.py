@@ -23,6 +23,8 @@ Rules, the same per item as for a lone announce (`TrackerSession.announce`):
 * A supernode without the batch route (404: an older version during a rolling upgrade) gets
   lone announces, the batch's items all at once, and no batch for `recheck_after` seconds.
 * A batch that cannot be encoded (over the message size limit) goes as lone announces too.
+* Nothing is done on behalf of a download that ended while its announce was out: no register
+  again, no failover (it may have left the supernode already).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from p2pd.tracker import (
 log = logging.getLogger(__name__)
 
 Outcome = wire.Assignment | TrackerRejected | TrackerUnavailable
+# what came back for one announce, before any recovery; None: send it again alone
+Answer = wire.Assignment | wire.Error | TrackerRejected | TrackerUnavailable | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,21 +121,19 @@ class Coalescer:
         return crew
 
     async def send(self, crew: Crew) -> None:
-        """Send a `gather`ed crew's announces, one message for all, and deliver each
-        outcome to its member."""
+        """Send a `gather`ed crew's announces, one message for all (a lone announce for a
+        crew of one), and deliver each outcome to its member."""
         url = crew[0][1].session.current
+        answers: list[Answer]
         if len(crew) == 1 or url is None:
-            own, item = crew[0]
-            own.deliver(item, await _alone(item))
-            return
-        answers = await self._send(url, [i for _, i in crew])
+            answers = [await _once(crew[0][1])]
+        else:
+            answers = await self._send(url, [i for _, i in crew])
         async with trio.open_nursery() as nursery:
             for (member, it), answer in zip(crew, answers, strict=True):
                 nursery.start_soon(self._settle, member, it, answer)
 
-    async def _send(
-        self, url: str, items: list[Item]
-    ) -> list[wire.Assignment | wire.Error | TrackerRejected | TrackerUnavailable | None]:
+    async def _send(self, url: str, items: list[Item]) -> list[Answer]:
         """Each item's answer to one batch; None: send that one alone."""
         try:
             announces = [
@@ -154,12 +156,7 @@ class Coalescer:
         except (TrackerUnavailable, TrackerRejected) as exc:
             return [exc] * len(items)
 
-    async def _settle(
-        self,
-        member: Member,
-        item: Item,
-        answer: wire.Assignment | wire.Error | TrackerRejected | TrackerUnavailable | None,
-    ) -> None:
+    async def _settle(self, member: Member, item: Item, answer: Answer) -> None:
         outcome: Outcome
         if isinstance(answer, wire.Assignment):
             outcome = answer
@@ -189,5 +186,13 @@ async def _alone(item: Item) -> Outcome:
         return await item.session.announce(
             item.pieces, item.manifest_known, item.have, item.want_parents
         )
+    except (TrackerRejected, TrackerUnavailable) as exc:
+        return exc
+
+
+async def _once(item: Item) -> Answer:
+    """A lone announce without recovery: `_settle` recovers, if its member still runs."""
+    try:
+        return await item.session.announce_once(item.pieces, item.manifest_known, item.want_parents)
     except (TrackerRejected, TrackerUnavailable) as exc:
         return exc

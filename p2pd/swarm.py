@@ -9,7 +9,8 @@ child tasks and report back over a memory channel, so the session sees events in
     loop: session.poll ──▶ fetch tasks ──▶ last bytes coming in ──▶ session (the parent's
           slot is free: its next piece is asked for) ──▶ verify against the manifest ──▶ write
           (in a worker thread, in the fetch task) ──▶ session; announces (in a task of their
-          own, one at a time) and reports ──▶ supernode ──▶ new assignment ──▶ session
+          own, one at a time, in one message with the host's other downloads' at the same
+          supernode: p2pd.coalescer) and reports ──▶ supernode ──▶ new assignment ──▶ session
 
 Rules:
 - A piece is written only after its xxh3-128 matches the manifest; a mismatch is reported to

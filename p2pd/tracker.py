@@ -287,11 +287,17 @@ class TrackerSession:
     async def announce(
         self, pieces: list[int], manifest_known: int, have: Bitfield, want_parents: bool = True
     ) -> wire.Assignment:
-        msg = self.announce_message(pieces, manifest_known, want_parents)
         try:
-            return await self._post(self._url(), "announce", msg, wire.Assignment)
+            return await self.announce_once(pieces, manifest_known, want_parents)
         except (TrackerUnavailable, TrackerRejected) as exc:
             return await self.recover(exc, have)
+
+    async def announce_once(
+        self, pieces: list[int], manifest_known: int, want_parents: bool
+    ) -> wire.Assignment:
+        """An announce to the current supernode, without `recover`."""
+        msg = self.announce_message(pieces, manifest_known, want_parents)
+        return await self._post(self._url(), "announce", msg, wire.Assignment)
 
     async def recover(
         self, exc: TrackerUnavailable | TrackerRejected, have: Bitfield

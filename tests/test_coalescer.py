@@ -309,6 +309,22 @@ async def test_a_download_that_ended_meanwhile_is_not_registered_again(
     assert fake.kinds(start) == [("sn-a", "batch:0,1")]
     assert isinstance(crew[1].delivered[0], TrackerUnavailable)
     assert isinstance(crew[0].delivered[0], wire.Assignment)
+    # the same for a lone announce
+    fake.script = {known[0].digest: ["unknown_peer"]}
+    start = len(fake.calls)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.announce, crew[0], crew[0].item())
+        await trio.sleep(0.5)
+        coalescer.leave(crew[0])
+    assert fake.kinds(start) == [("sn-a", "announce:0")]
+    assert isinstance(crew[0].delivered[1], TrackerUnavailable)
+    # while it runs, a lone announce recovers as TrackerSession.announce does
+    coalescer.join(crew[0])
+    fake.script = {known[0].digest: ["unknown_task"]}
+    start = len(fake.calls)
+    await coalescer.announce(crew[0], crew[0].item())
+    assert fake.kinds(start) == [("sn-a", "announce:0"), ("sn-a", "register:0")]
+    assert isinstance(crew[0].delivered[2], wire.Assignment)
 
 
 # -- real downloads -----------------------------------------------------------------------------
