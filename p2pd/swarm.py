@@ -9,7 +9,8 @@ child tasks and report back over a memory channel, so the session sees events in
     loop: session.poll ──▶ fetch tasks ──▶ last bytes coming in ──▶ session (the parent's
           slot is free: its next piece is asked for) ──▶ verify against the manifest ──▶ write
           (in a worker thread, in the fetch task) ──▶ session; announces (in a task of their
-          own, one at a time) and reports ──▶ supernode ──▶ new assignment ──▶ session
+          own, one at a time, in one message with the host's other downloads' at the same
+          supernode: p2pd.coalescer) and reports ──▶ supernode ──▶ new assignment ──▶ session
 
 Rules:
 - A piece is written only after its xxh3-128 matches the manifest; a mismatch is reported to
@@ -37,6 +38,7 @@ import trio
 from p2pd import offload, wire
 from p2pd.blobs import BlobSource, Download, DownloadState, FillerGaveUp
 from p2pd.clusterauth import ClusterAuth
+from p2pd.coalescer import Coalescer, Item, Outcome
 from p2pd.core.manifest import ManifestError, PieceManifest
 from p2pd.core.picker import Request
 from p2pd.core.session import DownloadSession, ParentView, SessionConfig
@@ -106,6 +108,8 @@ class Swarm:
         self.nursery = nursery  # where seeding heartbeats live after a download
         self.rng = rng or random.Random()
         self._buffers: dict[int, list[bytearray]] = {}
+        # one message per supernode for the announces of this host's downloads it tracks
+        self.coalescer = Coalescer()
         self.bad_pieces = 0
         self.pieces_verified = 0
 
@@ -213,12 +217,16 @@ class _Run:
         # Transfers run in a nursery, so a give-up inside it would come out wrapped in an
         # exception group: carry it out as a value and raise it plainly here.
         gave_up: FillerGaveUp | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                await self._loop(nursery)
-            except FillerGaveUp as exc:
-                gave_up = exc
-            nursery.cancel_scope.cancel()
+        self.swarm.coalescer.join(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._loop(nursery)
+                except FillerGaveUp as exc:
+                    gave_up = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            self.swarm.coalescer.leave(self)
         if gave_up is not None:
             raise gave_up
         await self._announce(trio.current_time(), final=True)
@@ -258,7 +266,7 @@ class _Run:
                             self._handle_reply(late)
                 return
             if out.announce and not self.announcing:
-                self._announce_in_background(nursery, now)
+                self._announce_in_background(now)
             wake = session.next_wakeup()
             if self.announcing and wake <= now:
                 # the announce timer is due, but one is in flight: its reply wakes the loop
@@ -309,31 +317,42 @@ class _Run:
             assignment.state, self.manifest.known, parents, now, assignment.pace_ms / 1000
         )
 
-    def _announce_in_background(self, nursery: trio.Nursery, now: float) -> None:
+    def _announce_in_background(self, now: float) -> None:
         """Send an announce without holding up the loop; the reply comes back as a `_Reply`.
 
         Awaited in the loop, an announce held up every transfer decision for its round trip,
         and behind a busy downlink that trip is long: the reply queues behind piece bytes
         (tens of ms in the 100 Mbit/s fleet, with an announce every 0.2 s early on), while
         the parent's upload sat idle for want of the next request (traced: one host alone).
+        The swarm's `Coalescer` sends it, with the announces of this host's other downloads
+        at the same supernode that may go now, in the swarm's nursery (see p2pd.coalescer).
         """
         assert self.session is not None
         pieces, want_parents = self.session.take_announce(now)
         self.announcing = True
+        item = Item(self.tracker, pieces, self.manifest.known, self.download.have, want_parents)
+        coalescer = self.swarm.coalescer
+        self.swarm.nursery.start_soon(coalescer.send, coalescer.gather(self, item))
 
-        async def announce() -> None:
-            reply = _Reply(None, want_parents)
-            try:
-                reply.assignment = await self.tracker.announce(
-                    pieces, self.manifest.known, self.download.have, want_parents
-                )
-            except TrackerRejected as exc:
-                reply.error = FillerGaveUp(f"supernode refused the announce: {exc}")
-            except TrackerUnavailable as exc:
-                reply.error = FillerGaveUp(f"no supernode answers: {exc}")
-            self.send.send_nowait(reply)
+    def ride_along(self, now: float) -> Item | None:
+        """(`coalescer.Member`) This download's announce, to go in another's message now."""
+        session = self.session
+        if self.announcing or session is None or not session.may_ride_along(now):
+            return None
+        pieces, want_parents = session.take_announce(now)
+        self.announcing = True
+        return Item(self.tracker, pieces, self.manifest.known, self.download.have, want_parents)
 
-        nursery.start_soon(announce)
+    def deliver(self, item: Item, outcome: Outcome) -> None:
+        """(`coalescer.Member`) The answer to an announce of ours, back to the loop."""
+        reply = _Reply(None, item.want_parents)
+        if isinstance(outcome, wire.Assignment):
+            reply.assignment = outcome
+        elif isinstance(outcome, TrackerRejected):
+            reply.error = FillerGaveUp(f"supernode refused the announce: {outcome}")
+        else:
+            reply.error = FillerGaveUp(f"no supernode answers: {outcome}")
+        self.send.send_nowait(reply)
 
     def _handle_reply(self, reply: _Reply) -> None:
         self.announcing = False

@@ -38,11 +38,19 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/x-msgpack"
 
-M = TypeVar("M", wire.Assignment, wire.Ack)
+M = TypeVar("M", wire.Assignment, wire.Ack, wire.BatchReply)
+BATCH_VERB = "announce-batch"
+# Error codes after which an announce registers again with the same supernode: it restarted,
+# or expired us.
+REJOIN_CODES = ("unknown_task", "unknown_peer")
 
 
 class TrackerUnavailable(Exception):
     """No supernode for this blob answered."""
+
+
+class BatchUnsupported(Exception):
+    """The supernode has no batch route (404): an older version, mid rolling upgrade."""
 
 
 class TrackerRejected(Exception):
@@ -271,20 +279,56 @@ class TrackerSession:
             return reply
         raise TrackerUnavailable("; ".join(errors) or "no supernode configured")
 
+    def announce_message(
+        self, pieces: list[int], manifest_known: int, want_parents: bool
+    ) -> wire.Announce:
+        return wire.Announce(self.digest, self.peer_id, tuple(pieces), manifest_known, want_parents)
+
     async def announce(
         self, pieces: list[int], manifest_known: int, have: Bitfield, want_parents: bool = True
     ) -> wire.Assignment:
-        msg = wire.Announce(self.digest, self.peer_id, tuple(pieces), manifest_known, want_parents)
         try:
-            return await self._post(self._url(), "announce", msg, wire.Assignment)
-        except TrackerUnavailable as exc:
+            return await self.announce_once(pieces, manifest_known, want_parents)
+        except (TrackerUnavailable, TrackerRejected) as exc:
+            return await self.recover(exc, have)
+
+    async def announce_once(
+        self, pieces: list[int], manifest_known: int, want_parents: bool
+    ) -> wire.Assignment:
+        """An announce to the current supernode, without `recover`."""
+        msg = self.announce_message(pieces, manifest_known, want_parents)
+        return await self._post(self._url(), "announce", msg, wire.Assignment)
+
+    async def recover(
+        self, exc: TrackerUnavailable | TrackerRejected, have: Bitfield
+    ) -> wire.Assignment:
+        """After an announce failed with `exc` (alone or as an item of a batch): fail over to
+        the next supernode when this one is lost, register again when it forgot us, else
+        raise `exc`."""
+        if isinstance(exc, TrackerUnavailable):
             log.info("supernode %s lost (%s); failing over", self.current, exc)
             return await self.register(have, move_on=True)
-        except TrackerRejected as exc:
-            if exc.code not in ("unknown_task", "unknown_peer"):
-                raise
-            # the supernode restarted (or expired us): join it again with what we hold
-            return await self.register(have)
+        if exc.code not in REJOIN_CODES:
+            raise exc
+        # the supernode restarted (or expired us): join it again with what we hold
+        return await self.register(have)
+
+    async def announce_batch(
+        self, url: str, batch: wire.AnnounceBatch
+    ) -> tuple[wire.Assignment | wire.Error, ...]:
+        """Send the announces of several of this host's downloads to `url` in one message (on
+        behalf of their sessions: this one's client, secret and timeout serve them all);
+        item i of the answer is item i's. Raises `TrackerUnavailable` (the supernode is
+        lost), `TrackerRejected` (the whole batch refused) or `BatchUnsupported`."""
+        reply = await self._post(url, BATCH_VERB, batch, wire.BatchReply)
+        if len(reply.items) != len(batch.items):
+            raise TrackerUnavailable(
+                f"{url}: {len(reply.items)} answers to a batch of {len(batch.items)}"
+            )
+        for asked, answer in zip(batch.items, reply.items, strict=True):
+            if isinstance(answer, wire.Assignment) and answer.digest != asked.digest:
+                raise TrackerUnavailable(f"{url}: batch answers out of order")
+        return reply.items
 
     async def report(self, parent_id: str, index: int, reason: str) -> wire.Assignment | None:
         msg = wire.Report(self.digest, self.peer_id, parent_id, index, reason)
@@ -323,8 +367,11 @@ class TrackerSession:
             raise TrackerUnavailable(f"{base}: no answer within {self.timeout:g} s") from None
         if status >= 500:
             raise TrackerUnavailable(f"{base}: answered {status}")
+        if status == 404 and verb == BATCH_VERB:
+            # per-item refusals come as items of a 200: a 404 is a server without the route
+            raise BatchUnsupported(f"{base}: no batch route")
         try:
-            reply = wire.decode(content, (wire.Assignment, wire.Ack, wire.Error))
+            reply = wire.decode(content, (wire.Assignment, wire.Ack, wire.BatchReply, wire.Error))
         except wire.ProtocolError as exc:
             raise TrackerUnavailable(f"{base}: unreadable reply: {exc}") from exc
         if isinstance(reply, wire.Error):

@@ -13,10 +13,14 @@ message's short name) and exactly the message's fields, keyed by their Python at
 
     register    p2pd -> supernode, first contact for one blob       -> Assignment | Error
     announce    p2pd -> supernode, batched progress                 -> Assignment | Error
+    announce_batch  p2pd -> supernode: the announces of several of one host's downloads
+                whose blobs that supernode tracks, in one message    -> BatchReply | Error
     report      p2pd -> supernode, a parent served a bad piece      -> Assignment | Error
     leave       p2pd -> supernode, the peer drops the blob          -> Ack | Error
     assignment  supernode -> p2pd: task state, layout, new manifest hashes, candidate parents,
                 the fewest milliseconds between the peer's calls (``pace_ms``, 0 = its own)
+    batch_reply supernode -> p2pd: one item per item of an AnnounceBatch, in its order, each
+                an Assignment or an Error (one unknown task does not fail the others)
     ack         generic empty success
     error       failure: a code (``bad_request``, ``unknown_task``, ...) and a message
 
@@ -26,7 +30,9 @@ costs ~800x more to pack); a bitfield is the pair ``[length, bytes]`` in the lay
 `p2pd.core.bitfield`. The length rides along so every field decodes on its own: a Register's
 ``have`` arrives before the supernode has told anyone the piece size, and the supernode checks
 ``have.length`` against the layout it knows. A parent is a map ``{peer_id, address, zone,
-pieces}``. ``pieces`` of an Announce is an array of piece indexes.
+pieces}``. ``pieces`` of an Announce is an array of piece indexes. The ``items`` of a batch
+are an array of 1..`MAX_BATCH` maps, each the item's own message map without ``"v"`` (the
+batch carries it) but with its ``"type"``, checked exactly like a message of its own.
 
 Rules
 -----
@@ -77,6 +83,10 @@ MAX_UPSTREAM: Final = 2048
 MAX_REPOSITORY: Final = 255
 MAX_REASON: Final = 200
 MAX_ERROR_MESSAGE: Final = 1000
+# Announces in one AnnounceBatch: a host's downloads at one supernode (images have 5-15 layers,
+# a host pulls a few at once). The supernode keeps the reply under MAX_MESSAGE_SIZE itself
+# (supernode.tracker.Tracker.announce_batch).
+MAX_BATCH: Final = 32
 MAX_PACE_MS: Final = 3_600_000  # an hour: anything larger is nonsense; peers cap it far lower
 # Report reasons the supernode acts on (p2pd.core.session): a bad piece blames the parent;
 # "unreachable" only says the reporter could not connect. Other text counts as a bad piece.
@@ -321,6 +331,37 @@ class _ParentList(_Kind):
         return tuple(parents)
 
 
+@dataclass(frozen=True, slots=True)
+class _Items(_Kind):
+    """1..MAX_BATCH messages of the `classes` (by type name) inside a batch; on the wire an
+    array of the items' own maps, ``"type"`` included and ``"v"`` left to the batch."""
+
+    classes: tuple[str, ...]
+
+    def check(self, where: str, value: object) -> None:
+        value = _typed(where, value, tuple)
+        if not 1 <= len(value) <= MAX_BATCH:
+            _fail(where, f"{len(value)} items, want 1..{MAX_BATCH}")
+        for i, item in enumerate(value):
+            if not isinstance(item, _Body) or item.TYPE not in self.classes:
+                _fail(f"{where}[{i}]", f"expected {' or '.join(self.classes)}, got {_show(item)}")
+
+    def dump(self, value: Any) -> object:
+        return tuple(_message_map(item, top=False) for item in value)
+
+    def load(self, where: str, raw: object) -> object:
+        items = _typed(where, raw, tuple)
+        if not 1 <= len(items) <= MAX_BATCH:  # before looking into any of them
+            _fail(where, f"{len(items)} items, want 1..{MAX_BATCH}")
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(_load_item(item, self.classes))
+            except ProtocolError as exc:  # say which item
+                _fail(f"{where}[{i}]", str(exc))
+        return tuple(out)
+
+
 # -- string forms -------------------------------------------------------------------------------
 
 
@@ -559,6 +600,37 @@ class Announce(_Body):
 
 
 @dataclass(frozen=True, slots=True)
+class AnnounceBatch(_Body):
+    """Several announces of one host (one peer id), for distinct blobs that the receiving
+    supernode tracks: one message in place of one per download (``POST
+    /v1/announce-batch``). Answered by a `BatchReply`."""
+
+    TYPE: ClassVar[str] = "announce_batch"
+    items: tuple[Announce, ...]
+
+    def _check_relations(self) -> None:
+        peer_id = self.items[0].peer_id
+        for i, item in enumerate(self.items):
+            if item.peer_id != peer_id:
+                _fail(
+                    f"AnnounceBatch.items[{i}].peer_id",
+                    f"{item.peer_id!r} is not the first item's {peer_id!r}",
+                )
+        if len({item.digest for item in self.items}) != len(self.items):
+            _fail("AnnounceBatch.items", "two announces for one digest")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReply(_Body):
+    """The answer to an `AnnounceBatch`: item i answers the batch's item i, an `Assignment`
+    or an `Error` (``unknown_task``, ``unknown_peer``, ``bad_request``, or ``deferred``: the
+    announce was taken but its reply did not fit this message; send it again alone)."""
+
+    TYPE: ClassVar[str] = "batch_reply"
+    items: tuple[Assignment | Error, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Report(_Body):
     """Parent `parent_id` served a bad piece `index`."""
 
@@ -599,7 +671,9 @@ class Error(_Body):
         return cls(code, cleaned)
 
 
-Message: TypeAlias = Register | Assignment | Announce | Report | Leave | Ack | Error
+Message: TypeAlias = (
+    Register | Assignment | Announce | AnnounceBatch | BatchReply | Report | Leave | Ack | Error
+)
 M = TypeVar("M", bound=Message)
 
 # The wire format as a table: every field of every message, in order, with its rule.
@@ -635,6 +709,8 @@ _SPECS: Final[dict[type[Any], dict[str, _Kind]]] = {
         "manifest_known": _PIECE_COUNT,
         "want_parents": _BOOL,
     },
+    AnnounceBatch: {"items": _Items(("announce",))},
+    BatchReply: {"items": _Items(("assignment", "error"))},
     Report: {
         "digest": _DIGEST,
         "peer_id": _PEER_ID,
@@ -647,7 +723,18 @@ _SPECS: Final[dict[type[Any], dict[str, _Kind]]] = {
     Error: {"code": _ERROR_CODE, "message": _text(MAX_ERROR_MESSAGE)},
 }
 _BY_TYPE: Final[dict[str, type[Any]]] = {
-    cls.TYPE: cls for cls in (Register, Assignment, Announce, Report, Leave, Ack, Error)
+    cls.TYPE: cls
+    for cls in (
+        Register,
+        Assignment,
+        Announce,
+        AnnounceBatch,
+        BatchReply,
+        Report,
+        Leave,
+        Ack,
+        Error,
+    )
 }
 # Derived once: (field, "Class.field", kind) triples so that checking formats no strings until
 # something fails, and the exact key set of each wire map.
@@ -659,6 +746,7 @@ _KEYS: Final = {
     cls: set(spec) | ({"v", "type"} if cls in _BY_TYPE.values() else set())
     for cls, spec in _SPECS.items()
 }
+_ITEM_KEYS: Final = {cls: _KEYS[cls] - {"v"} for cls in _BY_TYPE.values()}
 
 
 # -- encode / decode ----------------------------------------------------------------------------
@@ -668,17 +756,31 @@ def _dump_fields(obj: _Body) -> dict[str, object]:
     return {name: kind.dump(getattr(obj, name)) for name, _, kind in _FIELDS[type(obj)]}
 
 
-def _load_fields(cls: type[Any], raw: object) -> Any:
-    """Build a `cls` from its wire map: exact key set, wire forms converted, then construct."""
+def _load_fields(cls: type[Any], raw: object, keys: set[str] | None = None) -> Any:
+    """Build a `cls` from its wire map: exact key set (`keys`, by default the message's),
+    wire forms converted, then construct."""
+    if keys is None:
+        keys = _KEYS[cls]
     if type(raw) is not dict:
         _fail(cls.__name__, f"expected a map, got {_show(raw)}")
-    if raw.keys() != _KEYS[cls]:
+    if raw.keys() != keys:
         missing = [name for name in _SPECS[cls] if name not in raw]
         if missing:
             _fail(cls.__name__, f"missing field(s) {', '.join(missing)}")
-        unknown = [_show(key) for key in raw if key not in _KEYS[cls]]
+        unknown = [_show(key) for key in raw if key not in keys]
         _fail(cls.__name__, f"unknown field(s) {', '.join(unknown)}")
     return cls(**{name: kind.load(where, raw[name]) for name, where, kind in _FIELDS[cls]})
+
+
+def _load_item(raw: object, classes: tuple[str, ...]) -> Any:
+    """One item of a batch: its own map with its ``"type"`` (one of `classes`), no ``"v"``."""
+    if type(raw) is not dict:
+        _fail("item", f"expected a map, got {_show(raw)}")
+    name = raw.get("type")
+    if type(name) is not str or name not in classes:
+        _fail("item", f"type {_show(name)} is not one of {', '.join(classes)}")
+    cls = _BY_TYPE[name]
+    return _load_fields(cls, raw, _ITEM_KEYS[cls])
 
 
 def _too_big(size: int) -> NoReturn:
@@ -693,8 +795,8 @@ def _unique_keys(pairs: list[tuple[object, object]]) -> dict[object, object]:
     return result
 
 
-def encode(msg: Message) -> bytes:
-    """The wire bytes of `msg` (already valid: it was checked when it was built)."""
+def _message_map(msg: Message, *, top: bool = True) -> dict[str, object]:
+    """The wire map of `msg`; without ``"v"`` unless `top` (an item of a batch)."""
     body: dict[str, object]
     if type(msg) is Assignment:
         # Spelled out: the supernode's reply to every control call (the same map as
@@ -717,7 +819,14 @@ def encode(msg: Message) -> bytes:
         body.update(_dump_fields(msg))
     else:
         raise TypeError(f"not a wire message: {type(msg).__name__}")
-    data: bytes = msgpack.packb(body, use_bin_type=True)
+    if not top:
+        del body["v"]
+    return body
+
+
+def encode(msg: Message) -> bytes:
+    """The wire bytes of `msg` (already valid: it was checked when it was built)."""
+    data: bytes = msgpack.packb(_message_map(msg), use_bin_type=True)
     if len(data) > MAX_MESSAGE_SIZE:  # unreachable with today's limits; kept as the invariant
         _too_big(len(data))
     return data

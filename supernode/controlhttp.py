@@ -42,7 +42,13 @@ from p2pd.http.server import Handler, ServerLimits, linger, serve_stream
 
 log = logging.getLogger(__name__)
 
-CONTROL_PATHS = ("/v1/register", "/v1/announce", "/v1/report", "/v1/leave")
+CONTROL_PATHS = (
+    "/v1/register",
+    "/v1/announce",
+    "/v1/announce-batch",
+    "/v1/report",
+    "/v1/leave",
+)
 
 # (path, target, auth header value or None, body, client) -> (status, extra headers, body)
 ControlCall = Callable[[str, str | None, bytes, str], tuple[int, list[tuple[str, str]], bytes]]

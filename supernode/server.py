@@ -4,6 +4,8 @@ Routes (one port for peers' control calls and piece downloads)::
 
     POST /v1/register    wire.Register -> 200 wire.Assignment
     POST /v1/announce    wire.Announce -> 200 wire.Assignment
+    POST /v1/announce-batch  wire.AnnounceBatch -> 200 wire.BatchReply (an item per announce:
+                         an Assignment, or the Error it alone got; see Tracker.announce_batch)
     POST /v1/report      wire.Report   -> 200 wire.Assignment
     POST /v1/leave       wire.Leave    -> 200 wire.Ack
     GET|HEAD /pieces/<64 lowercase hex>/<index>   -> 200 the piece's bytes (sendfile)
@@ -50,6 +52,7 @@ _MSGPACK_HEADER = ("content-type", MSGPACK)
 _CONTROL: dict[str, type[wire.Message]] = {
     "/v1/register": wire.Register,
     "/v1/announce": wire.Announce,
+    "/v1/announce-batch": wire.AnnounceBatch,
     "/v1/report": wire.Report,
     "/v1/leave": wire.Leave,
 }
@@ -261,7 +264,7 @@ class Supernode:
 
 
 SUPERNODE_COUNTERS: metrics.Table = {
-    "supernode_control_messages": ("register/announce/report/leave answered", "messages"),
+    "supernode_control_messages": ("control messages answered (a batch counts one)", "messages"),
     "supernode_piece_bytes_sent": ("piece bytes served by the seeder", "piece_bytes"),
     "supernode_parent_links": ("parent links made", "links"),
     "supernode_bad_piece_reports": ("reports of bad pieces", "bad_reports"),

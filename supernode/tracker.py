@@ -1,4 +1,4 @@
-"""The supernode's control plane: the task table, the scheduler, and the four control calls.
+"""The supernode's control plane: the task table, the scheduler, and the control calls.
 
 `Tracker` turns decoded control messages (`p2pd.wire`) into scheduler events and builds the
 `wire.Assignment` replies; it starts a `Seeder` for every new task and expires silent peers.
@@ -38,6 +38,7 @@ that finds pieces no peer holds any more restarts the fetch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -160,6 +161,8 @@ class Tracker:
             return self.register(msg)
         if isinstance(msg, wire.Announce):
             return self.announce(msg)
+        if isinstance(msg, wire.AnnounceBatch):
+            return self.announce_batch(msg)
         if isinstance(msg, wire.Report):
             return self.report(msg)
         if isinstance(msg, wire.Leave):
@@ -229,6 +232,39 @@ class Tracker:
         except SchedulerError as exc:
             raise self._peer_error(task, msg.peer_id, exc) from None
         return self._reply(task, assignment, min(msg.manifest_known, task.manifest.known))
+
+    def announce_batch(
+        self, msg: wire.AnnounceBatch, limit: int = wire.MAX_MESSAGE_SIZE
+    ) -> wire.BatchReply:
+        """Each announce of the batch as if it came alone, in order; a refused one (unknown
+        task or peer, bad request) becomes an Error item and the others go on.
+
+        The reply is kept under `limit` (the message size limit): once the items' sizes (counted
+        generously, see `_size_bound`) would pass it, an item goes without its new manifest
+        hashes (the peer asks for them again with its next announce), and if even that does
+        not fit, as an Error ``deferred`` (the announce was taken; the peer sends it again
+        alone). Only blobs of tens of thousands of pieces with many parents come near it.
+        """
+        # the batch's own map and array headers, and room for every item to be deferred
+        room = limit - 64 - 128 * len(msg.items)
+        items: list[wire.Assignment | wire.Error] = []
+        for item in msg.items:
+            try:
+                reply = self.announce(item)
+            except ApiError as exc:
+                items.append(wire.Error.safe(exc.code, exc.message))
+                room -= 64 + len(exc.message.encode())
+                continue
+            size = _size_bound(reply)
+            if size > room and reply.hashes:
+                reply = dataclasses.replace(reply, hashes=b"")
+                size = _size_bound(reply)
+            if size > room:
+                items.append(wire.Error("deferred", "no room in the batch's reply: send it alone"))
+                continue
+            items.append(reply)
+            room -= size
+        return wire.BatchReply(tuple(items))
 
     def report(self, msg: wire.Report) -> wire.Assignment:
         task = self._task(msg.digest)
@@ -441,3 +477,10 @@ class _StreamedPiece:
             await self._regions.aclose()
             os.close(self._fd)
             self._fd = -1
+
+
+def _size_bound(reply: wire.Assignment) -> int:
+    """At least the bytes `reply` takes in a batch: a peer id and zone are at most 64 bytes,
+    an address 259, a digest 71, and the keys and msgpack headers are counted generously."""
+    parents = sum(600 + (p.pieces.length + 7) // 8 for p in reply.parents)
+    return 400 + len(reply.hashes) + parents

@@ -31,6 +31,13 @@ generated layer (1 GiB by default), a supernode, and two p2pd daemons, *seed* an
   other core runs the load generator). ``--repeat`` rounds, each with its own peers (the
   previous round's leave first, uncounted); the median round is the figure.
   Goal: >= 3000 per second per core.
+- **control batches**: the same over ``--control-layers`` layers of their own (each peer a
+  download of every layer), announced three ways in the same rounds, in turn: every announce a
+  message of its own, and a peer's announces for 3 and for all of the layers at once in one
+  ``announce_batch`` (as p2pd sends them). Reported: announces and messages per supernode
+  CPU-second, and the fit ``per message + per announce`` that `Scheduler.pace` uses
+  (``message_overhead``: the per-message share of a lone announce's cost). ``--control-only``
+  runs the control figures alone (no piece transfer, no 1 GiB layer).
 
 Figures, not pass/fail; medians of ``--repeat`` rounds where a figure is repeated, with every
 round in the JSON. The machine is shared: the load average before and after is part of the
@@ -402,6 +409,156 @@ def control_messages(
     }
 
 
+async def _drive(port: int, queue: list[bytes], connections: int) -> tuple[int, int, float]:
+    """Send `queue` over `connections` kept-alive connections, one request at a time each;
+    (answers, non-200 answers, wall seconds)."""
+    errors = 0
+    count = 0
+    next_item = 0
+
+    async def worker() -> None:
+        nonlocal errors, count, next_item
+        stream = await trio.open_tcp_stream(LOOPBACK, port)
+        async with stream:
+            carry = bytearray()
+            while next_item < len(queue):
+                request = queue[next_item]
+                next_item += 1
+                await stream.send_all(request)
+                status, _ = await _receive_response(stream, carry)
+                count += 1
+                errors += status != 200
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(connections):
+            nursery.start_soon(worker)
+    return count, errors, time.perf_counter() - started
+
+
+def _register(
+    digest: Digest, layout: PieceLayout, peer: str, n: int, upstream: str
+) -> wire.Register:
+    return wire.Register(
+        digest=digest,
+        size=layout.total_size,
+        peer_id=peer,
+        address=f"127.0.0.1:{10000 + n}",  # never dialled: nobody fetches pieces
+        zone="",
+        upload_slots=8,
+        upstream=upstream,
+        repository=REPO,
+        authorization=None,
+        have=None,
+    )
+
+
+def control_batches(
+    port: int,
+    supernode_pid: int,
+    layers: list[tuple[str, PieceLayout]],
+    upstream: str,
+    *,
+    peers: int,
+    connections: int,
+    per_announce: int,
+    batch_sizes: tuple[int, ...],
+    seed: int,
+    tag: str,
+) -> dict[str, Any]:
+    """For each k of `batch_sizes`, in turn: `peers` fresh peers (ids ``<tag>k<k>.<n>``)
+    register for every layer (not counted), then announce all their pieces, a peer's k
+    layers' announces of a round in one message (k = 1: one ``/v1/announce`` each), timed
+    against the supernode's CPU; then they leave (not counted)."""
+    rng = random.Random(seed)
+    out: dict[str, Any] = {}
+    for k in batch_sizes:
+        ids = [f"{tag}k{k}.{i:04d}" for i in range(peers)]
+        registers = [
+            _post(
+                "/v1/register", wire.encode(_register(Digest.parse(d), layout, peer, i, upstream))
+            )
+            for i, peer in enumerate(ids)
+            for d, layout in layers
+        ]
+        # every (peer, layer) download announces its pieces in its own random order, a few
+        # at a time; announce r of a peer's downloads goes out together (their timers align)
+        queue: list[bytes] = []
+        announces = 0
+        plans = []
+        for peer in ids:
+            per_layer = []
+            for digest, layout in layers:
+                order = list(range(layout.count))
+                rng.shuffle(order)
+                chunks = [order[j : j + per_announce] for j in range(0, len(order), per_announce)]
+                per_layer.append(
+                    [
+                        wire.Announce(
+                            Digest.parse(digest), peer, tuple(c), layout.count, n + 1 < len(chunks)
+                        )
+                        for n, c in enumerate(chunks)
+                    ]
+                )
+            plans.append(per_layer)
+        rounds = max(len(a) for plan in plans for a in plan)
+        for r in range(rounds):
+            for per_layer in plans:  # round-robin over peers, as in a storm
+                due = [a[r] for a in per_layer if r < len(a)]
+                announces += len(due)
+                for j in range(0, len(due), k):
+                    group = due[j : j + k]
+                    if len(group) == 1:
+                        queue.append(_post("/v1/announce", wire.encode(group[0])))
+                    else:
+                        body = wire.encode(wire.AnnounceBatch(tuple(group)))
+                        queue.append(_post("/v1/announce-batch", body))
+        leaves = [
+            _post("/v1/leave", wire.encode(wire.Leave(Digest.parse(digest), peer)))
+            for peer in ids
+            for digest, _ in layers
+        ]
+        trio.run(_drive, port, registers, connections)
+        cpu_before = cpu_seconds(supernode_pid)
+        count, errors, elapsed = trio.run(_drive, port, queue, connections)
+        cpu = cpu_seconds(supernode_pid) - cpu_before
+        trio.run(_drive, port, leaves, connections)
+        out[str(k)] = {
+            "batch": k,
+            "messages": count,
+            "announces": announces,
+            "errors": errors,
+            "wall_seconds": round(elapsed, 3),
+            "supernode_cpu_seconds": round(cpu, 3),
+            "messages_per_cpu_second": count / cpu if cpu > 0 else None,
+            "announces_per_cpu_second": announces / cpu if cpu > 0 else None,
+        }
+    return out
+
+
+def fit_batch_cost(variants: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """Least squares of a message's supernode CPU time = per_message + per_announce x its
+    announces, over every variant; ``message_overhead`` = per_message / (per_message +
+    per_announce), the per-message share of a lone announce's cost."""
+    points = [
+        (v["announces"] / v["messages"], v["supernode_cpu_seconds"] / v["messages"])
+        for v in variants.values()
+        if v["messages"] and v["supernode_cpu_seconds"] > 0
+    ]
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    per_message = my - slope * mx
+    return {
+        "per_message_us": per_message * 1e6,
+        "per_announce_us": slope * 1e6,
+        "message_overhead": per_message / (per_message + slope),
+    }
+
+
 async def _receive_response(stream: trio.SocketStream, carry: bytearray) -> tuple[int, int]:
     while b"\r\n\r\n" not in carry:
         chunk = await stream.receive_some(65536)
@@ -440,19 +597,16 @@ def _median(values: list[float]) -> float:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     load_before = os.getloadavg()
-    size = args.layer_mib * MIB
-    print(f"building a {args.layer_mib} MiB layer …", flush=True)
-    image = make_image(args.seed, [size], workdir=workdir / "image")
-    layer = image.layers[0]
-    layout = PieceLayout.for_size(layer.size)
-    report: dict[str, Any] = {
-        "layer_bytes": layer.size,
-        "piece_size": layout.piece_size,
-        "pieces": layout.count,
-        "repeat": args.repeat,
-    }
+    sizes = [] if args.control_only else [args.layer_mib * MIB]
+    sizes += [args.control_layer_mib * MIB] * args.control_layers
+    print(f"building layers of {', '.join(f'{s // MIB}' for s in sizes)} MiB …", flush=True)
+    image = make_image(args.seed, sizes, workdir=workdir / "image")
+    batch_layers = [
+        (blob.digest, PieceLayout.for_size(blob.size))
+        for blob in image.layers[len(sizes) - args.control_layers :]
+    ]
+    report: dict[str, Any] = {"repeat": args.repeat, "cpus": os.cpu_count()}
     buffer = memoryview(bytearray(1 << 20))
-    gib = layer.size / (1 << 30)
     with ExitStack() as stack:
         registry = stack.enter_context(Registry(workdir / "registry"))
         push_image(registry.url, REPO, "v1", image)
@@ -466,6 +620,19 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 registries={"example.test": registry.url},
             )
 
+        if batch_layers:
+            report["control_batches"] = _control_batches(
+                args, supernode, registry.url, batch_layers
+            )
+        if args.control_only:
+            report["load_average"] = {"before": load_before, "after": os.getloadavg()}
+            return report
+        layer = image.layers[0]
+        layout = PieceLayout.for_size(layer.size)
+        report.update(
+            {"layer_bytes": layer.size, "piece_size": layout.piece_size, "pieces": layout.count}
+        )
+        gib = layer.size / (1 << 30)
         seed = stack.enter_context(p2pd("seed"))
         print("seed pulls the layer (supernode fetching from the registry meanwhile) …")
         first = timed_pull(seed, layer.digest, layer.size, buffer)
@@ -579,11 +746,96 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
     report["load_average"] = {"before": load_before, "after": os.getloadavg()}
     report["workdir"] = str(workdir)
-    report["cpus"] = os.cpu_count()
     return report
 
 
+def _control_batches(
+    args: argparse.Namespace,
+    supernode: SupernodeProcess,
+    upstream: str,
+    layers: list[tuple[str, PieceLayout]],
+) -> dict[str, Any]:
+    sizes = tuple(sorted({1, 3, len(layers)}))
+    print(
+        f"control batches: {args.peers} peers x {len(layers)} layers, batches of "
+        f"{', '.join(map(str, sizes))}, {args.repeat} rounds …",
+        flush=True,
+    )
+    wait_for(lambda: supernode.process.running, timeout=1, what="supernode")
+    # the seeder's fetch of the layers would count in the first round's CPU: wait it out
+    warm = [
+        _post("/v1/register", wire.encode(_register(Digest.parse(d), layout, "warm", 0, upstream)))
+        for d, layout in layers
+    ]
+    trio.run(_drive, supernode.port, warm, 1)
+
+    def ready() -> bool:
+        tasks = _json_get(supernode.port, "/status")["tasks"]
+        return len(tasks) >= len(layers) and all(t["state"] == "ready" for t in tasks)
+
+    wait_for(ready, timeout=300, what="the supernode's fetch of the control layers")
+    rounds = [
+        control_batches(
+            supernode.port,
+            supernode.process.pid,
+            layers,
+            upstream,
+            peers=args.peers,
+            connections=args.connections,
+            per_announce=args.per_announce,
+            batch_sizes=sizes,
+            seed=args.seed + k,
+            tag=f"b{k}.",
+        )
+        for k in range(args.repeat)
+    ]
+    median: dict[str, dict[str, Any]] = {}
+    for key in rounds[0]:
+        runs = [r[key] for r in rounds]
+        pick = sorted(runs, key=lambda v: v["announces_per_cpu_second"] or 0)[len(runs) // 2]
+        median[key] = pick
+    # a batch's cost in lone announces, against the lone ones of the same round, and the
+    # message_overhead o that makes o + k (1 - o) that cost for its mean of k announces
+    implied: dict[str, list[float]] = {}
+    for r in rounds:
+        lone = r["1"]["supernode_cpu_seconds"] / r["1"]["messages"]
+        for key, v in r.items():
+            k = v["announces"] / v["messages"]
+            if key == "1" or not lone or k <= 1:
+                continue
+            cost = v["supernode_cpu_seconds"] / v["messages"] / lone
+            implied.setdefault(key, []).append((k - cost) / (k - 1))
+    return {
+        "layers": len(layers),
+        "pieces_per_layer": layers[0][1].count,
+        "rounds": rounds,
+        "median": median,
+        "message_overhead_implied": {k: _median(v) for k, v in implied.items()},
+        "fit": fit_batch_cost({f"{n}.{k}": v for n, r in enumerate(rounds) for k, v in r.items()}),
+    }
+
+
 def print_summary(r: dict[str, Any]) -> None:
+    batches = r.get("control_batches")
+    if batches:
+        layers = f"{batches['layers']} layers of {batches['pieces_per_layer']} pieces"
+        print(f"\ncontrol batches ({layers}; median round by announces per supernode CPU-s):")
+        for key, v in batches["median"].items():
+            print(
+                f"  batch of {key:>2}: {v['announces_per_cpu_second']:7.0f} announces and "
+                f"{v['messages_per_cpu_second']:7.0f} messages per CPU-s "
+                f"({v['announces']} announces in {v['messages']} messages, {v['errors']} errors)"
+            )
+        implied = ", ".join(f"{k}: {o:.2f}" for k, o in batches["message_overhead_implied"].items())
+        print(f"  message_overhead implied by each batch size against lone announces: {implied}")
+        fit = batches["fit"]
+        if fit:
+            print(
+                f"  fit: {fit['per_message_us']:.1f} us per message + {fit['per_announce_us']:.1f}"
+                f" us per announce -> message_overhead {fit['message_overhead']:.2f}"
+            )
+    if "piece_transfer" not in r:
+        return
     pt, c = r["piece_transfer"], r["control"]
     mb = 1e6
     print()
@@ -634,6 +886,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", type=int, default=300, help="simulated peers (default 300)")
     parser.add_argument("--connections", type=int, default=8, help="control connections")
     parser.add_argument("--per-announce", type=int, default=2, help="pieces per announce")
+    parser.add_argument(
+        "--control-layers",
+        type=int,
+        default=10,
+        help="layers for the control batch figures (0: none; default 10)",
+    )
+    parser.add_argument(
+        "--control-layer-mib", type=int, default=100, help="size of each of them (default 100)"
+    )
+    parser.add_argument(
+        "--control-only",
+        action="store_true",
+        help="only the control figures: no piece transfer, no --layer-mib layer",
+    )
     parser.add_argument(
         "--repeat", type=int, default=3, help="rounds of each figure (median kept; default 3)"
     )

@@ -33,6 +33,7 @@ from benchmarks.storm.report import (
     write_json,
 )
 from benchmarks.storm.sim import Sim
+from p2pd.core.scheduler import SchedulerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="control messages one supernode answers per second; calls queue behind "
         "(default: no limit; fast engine only)",
+    )
+    p.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="every announce a message of its own, and pacing that counts each download as "
+        "a caller (as before batching; fast engine only)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument(
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if used
     ]
+    if args.no_batch:
+        fast_only.append("announces without batching")
     if args.engine != "fast" and fast_only:
         print(
             f"p2p-bench storm: {', '.join(fast_only)}: modelled by the fast engine only",
@@ -208,6 +217,9 @@ def _run(scenario: Scenario, engine: str, args: argparse.Namespace) -> StormResu
             return FullStorm(
                 scenario, workdir=args.workdir, progress=progress, free_below=args.free_below
             ).run()
+        if args.no_batch:
+            config = SchedulerConfig(message_overhead=0.0)
+            return Sim(scenario, progress=progress, batch=False, scheduler_config=config).run()
         return Sim(scenario, progress=progress).run()
     finally:
         if bar is not None:

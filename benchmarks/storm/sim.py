@@ -29,7 +29,13 @@ it is sent, waits there behind the calls that came first (each takes ``1 / super
 the supernode's time), and its reply arrives half a round trip after it was decided; meanwhile
 the pull waits for the reply as the daemon's loop does (transfers go on, their results are
 handled when it resumes). A poll's reports and its announce travel as one call of that many
-messages (the daemon sends them one after another: a round trip each). A piece starts
+messages (the daemon sends them one after another: a round trip each). A host's announces
+for its layers at one supernode travel together, as p2pd's coalescer sends them (with
+``batch``, the default): when one pull's announce is due, the host's other pulls at that
+supernode that may announce now (`DownloadSession.may_ride_along`) ride along, and the call
+counts one control message and costs ``message_overhead + k x (1 - message_overhead)``
+messages of the supernode's time for k announces (`SchedulerConfig.message_overhead`, measured
+with ``p2p-bench dataplane``); every pull in it waits for the reply. A piece starts
 flowing one round trip after it is asked for. The last announce of a finished layer is sent
 without waiting. Calls queued at a supernode that dies are refused at once. With both at 0
 every call is answered at once, as before. Not modelled: TCP dynamics, latency of the
@@ -123,6 +129,10 @@ class _Call:
     wait: bool  # the pull waits for the reply (every call but a finished layer's last)
     assignment: Assignment | None = None
     refused: bool = False  # its supernode died before getting to it
+    # other pulls of the host whose announces ride along, with what the supernode does
+    # with each and, once decided, its answer
+    riders: list[tuple[_Pull, Callable[[Scheduler], Assignment]]] = field(default_factory=list)
+    answers: list[Assignment] = field(default_factory=list)
 
 
 class Sim:
@@ -134,10 +144,12 @@ class Sim:
         scheduler_config: SchedulerConfig | None = None,
         upload_slots: int = 8,
         piggyback: bool = False,
+        batch: bool = True,
         progress: Callable[[int, float], None] | None = None,
     ) -> None:
         self.s = scenario
         self.piggyback = piggyback
+        self.batch = batch  # a host's announces to one supernode in one call (module doc)
         self.rng = random.Random(scenario.seed)
         self.session_config = session_config or SessionConfig()
         self.scheduler_config = scheduler_config or SchedulerConfig()
@@ -392,9 +404,11 @@ class Sim:
         node = self.nodes[pull.node]
         digest = pull.layer.digest
         self.control_messages += len(reports)
+        riders: list[tuple[_Pull, Callable[[Scheduler], Assignment]]] = []
         if announce:
             pieces, want = pull.session.take_announce(self.now)
             self.control_messages += 1
+            riders = self._riders(pull)
 
         def decide(sched: Scheduler) -> Assignment | None:
             a: Assignment | None = None
@@ -409,7 +423,44 @@ class Sim:
                 return sched.announce(digest, node.peer_id, pieces, self.now, want)
             return None if not self.delayed else a  # answered at once: applied above
 
-        self._call(pull, pull.supernode, len(reports) + announce, decide)
+        cost = len(reports) + self._announce_cost(announce + len(riders))
+        self._call(pull, pull.supernode, cost, decide, riders=riders)
+
+    def _riders(self, pull: _Pull) -> list[tuple[_Pull, Callable[[Scheduler], Assignment]]]:
+        """The host's other pulls at `pull`'s supernode whose announces go with its own (the
+        daemon's `p2pd.coalescer.Coalescer.gather`), taken now."""
+        if not self.batch:
+            return []
+        node = self.nodes[pull.node]
+        riders: list[tuple[_Pull, Callable[[Scheduler], Assignment]]] = []
+        for other in node.pulls:
+            if (
+                other is pull
+                or other.done
+                or other.calling
+                or other.fallback_flow is not None
+                or other.supernode != pull.supernode
+                or not other.session.may_ride_along(self.now)
+            ):
+                continue
+            pieces, want = other.session.take_announce(self.now)
+            riders.append((other, self._announcer(other.layer.digest, node.peer_id, pieces, want)))
+        return riders
+
+    def _announcer(
+        self, digest: Digest, peer_id: str, pieces: list[int], want: bool
+    ) -> Callable[[Scheduler], Assignment]:
+        def decide(sched: Scheduler) -> Assignment:
+            return sched.announce(digest, peer_id, pieces, self.now, want)
+
+        return decide
+
+    def _announce_cost(self, k: int) -> float:
+        """The supernode's time for k announces in one message, in messages."""
+        if k <= 1:
+            return float(k)
+        share = self.scheduler_config.message_overhead
+        return share + k * (1 - share)
 
     def _last_announce(self, pull: _Pull) -> None:
         """A finished layer's last announce: nothing waits for its reply."""
@@ -464,24 +515,33 @@ class Sim:
         self,
         pull: _Pull,
         index: int,
-        messages: int,
+        messages: float,
         decide: Callable[[Scheduler], Assignment | None],
         *,
         wait: bool = True,
+        riders: list[tuple[_Pull, Callable[[Scheduler], Assignment]]] | None = None,
     ) -> None:
-        """Make a call of `messages` messages to supernode `index`: answered at once, or with
-        latency and a busy supernode (see the module docstring) while the pull waits."""
+        """Make a call costing `messages` messages of supernode `index`'s time: answered at
+        once, or with latency and a busy supernode (see the module docstring) while the pull
+        (and each of the `riders`, pulls whose announces go along) waits."""
         sn = self.supernodes[index]
+        riders = riders or []
         if not self.delayed:
             assignment = decide(sn.scheduler)
             if assignment is not None and wait:
                 self._apply(pull, assignment)
+            for rider, decide_rider in riders:
+                self._apply(rider, decide_rider(sn.scheduler))
+                rider.wake = self.now  # it acts on the answer as soon as this pull is done
+                self._push(self.now, "wake", rider)
             return
         arrives = self.now + self.s.latency / 2
         sn.free_at = max(arrives, sn.free_at) + messages * self.service
-        call = _Call(pull, index, decide, wait)
+        call = _Call(pull, index, decide, wait, riders=riders)
         if wait:
             pull.calling, pull.call = True, call
+        for rider, _ in riders:
+            rider.calling, rider.call = True, call
         self._push(sn.free_at, "decide", call)
 
     def _decide(self, call: _Call) -> None:
@@ -489,19 +549,32 @@ class Sim:
         pull = call.pull
         if call.refused or self.nodes[pull.node].gone:
             return
-        if pull.call is call:
-            pull.call = None
+        for p in (pull, *(rider for rider, _ in call.riders)):
+            if p.call is call:
+                p.call = None
         if self.supernodes[call.supernode].dead:
-            # refused: the pull finds out now and fails over (or goes to the registry)
+            # refused: the pulls find out now and fail over (or go to the registry)
+            for rider, _ in call.riders:
+                rider.calling = False
+                self._drive(rider)
             if call.wait:
                 pull.calling = False
                 self._drive(pull)
             return
-        call.assignment = call.decide(self.supernodes[call.supernode].scheduler)
-        if call.wait:
+        scheduler = self.supernodes[call.supernode].scheduler
+        call.assignment = call.decide(scheduler)
+        call.answers = [decide(scheduler) for _, decide in call.riders]
+        if call.wait or call.riders:
             self._push(self.now + self.s.latency / 2, "reply", call)
 
     def _reply(self, call: _Call) -> None:
+        for (rider, _), answer in zip(call.riders, call.answers, strict=True):
+            rider.calling = False
+            if not rider.done and not self.nodes[rider.node].gone:
+                self._apply(rider, answer)
+                self._drive(rider)
+        if not call.wait:
+            return
         pull = call.pull
         pull.calling = False
         if pull.done or self.nodes[pull.node].gone:

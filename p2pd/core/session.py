@@ -321,6 +321,19 @@ class DownloadSession:
         soonest = self.last_announce + max(self.config.min_announce_gap, self.pace)
         self.next_announce = min(self.next_announce, max(now, soonest))
 
+    def may_ride_along(self, now: float) -> bool:
+        """Whether this session's announce may go now, with another download's of this host
+        to the same supernode in one message (`wire.AnnounceBatch`), before its own timer:
+        it is not complete (so it has news or wants parents) and at least half of its own
+        gap since the last announce has passed. Joining a due call costs the supernode a
+        fraction of a message and aligns the host's downloads on one timer; the half keeps a
+        download whose timer runs fast (an idle one's back-off) from dragging the others into
+        every call of its own: a rider calls at most twice as often as it would alone."""
+        if self.is_complete():
+            return False
+        gap = max(self.config.min_announce_gap, (self.next_announce - self.last_announce) / 2)
+        return now - self.last_announce >= gap
+
     def take_announce(self, now: float) -> tuple[list[int], bool]:
         """The pieces completed since the last announce; restarts the announce timer."""
         if not self.live:

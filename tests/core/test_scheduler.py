@@ -1028,7 +1028,7 @@ def test_no_borrowing_across_zones() -> None:
 
 
 def test_the_supernode_paces_its_downloading_peers_to_its_control_rate() -> None:
-    s = sched(2, control_rate=10.0)
+    s = sched(2, control_rate=10.0, message_overhead=0.0)  # every announce a message of its own
     s.add_task(D2, PieceLayout(2, 1), 0.0)
     assert s.pace() == 0.0
     for i in range(4):
@@ -1047,6 +1047,28 @@ def test_the_supernode_paces_its_downloading_peers_to_its_control_rate() -> None
     assert unpaced.register(D, "p", "", "", 0.0).pace == 0.0
     with pytest.raises(SchedulerError, match="control_rate"):
         SchedulerConfig(control_rate=-1.0)
+
+
+def test_pacing_counts_a_hosts_batched_announces_as_one_message_plus_their_items() -> None:
+    # cost per interval: 0.25 per downloading host + 0.75 per downloading membership
+    s = sched(2, control_rate=10.0, message_overhead=0.25)
+    s.add_task(D2, PieceLayout(2, 1), 0.0)
+    for i in range(3):
+        s.register(D, f"p{i}", "", "", 0.0)
+    assert s.pace() == pytest.approx((0.25 * 3 + 0.75 * 3) / 10)
+    s.register(D2, "p0", "", "", 0.0)  # p0 downloads two blobs here: one more item
+    s.register(D2, "p1", "", "", 0.0)
+    assert s.pace() == pytest.approx((0.25 * 3 + 0.75 * 5) / 10)
+    s.announce(D, "p0", [0, 1], 1.0)  # p0 completes one blob, still downloads the other
+    assert s.pace() == pytest.approx((0.25 * 3 + 0.75 * 4) / 10)
+    s.leave(D2, "p0")  # p0 downloads nothing more: no message, no item
+    assert s.announce(D, "p1", [], 1.0).pace == pytest.approx((0.25 * 2 + 0.75 * 3) / 10)
+    s.remove_task(D2)
+    s.remove_task(D)
+    assert s.pace() == 0.0
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(SchedulerError, match="message_overhead"):
+            SchedulerConfig(message_overhead=bad)
 
 
 def _zoned(**cfg: Any) -> Scheduler:

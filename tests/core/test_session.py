@@ -320,3 +320,21 @@ def test_hashes_wanted_brings_the_next_announce_forward_within_pacing() -> None:
     assert s.next_announce == pytest.approx(0.3)  # not before the pace allows
     s.hashes_wanted(0.5)
     assert s.next_announce == pytest.approx(0.3)
+
+
+def test_an_announce_may_ride_along_once_half_its_own_gap_has_passed() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a")], 0.0, pace=3.0)  # paced: next announce at 3.0
+    assert s.next_announce == 3.0
+    assert not s.may_ride_along(1.4)
+    assert s.may_ride_along(1.5)
+    s.take_announce(1.5)  # riding along restarts its timer like its own announce
+    assert s.next_announce == 1.5 + 3.0
+    assert not s.may_ride_along(2.9) and s.may_ride_along(3.0)
+    # however short its own gap, never sooner than min_announce_gap
+    fast = session()
+    fast.next_announce = 0.05
+    assert not fast.may_ride_along(0.09) and fast.may_ride_along(0.1)
+    # a complete download has nothing to ride along with (its last announce is its own)
+    done = DownloadSession(LAYOUT, "me", random.Random(1), CONFIG, have=Bitfield.full(8))
+    assert not done.may_ride_along(100.0)
