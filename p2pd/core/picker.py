@@ -267,6 +267,10 @@ class PiecePicker:
     def in_flight(self, parent: str) -> int:
         return len(self._parent(parent).inflight)
 
+    def received(self, parent: str) -> list[int]:
+        """Pieces in flight from `parent` whose bytes arrived (`on_received`), verdicts due."""
+        return list(iter_bits(self._parent(parent).received_bits))
+
     def receiving(self) -> bool:
         """Some request's bytes are still coming (a slot is taken; see `on_received`)."""
         return any(p.busy for p in self._parents.values())

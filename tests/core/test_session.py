@@ -295,3 +295,53 @@ def test_a_starved_peer_still_respects_the_supernodes_pace() -> None:
     assert s.on_piece(first, True, 0.3)
     assert not s.poll(0.3).announce
     assert s.poll(2.0).announce
+
+
+def test_a_piece_whose_bytes_are_in_survives_a_reply_that_drops_its_parent() -> None:
+    # The starved announce goes out as the last bytes come in; its reply may move the peer to
+    # other parents. The bytes in hand are checked all the same; only what is still coming
+    # from the dropped parent is cancelled, and nothing more is asked of it.
+    s = session()
+    s.apply("ready", 8, [parent("a", "11000000")], 0.0)
+    first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.on_received(first)
+    s.apply("ready", 8, [parent("b")], 0.1)
+    out = s.poll(0.1)
+    assert out.cancel == [second]
+    assert first in s.live and first not in out.cancel
+    assert {r.parent for r in out.fetch} == {"b"}
+    assert first.index not in {r.index for r in out.fetch}  # already being checked
+    assert "a" in s.picker.parents()  # until the verdict, offering nothing
+    assert s.on_piece(first, True, 0.2)
+    assert first.index in s.have
+    assert s.picker.parents() == ["b"]
+    assert not s.poll(0.2).cancel
+
+
+def test_a_bad_piece_from_a_dropped_parent_is_still_reported() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "10000000")], 0.0)
+    (first,) = s.poll(0.0).fetch
+    s.on_received(first)
+    s.apply("ready", 8, [parent("b", "10000000")], 0.1)
+    (duplicate,) = s.poll(0.1).fetch  # endgame: piece 0 is in flight from a only
+    assert duplicate == Request("b", 0)
+    assert not s.on_piece(first, False, 0.2)
+    out = s.poll(0.2)
+    assert out.reports == [("a", 0, REPORT_BAD_PIECE)]
+    assert s.picker.parents() == ["b"]
+    assert s.on_piece(duplicate, True, 0.3)
+    assert 0 in s.have
+
+
+def test_a_dropped_parent_named_again_is_a_parent_again() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "11000000")], 0.0)
+    first, _ = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.on_received(first)
+    s.apply("ready", 8, [], 0.1)
+    s.poll(0.1)
+    s.apply("ready", 8, [parent("a", "11100000")], 0.2)
+    assert s.on_piece(first, True, 0.3)
+    assert s.picker.parents() == ["a"]  # not dropped with the verdict: named again
+    assert sorted(r.index for r in s.poll(0.3).fetch) == [1, 2]
