@@ -49,10 +49,12 @@ Rules:
   (measured in the storm simulator, 32 hosts behind a 100 Mbit/s supernode: 8.8x the image
   from the registry, and 33x when the seeder also fed everyone the same first pieces).
 - Requests the session cancelled are off its books: a late result for one is ignored.
+- Every announce taken is answered by an `apply` (or the driver gives up). Until then no rule
+  pulls the announce timer in: the reply brings what an early call would ask for.
 - A reply that no longer names a parent cancels what is still coming from it, but not pieces
   whose bytes are in: those are checked, and the parent dropped once their verdicts are in.
   Which comes first, a reply or the verdict of bytes that arrived at the same moment, is a
-  race in the daemon; the outcome must not hang on it.
+  race in the daemon; neither rule lets the outcome hang on it.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class DownloadSession:
         self.next_announce = now + self.config.announce_interval
         self.last_announce = now
         self.idle_gap = self.config.min_announce_gap
+        self.awaiting_reply = False  # an announce was taken and its reply not applied yet
         self.pace = 0.0  # the supernode's floor on the gap between our calls
         # early_bytes in whole pieces (rounded up; the blob's last piece may be shorter)
         self._early_pieces = -(-self.config.early_bytes // max(1, layout.piece_size))
@@ -177,6 +180,7 @@ class DownloadSession:
         calls of an idle one (it needs new parents, and its back-off doubles anyway: churn
         storm, p99 2.08x -> 1.77x the bound), not reports of bad or unreachable parents, and
         never beyond MAX_PACE."""
+        self.awaiting_reply = False
         self.pace = min(max(0.0, pace), MAX_PACE)
         if self.pace:
             self.next_announce = max(self.next_announce, now + self.pace)
@@ -297,7 +301,16 @@ class DownloadSession:
             fresh = self.picker.pick(now)
             self.live.update(fresh)
             self._out.fetch.extend(fresh)
-            if not self.live:
+            if self.awaiting_reply:
+                # An announce's reply is due: it brings the parents and pieces the rules
+                # below would ask for. The daemon often applies it after the verdicts of the
+                # same instant, and a timer pulled in then outlived the moment: a peer its
+                # last piece left idle announced again 0.05 s later, mid-piece, and was moved
+                # off the parent sending it (full-stack storm, 8 hosts); at 16 hosts such
+                # calls came all at once and the outcome hung on their order (p50 0.245 s
+                # or 0.342 s from run to run).
+                pass
+            elif not self.live:
                 self.next_announce = min(self.next_announce, now + self.idle_gap)
             elif self.completed and not fresh and not self.picker.receiving():
                 # Starved: every request in flight has its bytes (being checked) and no
@@ -321,6 +334,7 @@ class DownloadSession:
             interval = min(interval, self.config.early_announce_interval)
         self.next_announce = now + max(interval, self.pace)
         self.last_announce = now
+        self.awaiting_reply = True
         batch, self.completed = self.completed, []
         return batch, not self.is_complete()
 

@@ -67,6 +67,7 @@ def test_idle_session_asks_soon_then_backs_off() -> None:
         out = s.poll(now)
         assert out.announce
         s.take_announce(now)
+        s.apply("fetching", 0, [], now)  # its reply: still no parents
         times.append(round(now, 3))
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
     assert gaps == [0.2, 0.4, 0.8, 1.0, 1.0]
@@ -90,6 +91,7 @@ def test_early_in_a_download_the_session_calls_often_then_settles() -> None:
         now = s.next_wakeup()
         assert s.poll(now).announce
         s.take_announce(now)
+        s.apply("fetching", 8, [], now)  # its reply: still no parents
         times.append(round(now, 3))
     assert [round(b - a, 3) for a, b in itertools.pairwise(times)] == [0.2, 0.25, 0.25]
     # Busy with one piece held: still the early cadence, not the full interval.
@@ -255,6 +257,7 @@ def test_a_starved_peer_tells_the_supernode_what_it_finished_at_once() -> None:
     s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
     first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
     s.take_announce(0.0)  # just announced: the next tick is at 1.0
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)  # its reply
     s.on_received(first)
     assert s.on_piece(first, True, 0.3)
     assert not s.poll(0.3).announce  # the second piece's bytes are still coming
@@ -278,6 +281,7 @@ def test_a_peer_with_bytes_still_coming_keeps_its_announce_tick() -> None:
     s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
     first, _still_coming = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
     s.take_announce(0.0)
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)  # its reply
     s.on_received(first)
     assert s.on_piece(first, True, 0.3)
     for now in (0.3, 0.5, 0.9):
@@ -290,6 +294,7 @@ def test_a_starved_peer_still_respects_the_supernodes_pace() -> None:
     s.apply("fetching", 8, [parent("sn", "11000000")], 0.0, pace=2.0)
     first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
     s.take_announce(0.0)
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0, pace=2.0)  # its reply
     for r in (first, second):
         s.on_received(r)
     assert s.on_piece(first, True, 0.3)
@@ -345,3 +350,21 @@ def test_a_dropped_parent_named_again_is_a_parent_again() -> None:
     assert s.on_piece(first, True, 0.3)
     assert s.picker.parents() == ["a"]  # not dropped with the verdict: named again
     assert sorted(r.index for r in s.poll(0.3).fetch) == [1, 2]
+
+
+def test_no_announce_timer_is_pulled_in_while_a_reply_is_due() -> None:
+    # The daemon sends announces in the background and applies the reply when it comes,
+    # which may be after the verdict of the very piece that left the peer idle. The reply
+    # brings what an early call would ask for; the peer waits for it, then decides.
+    s = session()
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
+    first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.take_announce(0.0)
+    for r in (first, second):
+        s.on_received(r)
+        assert s.on_piece(r, True, 0.3)
+    assert not s.poll(0.3).announce
+    assert s.next_wakeup() == pytest.approx(1.0)  # the tick, not the idle or starved gap
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.31)  # nothing new on offer
+    assert not s.poll(0.31).fetch
+    assert s.next_wakeup() == pytest.approx(0.31 + CONFIG.min_announce_gap)  # idle again
