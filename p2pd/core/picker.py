@@ -26,8 +26,7 @@ hash is in the manifest, so we can check it), we do not HAVE it, and P has fewer
 arrived, or whose last ones are about to (`on_received`), stays on the books until
 `on_piece`, but no longer holds P's slot: the limit is about sharing P's upload, and checking
 and writing the piece is local work, so the next request to P overlaps it (and the end of the
-body) instead of leaving P's upload idle meanwhile. (The storm simulator verifies as the
-bytes land and never calls `on_received`.)
+body) instead of leaving P's upload idle meanwhile.
 
 Order of preference
 -------------------

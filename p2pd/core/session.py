@@ -210,8 +210,10 @@ class DownloadSession:
         """A transfer's bytes arrived, or their last ones are about to (the daemon calls it
         shortly before the end so that the parent's next request overlaps them); they are
         then checked and written, and `on_piece` follows. The parent's slot is free
-        meanwhile (see the picker). Drivers that verify as the bytes land (the storm
-        simulator) need not call it."""
+        meanwhile (see the picker), and the session may act on that before the verdict (a
+        request to that parent; the starved announce in `poll`): drivers that model the
+        daemon (the storm simulator) call it and poll before `on_piece` even when the
+        verdict is due at the same instant."""
         if request in self.live:
             self.picker.on_received(request.parent, request.index)
 
