@@ -26,8 +26,7 @@ hash is in the manifest, so we can check it), we do not HAVE it, and P has fewer
 arrived, or whose last ones are about to (`on_received`), stays on the books until
 `on_piece`, but no longer holds P's slot: the limit is about sharing P's upload, and checking
 and writing the piece is local work, so the next request to P overlaps it (and the end of the
-body) instead of leaving P's upload idle meanwhile. (The storm simulator verifies as the
-bytes land and never calls `on_received`.)
+body) instead of leaving P's upload idle meanwhile.
 
 Order of preference
 -------------------
@@ -266,6 +265,10 @@ class PiecePicker:
 
     def in_flight(self, parent: str) -> int:
         return len(self._parent(parent).inflight)
+
+    def received(self, parent: str) -> list[int]:
+        """Pieces in flight from `parent` whose bytes arrived (`on_received`), verdicts due."""
+        return list(iter_bits(self._parent(parent).received_bits))
 
     def receiving(self) -> bool:
         """Some request's bytes are still coming (a slot is taken; see `on_received`)."""

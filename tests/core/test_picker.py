@@ -830,6 +830,19 @@ def test_received_for_a_request_not_in_flight_is_misuse() -> None:
         picker.on_received("b", 0)
 
 
+def test_received_lists_a_parents_pieces_whose_bytes_are_in() -> None:
+    picker = make(4, max_in_flight_per_parent=2, prefix_window=4)
+    picker.add_parent("a", Bitfield.full(4))
+    assert pairs(picker.pick(0.0)) == [("a", 0), ("a", 1)]
+    assert picker.received("a") == []
+    picker.on_received("a", 1)
+    assert picker.received("a") == [1]
+    picker.on_piece("a", 1, True, 0.0)
+    assert picker.received("a") == []  # verdict in: no longer pending
+    with pytest.raises(PickerError):
+        picker.received("b")
+
+
 def test_receiving_says_whether_some_requests_bytes_are_still_coming() -> None:
     picker = PiecePicker(PieceLayout(4, 1), random.Random(0))
     picker.set_verifiable(4)

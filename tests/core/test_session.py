@@ -67,6 +67,7 @@ def test_idle_session_asks_soon_then_backs_off() -> None:
         out = s.poll(now)
         assert out.announce
         s.take_announce(now)
+        s.apply("fetching", 0, [], now)  # its reply: still no parents
         times.append(round(now, 3))
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
     assert gaps == [0.2, 0.4, 0.8, 1.0, 1.0]
@@ -90,6 +91,7 @@ def test_early_in_a_download_the_session_calls_often_then_settles() -> None:
         now = s.next_wakeup()
         assert s.poll(now).announce
         s.take_announce(now)
+        s.apply("fetching", 8, [], now)  # its reply: still no parents
         times.append(round(now, 3))
     assert [round(b - a, 3) for a, b in itertools.pairwise(times)] == [0.2, 0.25, 0.25]
     # Busy with one piece held: still the early cadence, not the full interval.
@@ -255,6 +257,7 @@ def test_a_starved_peer_tells_the_supernode_what_it_finished_at_once() -> None:
     s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
     first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
     s.take_announce(0.0)  # just announced: the next tick is at 1.0
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)  # its reply
     s.on_received(first)
     assert s.on_piece(first, True, 0.3)
     assert not s.poll(0.3).announce  # the second piece's bytes are still coming
@@ -278,6 +281,7 @@ def test_a_peer_with_bytes_still_coming_keeps_its_announce_tick() -> None:
     s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
     first, _still_coming = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
     s.take_announce(0.0)
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)  # its reply
     s.on_received(first)
     assert s.on_piece(first, True, 0.3)
     for now in (0.3, 0.5, 0.9):
@@ -290,6 +294,7 @@ def test_a_starved_peer_still_respects_the_supernodes_pace() -> None:
     s.apply("fetching", 8, [parent("sn", "11000000")], 0.0, pace=2.0)
     first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
     s.take_announce(0.0)
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0, pace=2.0)  # its reply
     for r in (first, second):
         s.on_received(r)
     assert s.on_piece(first, True, 0.3)
@@ -338,3 +343,71 @@ def test_an_announce_may_ride_along_once_half_its_own_gap_has_passed() -> None:
     # a complete download has nothing to ride along with (its last announce is its own)
     done = DownloadSession(LAYOUT, "me", random.Random(1), CONFIG, have=Bitfield.full(8))
     assert not done.may_ride_along(100.0)
+
+
+def test_a_piece_whose_bytes_are_in_survives_a_reply_that_drops_its_parent() -> None:
+    # The starved announce goes out as the last bytes come in; its reply may move the peer to
+    # other parents. The bytes in hand are checked all the same; only what is still coming
+    # from the dropped parent is cancelled, and nothing more is asked of it.
+    s = session()
+    s.apply("ready", 8, [parent("a", "11000000")], 0.0)
+    first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.on_received(first)
+    s.apply("ready", 8, [parent("b")], 0.1)
+    out = s.poll(0.1)
+    assert out.cancel == [second]
+    assert first in s.live and first not in out.cancel
+    assert {r.parent for r in out.fetch} == {"b"}
+    assert first.index not in {r.index for r in out.fetch}  # already being checked
+    assert "a" in s.picker.parents()  # until the verdict, offering nothing
+    assert s.on_piece(first, True, 0.2)
+    assert first.index in s.have
+    assert s.picker.parents() == ["b"]
+    assert not s.poll(0.2).cancel
+
+
+def test_a_bad_piece_from_a_dropped_parent_is_still_reported() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "10000000")], 0.0)
+    (first,) = s.poll(0.0).fetch
+    s.on_received(first)
+    s.apply("ready", 8, [parent("b", "10000000")], 0.1)
+    (duplicate,) = s.poll(0.1).fetch  # endgame: piece 0 is in flight from a only
+    assert duplicate == Request("b", 0)
+    assert not s.on_piece(first, False, 0.2)
+    out = s.poll(0.2)
+    assert out.reports == [("a", 0, REPORT_BAD_PIECE)]
+    assert s.picker.parents() == ["b"]
+    assert s.on_piece(duplicate, True, 0.3)
+    assert 0 in s.have
+
+
+def test_a_dropped_parent_named_again_is_a_parent_again() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "11000000")], 0.0)
+    first, _ = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.on_received(first)
+    s.apply("ready", 8, [], 0.1)
+    s.poll(0.1)
+    s.apply("ready", 8, [parent("a", "11100000")], 0.2)
+    assert s.on_piece(first, True, 0.3)
+    assert s.picker.parents() == ["a"]  # not dropped with the verdict: named again
+    assert sorted(r.index for r in s.poll(0.3).fetch) == [1, 2]
+
+
+def test_no_announce_timer_is_pulled_in_while_a_reply_is_due() -> None:
+    # The daemon sends announces in the background and applies the reply when it comes,
+    # which may be after the verdict of the very piece that left the peer idle. The reply
+    # brings what an early call would ask for; the peer waits for it, then decides.
+    s = session()
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.0)
+    first, second = sorted(s.poll(0.0).fetch, key=lambda r: r.index)
+    s.take_announce(0.0)
+    for r in (first, second):
+        s.on_received(r)
+        assert s.on_piece(r, True, 0.3)
+    assert not s.poll(0.3).announce
+    assert s.next_wakeup() == pytest.approx(1.0)  # the tick, not the idle or starved gap
+    s.apply("fetching", 8, [parent("sn", "11000000")], 0.31)  # nothing new on offer
+    assert not s.poll(0.31).fetch
+    assert s.next_wakeup() == pytest.approx(0.31 + CONFIG.min_announce_gap)  # idle again

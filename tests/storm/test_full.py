@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +23,8 @@ from benchmarks.storm.presets import PRESETS, MiB
 from benchmarks.storm.report import StormResult, summarize
 from benchmarks.storm.sim import Sim
 from p2pd import offload
+from p2pd.core.digest import Digest
+from p2pd.core.scheduler import Assignment, Scheduler
 from p2pd.http.server import FileRegion, Request, Response, serve_stream
 
 # -- the fabric -------------------------------------------------------------------------------
@@ -231,10 +235,7 @@ async def test_offload_inline_runs_on_the_trio_thread() -> None:
 
 # -- the honesty check, small -----------------------------------------------------------------
 
-# One piece and three pieces (at the 2 MiB piece size): small enough for every test run. At
-# 4 + 12 MiB (2 + 6 pieces) the full stack is 10-16 % faster than the fast engine at 8 and 16
-# hosts and sends 15-23 % more control messages (the 50-host `--preset small` comparison
-# agrees within 2 %): an open question in the issue notes, not hidden by this choice.
+# One piece and three pieces (at the 2 MiB piece size): small enough for every test run.
 SMALL = replace(PRESETS["small"], name="tiny", nodes=8, layers=(2 * MiB, 6 * MiB))
 
 
@@ -268,6 +269,44 @@ def test_full_stack_and_fast_simulator_agree_on_a_small_storm(
         assert abs(rel) <= AGREEMENT, (key, fast["durations"][key], full["durations"][key])
     assert verdict["agree"]
     assert list(tmp_path.iterdir()) == []  # the stores are cleaned up
+
+
+def test_the_engines_agree_when_the_peers_run_out_of_pieces_to_ask_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two and six pieces: a peer often has every offered piece in hand and nothing more to
+    ask for. The daemon then announces as the last bytes come in (the session's starved
+    rule), and its reply may land before or after those bytes' verdict. The fast engine used
+    to give verdicts with the bytes and never see that moment (p50 0.291 s against the
+    daemons' 0.245 s, 118 messages against 145); and the daemons' own result hung on the
+    order of replies and verdicts at one instant (p50 0.245 s or 0.342 s from run to run).
+    Sixteen hosts, not eight: there p99 is one host's time, and one piece's hop (13 %) comes
+    and goes with the order in which trio runs the hosts' first calls (pytest's hypothesis
+    plugin has trio shuffle its tasks)."""
+    scenario = replace(SMALL, nodes=16, layers=(4 * MiB, 12 * MiB))
+    # the announces each engine's sessions make, as the schedulers see them: since a host's
+    # announces are batched, the HTTP message counts also depend on how they are grouped
+    # (here the daemons' coalescer groups fewer: 139 messages against the fast engine's 125
+    # for 142 and 144 announces; an open question in the issue notes)
+    announces: Counter[str] = Counter()
+    plain = Scheduler.announce
+
+    def counted(self: Scheduler, digest: Digest, *args: Any, **kwargs: Any) -> Assignment:
+        announces[engine] += 1
+        return plain(self, digest, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "announce", counted)
+    engine = "fast"
+    fast = summarize(Sim(scenario).run())
+    engine = "full"
+    full = summarize(FullStorm(scenario, workdir=tmp_path).run())
+    verdict = compare([fast], [full])
+    print(format_comparison(verdict), dict(announces))
+    assert full["completed"] == scenario.nodes
+    assert verdict["agree"]
+    for key in ("p50", "p99"):
+        assert full["durations"][key] == pytest.approx(fast["durations"][key], rel=AGREEMENT)
+    assert announces["full"] == pytest.approx(announces["fast"], rel=AGREEMENT)
 
 
 def _summary(durations: list[float], seed: int = 1) -> dict[str, object]:
