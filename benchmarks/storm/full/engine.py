@@ -22,7 +22,8 @@ flows are cut, its connections reset, nothing is said to the supernode.
 Not modelled: supernode failure (the fast engine has it), latency. Several supernodes work,
 but the real daemons pick a blob's supernode by rendezvous hashing, not by layer index.
 Trio's scheduler breaks ties between runnable tasks at random, so runs vary a little for a
-seed (unlike the fast engine's).
+seed (unlike the fast engine's); one tie the outcome hangs on, the order in which hosts that
+start together register each blob, is broken as the fast engine does (`_ArrivalOrder`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import trio
 import trio.testing
 
 from benchmarks.storm.full.net import Fabric
-from benchmarks.storm.full.transport import FabricTransport
+from benchmarks.storm.full.transport import FabricTransport, Sequencer
 from benchmarks.storm.report import Scenario, StormResult, lower_bound
 from benchmarks.storm.sim import Sim, naive_completion
-from p2pd import offload
+from p2pd import offload, wire
 from p2pd.config import Address, P2pdConfig
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
@@ -64,6 +65,9 @@ PEER_PORT = 65003
 SUPERNODE_PORT = 65002
 _PATTERN = 1 << 20  # bytes of random pattern a generated layer repeats
 _QUIET = ("p2pd", "supernode", "benchmarks.storm.full")
+# Longest wait (simulated seconds) of a host's first register of a blob for that of the host
+# before it in `_ArrivalOrder`: ample for a message, short should that one never come.
+_TURN_WAIT = 0.01
 
 
 class Stuck(RuntimeError):
@@ -154,6 +158,57 @@ class _Node:
     scope: trio.CancelScope | None = None
 
 
+class _ArrivalOrder:
+    """Hosts that start at the same instant register each blob in the fast engine's order
+    (by node index), as `Sequencer` of their daemons' control transports.
+
+    Why: the supernode deals its seeder's stripes (`Scheduler._seeder_offer`) by order of
+    arrival in each blob's task, and at one instant that order is a tie. The fast engine
+    breaks it by node index, the same in every layer; here trio's scheduler broke it at
+    random, for each layer apart, and a storm's p99 hangs on it: 16 hosts, 4 + 12 MiB, one
+    host 0.275 s or 0.34 s from run to run (the one last to get a piece of the small layer
+    also the one whose large-layer stripe holds a piece it is already fetching: it asks when
+    starved, just before peers announce the pieces it lacks, and then waits out the
+    announce gap). Given the same orders the fast engine gives the same times (within 2 ms,
+    every host, twelve orders tried), so the engines differ in the tie-break, not the model.
+
+    A host's first register of a blob is sent once that of the host before it (same start)
+    has been delivered: its bytes then take longer than the supernode's handling of the
+    earlier one, which costs no simulated time."""
+
+    def __init__(self, names: list[str], starts: list[float]) -> None:
+        self._before: dict[str, str] = {}
+        last: dict[float, str] = {}
+        for name, start in zip(names, starts, strict=True):
+            if start in last:
+                self._before[name] = last[start]
+            last[start] = name
+        self._delivered: dict[tuple[Digest, str], trio.Event] = {}
+
+    def _event(self, digest: Digest, name: str) -> trio.Event:
+        return self._delivered.setdefault((digest, name), trio.Event())
+
+    async def turn(self, path: str, body: bytes) -> Callable[[], None]:
+        if path != "/v1/register":
+            return _nothing
+        try:
+            message = wire.decode(body, wire.Register)
+        except wire.ProtocolError:
+            return _nothing  # the supernode says what is wrong with it
+        mine = self._event(message.digest, message.peer_id)
+        if mine.is_set():
+            return _nothing  # registering again (the supernode forgot it): no tie to break
+        before = self._before.get(message.peer_id)
+        if before is not None:
+            with trio.move_on_after(_TURN_WAIT):
+                await self._event(message.digest, before).wait()
+        return mine.set
+
+
+def _nothing() -> None:
+    pass
+
+
 class FullStorm:
     """One storm on the real daemons. `run` is synchronous: it owns its trio run."""
 
@@ -232,6 +287,7 @@ class FullStorm:
             registry = FakeRegistry(self.layers)
             upstream = f"http://{REGISTRY}:{REGISTRY_PORT}"
             supernodes: list[Supernode] = []
+            order = _ArrivalOrder([n.name for n in nodes], self.starts)
             async with trio.open_nursery() as nursery:
                 await nursery.start(fabric.run)
                 fabric.listen(
@@ -247,7 +303,7 @@ class FullStorm:
                     supernodes.append(sn)
                 urls = tuple(f"http://{name}:{SUPERNODE_PORT}" for name in supernode_names)
                 for node in nodes:
-                    nursery.start_soon(self._node, fabric, node, root, urls, upstream, state)
+                    nursery.start_soon(self._node, fabric, node, root, urls, upstream, state, order)
                     if node.leave_at is not None:
                         nursery.start_soon(self._leave, fabric, node, state)
                 with trio.move_on_after(self.time_limit):
@@ -311,6 +367,7 @@ class FullStorm:
         supernodes: tuple[str, ...],
         upstream: str,
         state: _Progress,
+        order: Sequencer,
     ) -> None:
         config = P2pdConfig(
             mirror_listen=Address(node.name, MIRROR_PORT),
@@ -326,7 +383,7 @@ class FullStorm:
             node.scope = scope
             async with trio.open_nursery() as nursery:
                 await trio.sleep_until(node.start)
-                transport = FabricTransport(fabric, node.host)
+                transport = FabricTransport(fabric, node.host, order)
                 daemon = Daemon(
                     config,
                     nursery,

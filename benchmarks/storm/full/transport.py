@@ -8,7 +8,8 @@ request, closed when the response is closed: simple, and the bytes are what the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import h11
 import httpx
@@ -19,12 +20,23 @@ from benchmarks.storm.full.net import Fabric, MemoryStream
 _RECEIVE = 1 << 22
 
 
-class FabricTransport(httpx.AsyncBaseTransport):
-    """Requests from host `src` of `fabric` to whatever host the URL names."""
+class Sequencer(Protocol):
+    """Orders some requests of several hosts (see `benchmarks.storm.full.engine`)."""
 
-    def __init__(self, fabric: Fabric, src: int) -> None:
+    async def turn(self, path: str, body: bytes) -> Callable[[], None]:
+        """Wait until a request to `path` with `body` may be sent; returns what to call once
+        its bytes are delivered (or failed to be)."""
+        ...
+
+
+class FabricTransport(httpx.AsyncBaseTransport):
+    """Requests from host `src` of `fabric` to whatever host the URL names; a `sequencer`
+    may hold some back until their turn."""
+
+    def __init__(self, fabric: Fabric, src: int, sequencer: Sequencer | None = None) -> None:
         self.fabric = fabric
         self.src = src
+        self.sequencer = sequencer
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -47,7 +59,14 @@ class FabricTransport(httpx.AsyncBaseTransport):
             if body:
                 out += conn.send(h11.Data(data=body))
             out += conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
+            if self.sequencer is None:
+                await stream.send_all(out)
+            else:
+                delivered = await self.sequencer.turn(url.path, body)
+                try:
+                    await stream.send_all(out)
+                finally:
+                    delivered()
             with trio.fail_after(timeouts.get("read") or 3600.0):
                 event = await _next_event(conn, stream)
             if not isinstance(event, h11.Response):
