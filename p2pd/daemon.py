@@ -12,6 +12,7 @@ running downloads keep their verified pieces on disk for a resume.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -27,7 +28,14 @@ from p2pd.blobs import BackSource, BlobManager, Filler
 from p2pd.clusterauth import ClusterAuth
 from p2pd.config import P2pdConfig
 from p2pd.core.session import SessionConfig
-from p2pd.http.server import Handler, Request, Response, bound_port, serve
+from p2pd.http.server import (
+    PIECE_CONGESTION,
+    Handler,
+    Request,
+    Response,
+    bound_port,
+    serve,
+)
 from p2pd.mirror import Mirror, upstream_client
 from p2pd.peers import STREAM_AHEAD, Connector, PieceClient, PieceServer, RateLimiter
 from p2pd.store import BlobStore
@@ -198,7 +206,11 @@ async def run_daemon(
                 _serve, daemon.mirror.handle, config.mirror_listen.host, config.mirror_listen.port
             )
             peer = await nursery.start(
-                _serve, daemon.handle_peer, config.peer_listen.host, config.peer_listen.port
+                _serve,
+                daemon.handle_peer,
+                config.peer_listen.host,
+                config.peer_listen.port,
+                PIECE_CONGESTION,  # pieces go out on these (see there)
             )
             log.info(
                 "p2pd %s: mirror on %s:%d, pieces on %s:%d, supernodes %s",
@@ -217,11 +229,18 @@ async def run_daemon(
 
 
 async def _serve(
-    handler: Handler, host: str, port: int, *, task_status: trio.TaskStatus[int]
+    handler: Handler,
+    host: str,
+    port: int,
+    congestion: str | None = None,
+    *,
+    task_status: trio.TaskStatus[int],
 ) -> None:
     """`serve`, reporting the bound port instead of the listeners."""
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve, handler, host, port)
+        listeners = await nursery.start(
+            functools.partial(serve, handler, host, port, congestion=congestion)
+        )
         task_status.started(bound_port(listeners))
 
 

@@ -37,7 +37,16 @@ import trio
 from p2pd import __version__, metrics, wire
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
-from p2pd.http.server import FileRegion, HTTPError, Request, Response, ServerLimits, bound_port
+from p2pd.http.server import (
+    PIECE_CONGESTION,
+    FileRegion,
+    HTTPError,
+    Request,
+    Response,
+    ServerLimits,
+    bound_port,
+    prefer_congestion,
+)
 from p2pd.peers import UPLOADS_HEADER
 from p2pd.store import BlobStore
 from supernode import controlhttp
@@ -117,6 +126,9 @@ class Supernode:
         listeners = await trio.open_tcp_listeners(
             self.config.listen_port, host=self.config.listen_host
         )
+        # pieces go out on these connections, beside the registry fetches that fill our
+        # downlink: see PIECE_CONGESTION
+        prefer_congestion(listeners, PIECE_CONGESTION)
         async with trio.open_nursery() as nursery:
             task_status.started(listeners)
             await trio.serve_listeners(self.serve_connection, listeners, handler_nursery=nursery)

@@ -24,6 +24,7 @@ import errno
 import logging
 import math
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -404,15 +405,43 @@ def error_response(status: int, reason: str, headers: Sequence[tuple[str, str]] 
     return Response(status, [("content-type", "text/plain; charset=utf-8"), *headers], body)
 
 
+# Congestion control for the sockets that upload pieces (a p2pd's piece server, the
+# supernode): loss-based, not the BBR many hosts default to. BBR bounds a flow's data in
+# flight by about twice its rate times the *smallest* round trip it saw (refreshed every
+# 10 s); on a LAN that minimum is a tenth of a millisecond, so when the flow's ACKs queue
+# behind someone else's download on the sender's own downlink (a supernode fetching from the
+# registry at full link rate while it uploads), the real round trip is ~10 ms and the flow is
+# held to ~15 packets per trip: 2-3 MB/s on a 12.5 MB/s link, until its minimum expires.
+# Traced in the namespace fleet, one host alone (issue 5): the supernode's piece uploads sat
+# at 5-6 MB/s for 8 s with its uplink idle (cwnd 14-18, rtt 10 ms, min_rtt 0.15 ms), the
+# pull 14.6-16 s against 11.4 s when the minimum happened to be taken under load.
+PIECE_CONGESTION = "cubic"
+
+
+def prefer_congestion(listeners: Sequence[trio.SocketListener], name: str) -> bool:
+    """Set TCP congestion control `name` on `listeners` (accepted sockets inherit it); False,
+    leaving the system's default, where the kernel lacks it or refuses (not allowed)."""
+    ok = True
+    for listener in listeners:
+        try:
+            listener.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        except (OSError, AttributeError) as exc:  # AttributeError: no TCP_CONGESTION here
+            log.info("TCP congestion control %s unavailable, keeping the default: %s", name, exc)
+            ok = False
+    return ok
+
+
 async def serve(
     handler: Handler,
     host: str,
     port: int,
     *,
     limits: ServerLimits | None = None,
+    congestion: str | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `handler` on host:port until cancelled; `task_status` gets the listeners."""
+    """Serve `handler` on host:port until cancelled; `task_status` gets the listeners.
+    `congestion`: a TCP congestion control for its connections (`prefer_congestion`)."""
     limits = limits or ServerLimits()
 
     async def on_connection(stream: trio.SocketStream) -> None:
@@ -423,6 +452,8 @@ async def serve(
             log.exception("connection handler failed")
 
     listeners = await trio.open_tcp_listeners(port, host=host)
+    if congestion is not None:
+        prefer_congestion(listeners, congestion)
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
         await trio.serve_listeners(on_connection, listeners, handler_nursery=nursery)
