@@ -351,31 +351,6 @@ def control_messages(
     rounds = max(len(a) for a in announces)
     announce_queue = [a[r] for r in range(rounds) for a in announces if r < len(a)]
 
-    async def drive(queue: list[bytes]) -> tuple[int, int, float]:
-        errors = 0
-        count = 0
-        next_item = 0
-
-        async def worker() -> None:
-            nonlocal errors, count, next_item
-            stream = await trio.open_tcp_stream(LOOPBACK, port)
-            async with stream:
-                carry = bytearray()
-                while next_item < len(queue):
-                    request = queue[next_item]
-                    next_item += 1
-                    await stream.send_all(request)
-                    status, length = await _receive_response(stream, carry)
-                    count += 1
-                    errors += status != 200
-                    del length
-
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(connections):
-                nursery.start_soon(worker)
-        return count, errors, time.perf_counter() - started
-
     leaves = [
         _post("/v1/leave", wire.encode(wire.Leave(digest=d, peer_id=f"{tag}{i:05d}")))
         for i in range(peers)
@@ -383,7 +358,7 @@ def control_messages(
     phases: dict[str, Any] = {}
     for name, queue in (("register", registers), ("announce", announce_queue), ("leave", leaves)):
         cpu_before = cpu_seconds(supernode_pid)
-        count, errors, elapsed = trio.run(drive, queue)
+        count, errors, elapsed = trio.run(_drive, port, queue, connections)
         cpu = cpu_seconds(supernode_pid) - cpu_before
         phases[name] = {
             "messages": count,
