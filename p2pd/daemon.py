@@ -133,6 +133,8 @@ class Daemon:
             "cache_hits": blobs.cache_hits,
             "pieces_verified": self.swarm.pieces_verified,
             "bad_pieces": self.swarm.bad_pieces,
+            "announce_batches": self.swarm.coalescer.batches,
+            "announces_batched": self.swarm.coalescer.batched,
             "back_to_source": blobs.back_to_source,
             "uncached": blobs.uncached,
             "downloads_completed": blobs.completed,

@@ -35,6 +35,11 @@ P2PD_COUNTERS: Table = {
     "p2pd_back_to_source": ("downloads handed to the registry fallback", "back_to_source"),
     "p2pd_downloads_completed": ("downloads verified and cached", "downloads_completed"),
     "p2pd_downloads_failed": ("downloads that failed", "downloads_failed"),
+    "p2pd_announce_batches": (
+        "messages to supernodes carrying several downloads' announces (p2pd.coalescer)",
+        "announce_batches",
+    ),
+    "p2pd_announces_batched": ("announces that went in those messages", "announces_batched"),
     "p2pd_uncached_streams": (
         "blobs streamed from the registry uncached: no room in the cache or on the disk",
         "uncached",

@@ -150,6 +150,8 @@ def test_p2pd_readiness_reload_and_stop(tmp_path: Path) -> None:
         assert metrics.status_code == 200
         assert "p2pd_client_bytes_total 0.0" in metrics.text
         assert "p2pd_downloads_active 0.0" in metrics.text
+        assert "p2pd_announce_batches_total 0.0" in metrics.text
+        assert "p2pd_announces_batched_total 0.0" in metrics.text
 
         config.write_text(config.read_text().replace("upload_rate = 0", "upload_rate = 12345"))
         proc.send_signal(signal.SIGHUP)

@@ -130,6 +130,8 @@ def test_four_hosts_pull_and_each_blob_leaves_the_registry_once(
             assert s["bytes_to_clients"] == image.total_size
             assert s["bytes_from_registry"] == 0
             assert s["bytes_from_peers"] == image.total_size
+            # a batch carries the announces of two downloads or more
+            assert s["announces_batched"] >= 2 * s["announce_batches"]
         # the bytes a client gets through the mirror have the right digests
         with httpx.Client(base_url=hosts[0][0].mirror_url, timeout=30) as client:
             for digest in image.blobs:
