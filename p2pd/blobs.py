@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 _HASH_CHUNK = 1024 * 1024  # hashing speed is the same from 1 MiB reads up
 _STREAM_CHUNK = 16 * 1024 * 1024
 _META_EVERY = 8  # pieces between saves of the resume state
+# Longest a worker waits for the piece before its own to be hashed (`hash_if_next`): that one
+# is in another worker thread, normally done within milliseconds.
+_HASH_WAIT = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,9 @@ class Download:
         self._hashed = 0
         self._sha = hashlib.sha256()
         self._sha_lock = threading.Lock()
+        # waited on by `hash_if_next` for a piece whose predecessor is still in a worker
+        self._sha_moved = threading.Condition(self._sha_lock)
+        self._in_hand: set[int] = set()  # pieces `hold_for_hash` announced, not yet hashed
         self._hash_buffer: bytearray | None = None  # allocated on first use
         self._changed = trio.Event()
         self.finished = trio.Event()  # set once COMPLETE or FAILED
@@ -154,20 +161,47 @@ class Download:
         self.partial.write_bytes(index, data)
         self.mark_written(index, source)
 
+    def hold_for_hash(self, index: int) -> None:
+        """(Trio thread, before the worker starts.) Piece `index`'s bytes are in hand and a
+        worker thread will call `hash_if_next` (or `let_go`) for it: a worker with the next
+        piece then waits for this one rather than leaving both to be read back."""
+        with self._sha_lock:
+            self._in_hand.add(index)
+
     def hash_if_next(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """(Any thread.) Piece `index` was just written with `data`: when it extends the
         hashed prefix, feed the sha256 from `data` now, saving `hash_and_commit` a read of
-        it back from the file (a copy per byte; the swarm writes pieces mostly in order).
-        Skipped when the hasher holds the lock: it reads the piece from the file then."""
+        it back from the file (a copy per byte of the blob).
+
+        Pieces come mostly in order, but two may be in worker threads at once and finish in
+        either order; a piece that found the prefix one piece short used to leave itself
+        and, since the prefix then stayed short, every piece after it to the hasher (traced
+        on loopback: two thirds of a GiB read back). So a piece whose predecessor is in hand
+        (`hold_for_hash`) waits for it, at most `_HASH_WAIT`; one whose predecessor is not
+        in hand (not received yet, or from a slower parent) leaves it to the hasher."""
         offset = self.layout.offset(index)
-        if self._hashed != offset or not self._sha_lock.acquire(blocking=False):
-            return
-        try:
-            if self._hashed == offset and len(data) == self.layout.length(index):
-                self._sha.update(data)
-                self._hashed = offset + len(data)
-        finally:
-            self._sha_lock.release()
+        with self._sha_moved:
+            try:
+                deadline: float | None = None
+                while self._hashed < offset and index - 1 in self._in_hand:
+                    now = time.monotonic()
+                    deadline = now + _HASH_WAIT if deadline is None else deadline
+                    if now >= deadline:
+                        break
+                    self._sha_moved.wait(deadline - now)
+                if self._hashed == offset and len(data) == self.layout.length(index):
+                    self._sha.update(data)
+                    self._hashed = offset + len(data)
+            finally:
+                self._in_hand.discard(index)
+                self._sha_moved.notify_all()
+
+    def let_go(self, index: int) -> None:
+        """(Any thread.) Piece `index` was held for hashing but is not written (it failed
+        its check, or it is already here): nobody should wait for it."""
+        with self._sha_moved:
+            self._in_hand.discard(index)
+            self._sha_moved.notify_all()
 
     def mark_written(self, index: int, source: str) -> None:
         """A piece's bytes are on disk (written by `PartialBlob.write_bytes`, perhaps in a
@@ -272,7 +306,10 @@ class Download:
             self._notify()
 
     def _hash_range(self, end: int) -> None:
-        """(In a worker thread.) Feed the sha256 from the file up to byte `end`."""
+        """(In a worker thread.) Feed the sha256 from the file up to byte `end`.
+
+        The lock is taken per chunk, so a worker hashing its piece from its buffer
+        (`hash_if_next`) waits for one chunk at most, never for the whole range."""
         # Into one buffer reused for the whole download: a fresh multi-MiB bytes object per
         # read was allocated in whichever worker thread ran this, and each thread's malloc
         # arena kept its freed chunks resident (tens of MiB of peak RSS).
@@ -281,15 +318,17 @@ class Download:
             self._hash_buffer = bytearray(_HASH_CHUNK)
         view = memoryview(self._hash_buffer)
         try:
-            with self._sha_lock:
-                start = self._hashed
-                while start < end:
+            while True:
+                with self._sha_moved:
+                    start = self._hashed
+                    if start >= end:
+                        return
                     n = os.preadv(fd, [view[: min(_HASH_CHUNK, end - start)]], start)
                     if not n:
                         raise StorageError(f"{self.digest}: file shorter than its prefix")
                     self._sha.update(view[:n])
-                    start += n
-                    self._hashed = start
+                    self._hashed = start + n
+                    self._sha_moved.notify_all()
         finally:
             view.release()
 

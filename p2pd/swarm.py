@@ -419,6 +419,8 @@ class _Run:
                     finally:
                         self.awaiting_hash -= 1
                 piece = memoryview(buffer)[:length]
+                if not offload.inline_active():  # one thread: nothing to wait for
+                    self.download.hold_for_hash(request.index)
                 try:
                     # not abandoned on cancel: the buffer goes back only once the thread is done
                     ok = await offload.run_sync(self._verify_and_write, request.index, piece)
@@ -462,9 +464,15 @@ class _Run:
 
     def _verify_and_write(self, index: int, piece: memoryview) -> bool:
         """(In a worker thread.) True when the piece matched its hash and is on disk."""
-        if not self.manifest.verify(index, piece):
-            return False
-        if index not in self.download.partial.have:
-            self.download.partial.write_bytes(index, piece)
-            self.download.hash_if_next(index, piece)
-        return True
+        written = False
+        try:
+            if not self.manifest.verify(index, piece):
+                return False
+            if index not in self.download.partial.have:
+                self.download.partial.write_bytes(index, piece)
+                written = True
+                self.download.hash_if_next(index, piece)
+            return True
+        finally:
+            if not written:
+                self.download.let_go(index)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -278,3 +280,66 @@ async def test_no_commit_before_every_piece_is_marked_written(tmp_path: Path) ->
             download.mark_written(1, "peer:p")
     assert download.state.value == "complete"
     assert sorted(download.have) == [0, 1]
+
+
+async def test_a_piece_finished_before_its_predecessor_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two worker threads, piece 1's done first: it waits for piece 0 (in hand) to be hashed
+    # and then hashes itself from its buffer; nothing is read back from the file
+    layout = PieceLayout(3000, 1000)
+    digest, data = make_blob(layout.total_size, seed=9)
+    download = Download(digest, BlobStore(tmp_path).open_partial(digest, layout))
+    read_back: list[int] = []
+    preadv = os.preadv
+
+    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
+        read_back.append(offset)
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting)
+
+    def piece(index: int) -> memoryview:
+        offset, length = layout.span(index)
+        return memoryview(data)[offset : offset + length]
+
+    def worker(index: int) -> None:
+        download.partial.write_bytes(index, piece(index))
+        download.hash_if_next(index, piece(index))
+
+    for index in range(3):
+        download.hold_for_hash(index)
+    one = threading.Thread(target=worker, args=(1,))
+    two = threading.Thread(target=worker, args=(2,))
+    one.start()
+    two.start()
+    await trio.sleep(0.05)
+    assert one.is_alive() and two.is_alive()  # waiting for piece 0, not given up
+    worker(0)
+    one.join(timeout=5)
+    two.join(timeout=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(download.hash_and_commit)
+        for index in range(3):
+            download.mark_written(index, "peer:p")
+    assert download.state.value == "complete"
+    assert read_back == []
+
+
+async def test_a_piece_does_not_wait_for_a_predecessor_not_in_hand(tmp_path: Path) -> None:
+    # piece 0 is not in hand (not received yet, or it failed its check and was let go):
+    # piece 1 does not wait for it, and the hasher reads piece 1 back once 0 is written
+    layout = PieceLayout(2000, 1000)
+    digest, data = make_blob(layout.total_size, seed=10)
+    download = Download(digest, BlobStore(tmp_path).open_partial(digest, layout))
+    download.hold_for_hash(0)
+    download.hold_for_hash(1)
+    download.let_go(0)
+    started = time.monotonic()
+    download.partial.write_bytes(1, data[1000:])
+    download.hash_if_next(1, memoryview(data)[1000:])
+    assert time.monotonic() - started < 0.25  # well under the wait's bound
+    download.mark_written(1, "peer:p")
+    with offload.inline():
+        await fill_in(download, layout, data, (0,))
+    assert download.state.value == "complete"
