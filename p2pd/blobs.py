@@ -122,14 +122,16 @@ class Download:
         self.error = ""
         self.sources: dict[str, int] = {}  # bytes by where they came from ("peer:<id>", …)
         self._totals = totals if totals is not None else {}  # the same, over all downloads
-        # `_hashed` bytes of the prefix are in `_sha`; both change under `_sha_lock` only
-        # (the hasher task's worker thread and fillers' worker threads share them)
+        # `_hashed` bytes of the prefix are in `_sha`; `_hashed` changes under `_sha_lock`
+        # only, and `_sha` only by the thread that set `_sha_busy` under it (the hasher
+        # task's worker thread and fillers' worker threads share them)
         self._hashed = 0
         self._sha = hashlib.sha256()
         self._sha_lock = threading.Lock()
         # waited on by `hash_if_next` for a piece whose predecessor is still in a worker
         self._sha_moved = threading.Condition(self._sha_lock)
         self._in_hand: set[int] = set()  # pieces `hold_for_hash` announced, not yet hashed
+        self._sha_busy = False  # a thread is feeding the sha256 (outside the lock)
         self._hash_buffer: bytearray | None = None  # allocated on first use
         self._changed = trio.Event()
         self.finished = trio.Event()  # set once COMPLETE or FAILED
@@ -178,22 +180,45 @@ class Download:
         and, since the prefix then stayed short, every piece after it to the hasher (traced
         on loopback: two thirds of a GiB read back). So a piece whose predecessor is in hand
         (`hold_for_hash`) waits for it, at most `_HASH_WAIT`; one whose predecessor is not
-        in hand (not received yet, or from a slower parent) leaves it to the hasher."""
+        in hand (not received yet, or from a slower parent) leaves it to the hasher. The
+        sha256 itself runs outside the lock (`_sha_busy` orders its users)."""
         offset = self.layout.offset(index)
+        length = self.layout.length(index)
         with self._sha_moved:
             try:
                 deadline: float | None = None
-                while self._hashed < offset and index - 1 in self._in_hand:
+                while len(data) == length:
+                    if self._hashed == offset and not self._sha_busy:
+                        self._sha_busy = True
+                        break
+                    if self._hashed > offset or (
+                        self._hashed < offset
+                        and index - 1 not in self._in_hand
+                        and not self._sha_busy  # (the hasher may be reaching `offset`)
+                    ):
+                        return  # hashed already, or left to the hasher
                     now = time.monotonic()
                     deadline = now + _HASH_WAIT if deadline is None else deadline
                     if now >= deadline:
-                        break
+                        return
                     self._sha_moved.wait(deadline - now)
-                if self._hashed == offset and len(data) == self.layout.length(index):
-                    self._sha.update(data)
-                    self._hashed = offset + len(data)
+                else:
+                    return
             finally:
                 self._in_hand.discard(index)
+                self._sha_moved.notify_all()
+        self._update_sha(offset, data)
+
+    def _update_sha(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Feed `data` (the bytes from `offset`, where the hashed prefix ends) to the sha256;
+        the caller set `_sha_busy`. Not under the lock: `hold_for_hash` takes it on the
+        trio thread, which must not wait for a hash of megabytes."""
+        try:
+            self._sha.update(data)
+        finally:
+            with self._sha_moved:
+                self._hashed = offset + len(data)
+                self._sha_busy = False
                 self._sha_moved.notify_all()
 
     def let_go(self, index: int) -> None:
@@ -308,7 +333,7 @@ class Download:
     def _hash_range(self, end: int) -> None:
         """(In a worker thread.) Feed the sha256 from the file up to byte `end`.
 
-        The lock is taken per chunk, so a worker hashing its piece from its buffer
+        Taken chunk by chunk, so a worker hashing its piece from its buffer
         (`hash_if_next`) waits for one chunk at most, never for the whole range."""
         # Into one buffer reused for the whole download: a fresh multi-MiB bytes object per
         # read was allocated in whichever worker thread ran this, and each thread's malloc
@@ -320,15 +345,25 @@ class Download:
         try:
             while True:
                 with self._sha_moved:
+                    while self._sha_busy:
+                        self._sha_moved.wait()
                     start = self._hashed
                     if start >= end:
                         return
+                    self._sha_busy = True
+                try:
                     n = os.preadv(fd, [view[: min(_HASH_CHUNK, end - start)]], start)
-                    if not n:
-                        raise StorageError(f"{self.digest}: file shorter than its prefix")
-                    self._sha.update(view[:n])
-                    self._hashed = start + n
-                    self._sha_moved.notify_all()
+                except BaseException:
+                    with self._sha_moved:
+                        self._sha_busy = False
+                        self._sha_moved.notify_all()
+                    raise
+                if not n:
+                    with self._sha_moved:
+                        self._sha_busy = False
+                        self._sha_moved.notify_all()
+                    raise StorageError(f"{self.digest}: file shorter than its prefix")
+                self._update_sha(start, view[:n])
         finally:
             view.release()
 
