@@ -221,6 +221,11 @@ class Download:
                 self._sha_busy = False
                 self._sha_moved.notify_all()
 
+    def hashed(self) -> None:
+        """(Trio thread.) A piece held for hashing was hashed or let go: the hasher may
+        have stopped short of it (`_hash_range`) and waits for news."""
+        self._notify()
+
     def let_go(self, index: int) -> None:
         """(Any thread.) Piece `index` was held for hashing but is not written (it failed
         its check, or it is already here): nobody should wait for it."""
@@ -306,9 +311,12 @@ class Download:
         while self.state is DownloadState.RUNNING:
             target = self.prefix_bytes
             if self._hashed < target:
+                before = self._hashed
                 await offload.run_sync(self._hash_range, target)
-                continue
-            if self._hashed == size and target == size:
+                if self._hashed > before:
+                    continue
+                # stopped at a piece in hand: its worker hashes it, and wakes us
+            elif self._hashed == size and target == size:
                 # (pieces hashed from their buffers may run ahead of the written prefix: the
                 # blob is whole once every piece is marked written too)
                 break
@@ -348,11 +356,14 @@ class Download:
                     while self._sha_busy:
                         self._sha_moved.wait()
                     start = self._hashed
-                    if start >= end:
+                    # not into a piece in hand: its worker hashes it from its buffer
+                    ahead = [i for i in self._in_hand if self.layout.offset(i) >= start]
+                    stop = min(end, self.layout.offset(min(ahead))) if ahead else end
+                    if start >= stop:
                         return
                     self._sha_busy = True
                 try:
-                    n = os.preadv(fd, [view[: min(_HASH_CHUNK, end - start)]], start)
+                    n = os.preadv(fd, [view[: min(_HASH_CHUNK, stop - start)]], start)
                 except BaseException:
                     with self._sha_moved:
                         self._sha_busy = False

@@ -343,3 +343,40 @@ async def test_a_piece_does_not_wait_for_a_predecessor_not_in_hand(tmp_path: Pat
     with offload.inline():
         await fill_in(download, layout, data, (0,))
     assert download.state.value == "complete"
+
+
+async def test_the_hasher_stops_at_a_piece_in_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the swarm reports a piece written before its worker hashes it from the buffer: the
+    # hasher reads back the pieces before it, not that one, and finishes once it is hashed
+    layout = PieceLayout(3000, 1000)
+    digest, data = make_blob(layout.total_size, seed=11)
+    download = Download(digest, BlobStore(tmp_path).open_partial(digest, layout))
+    read_back: list[int] = []
+    first_read = threading.Event()
+    preadv = os.preadv
+
+    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = preadv(fd, buffers, offset)
+        read_back.extend(range(offset // 1000, (offset + n - 1) // 1000 + 1))
+        first_read.set()
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(download.hash_and_commit)
+        download.hold_for_hash(1)
+        for index in range(3):
+            offset, length = layout.span(index)
+            download.partial.write_bytes(index, data[offset : offset + length])
+            download.mark_written(index, "peer:p")
+        # the hasher's worker thread reads piece 0 back, then finds piece 1 in hand
+        assert await trio.to_thread.run_sync(first_read.wait, 5)
+        await trio.sleep(0.1)
+        assert read_back == [0]  # stopped short of piece 1
+        assert download.state.value == "running"
+        await trio.to_thread.run_sync(download.hash_if_next, 1, memoryview(data)[1000:2000])
+        download.hashed()
+    assert download.state.value == "complete"
+    assert read_back == [0, 2]
