@@ -35,7 +35,6 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,9 +54,6 @@ log = logging.getLogger(__name__)
 _HASH_CHUNK = 1024 * 1024  # hashing speed is the same from 1 MiB reads up
 _STREAM_CHUNK = 16 * 1024 * 1024
 _META_EVERY = 8  # pieces between saves of the resume state
-# Longest a worker waits for the piece before its own to be hashed (`hash_if_next`): that one
-# is in another worker thread, normally done within milliseconds.
-_HASH_WAIT = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +118,11 @@ class Download:
         self.error = ""
         self.sources: dict[str, int] = {}  # bytes by where they came from ("peer:<id>", …)
         self._totals = totals if totals is not None else {}  # the same, over all downloads
-        # `_hashed` bytes of the prefix are in `_sha`; `_hashed` changes under `_sha_lock`
-        # only, and `_sha` only by the thread that set `_sha_busy` under it (the hasher
-        # task's worker thread and fillers' worker threads share them)
+        # `_hashed` bytes of the prefix are in `_sha`; both change under `_sha_lock` only
+        # (the hasher task's worker thread and fillers' worker threads share them)
         self._hashed = 0
         self._sha = hashlib.sha256()
         self._sha_lock = threading.Lock()
-        # waited on by `hash_if_next` for a piece whose predecessor is still in a worker
-        self._sha_moved = threading.Condition(self._sha_lock)
-        self._in_hand: set[int] = set()  # pieces `hold_for_hash` announced, not yet hashed
-        self._sha_busy = False  # a thread is feeding the sha256 (outside the lock)
         self._hash_buffer: bytearray | None = None  # allocated on first use
         self._changed = trio.Event()
         self.finished = trio.Event()  # set once COMPLETE or FAILED
@@ -163,75 +154,20 @@ class Download:
         self.partial.write_bytes(index, data)
         self.mark_written(index, source)
 
-    def hold_for_hash(self, index: int) -> None:
-        """(Trio thread, before the worker starts.) Piece `index`'s bytes are in hand and a
-        worker thread will call `hash_if_next` (or `let_go`) for it: a worker with the next
-        piece then waits for this one rather than leaving both to be read back."""
-        with self._sha_lock:
-            self._in_hand.add(index)
-
     def hash_if_next(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """(Any thread.) Piece `index` was just written with `data`: when it extends the
         hashed prefix, feed the sha256 from `data` now, saving `hash_and_commit` a read of
-        it back from the file (a copy per byte of the blob).
-
-        Pieces come mostly in order, but two may be in worker threads at once and finish in
-        either order; a piece that found the prefix one piece short used to leave itself
-        and, since the prefix then stayed short, every piece after it to the hasher (traced
-        on loopback: two thirds of a GiB read back). So a piece whose predecessor is in hand
-        (`hold_for_hash`) waits for it, at most `_HASH_WAIT`; one whose predecessor is not
-        in hand (not received yet, or from a slower parent) leaves it to the hasher. The
-        sha256 itself runs outside the lock (`_sha_busy` orders its users)."""
+        it back from the file (a copy per byte; the swarm writes pieces mostly in order).
+        Skipped when the hasher holds the lock: it reads the piece from the file then."""
         offset = self.layout.offset(index)
-        length = self.layout.length(index)
-        with self._sha_moved:
-            try:
-                deadline: float | None = None
-                while len(data) == length:
-                    if self._hashed == offset and not self._sha_busy:
-                        self._sha_busy = True
-                        break
-                    if self._hashed > offset or (
-                        self._hashed < offset
-                        and index - 1 not in self._in_hand
-                        and not self._sha_busy  # (the hasher may be reaching `offset`)
-                    ):
-                        return  # hashed already, or left to the hasher
-                    now = time.monotonic()
-                    deadline = now + _HASH_WAIT if deadline is None else deadline
-                    if now >= deadline:
-                        return
-                    self._sha_moved.wait(deadline - now)
-                else:
-                    return
-            finally:
-                self._in_hand.discard(index)
-                self._sha_moved.notify_all()
-        self._update_sha(offset, data)
-
-    def _update_sha(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Feed `data` (the bytes from `offset`, where the hashed prefix ends) to the sha256;
-        the caller set `_sha_busy`. Not under the lock: `hold_for_hash` takes it on the
-        trio thread, which must not wait for a hash of megabytes."""
+        if self._hashed != offset or not self._sha_lock.acquire(blocking=False):
+            return
         try:
-            self._sha.update(data)
-        finally:
-            with self._sha_moved:
+            if self._hashed == offset and len(data) == self.layout.length(index):
+                self._sha.update(data)
                 self._hashed = offset + len(data)
-                self._sha_busy = False
-                self._sha_moved.notify_all()
-
-    def hashed(self) -> None:
-        """(Trio thread.) A piece held for hashing was hashed or let go: the hasher may
-        have stopped short of it (`_hash_range`) and waits for news."""
-        self._notify()
-
-    def let_go(self, index: int) -> None:
-        """(Any thread.) Piece `index` was held for hashing but is not written (it failed
-        its check, or it is already here): nobody should wait for it."""
-        with self._sha_moved:
-            self._in_hand.discard(index)
-            self._sha_moved.notify_all()
+        finally:
+            self._sha_lock.release()
 
     def mark_written(self, index: int, source: str) -> None:
         """A piece's bytes are on disk (written by `PartialBlob.write_bytes`, perhaps in a
@@ -311,12 +247,9 @@ class Download:
         while self.state is DownloadState.RUNNING:
             target = self.prefix_bytes
             if self._hashed < target:
-                before = self._hashed
                 await offload.run_sync(self._hash_range, target)
-                if self._hashed > before:
-                    continue
-                # stopped at a piece in hand: its worker hashes it, and wakes us
-            elif self._hashed == size and target == size:
+                continue
+            if self._hashed == size and target == size:
                 # (pieces hashed from their buffers may run ahead of the written prefix: the
                 # blob is whole once every piece is marked written too)
                 break
@@ -339,10 +272,7 @@ class Download:
             self._notify()
 
     def _hash_range(self, end: int) -> None:
-        """(In a worker thread.) Feed the sha256 from the file up to byte `end`.
-
-        Taken chunk by chunk, so a worker hashing its piece from its buffer
-        (`hash_if_next`) waits for one chunk at most, never for the whole range."""
+        """(In a worker thread.) Feed the sha256 from the file up to byte `end`."""
         # Into one buffer reused for the whole download: a fresh multi-MiB bytes object per
         # read was allocated in whichever worker thread ran this, and each thread's malloc
         # arena kept its freed chunks resident (tens of MiB of peak RSS).
@@ -351,30 +281,15 @@ class Download:
             self._hash_buffer = bytearray(_HASH_CHUNK)
         view = memoryview(self._hash_buffer)
         try:
-            while True:
-                with self._sha_moved:
-                    while self._sha_busy:
-                        self._sha_moved.wait()
-                    start = self._hashed
-                    # not into a piece in hand: its worker hashes it from its buffer
-                    ahead = [i for i in self._in_hand if self.layout.offset(i) >= start]
-                    stop = min(end, self.layout.offset(min(ahead))) if ahead else end
-                    if start >= stop:
-                        return
-                    self._sha_busy = True
-                try:
-                    n = os.preadv(fd, [view[: min(_HASH_CHUNK, stop - start)]], start)
-                except BaseException:
-                    with self._sha_moved:
-                        self._sha_busy = False
-                        self._sha_moved.notify_all()
-                    raise
-                if not n:
-                    with self._sha_moved:
-                        self._sha_busy = False
-                        self._sha_moved.notify_all()
-                    raise StorageError(f"{self.digest}: file shorter than its prefix")
-                self._update_sha(start, view[:n])
+            with self._sha_lock:
+                start = self._hashed
+                while start < end:
+                    n = os.preadv(fd, [view[: min(_HASH_CHUNK, end - start)]], start)
+                    if not n:
+                        raise StorageError(f"{self.digest}: file shorter than its prefix")
+                    self._sha.update(view[:n])
+                    start += n
+                    self._hashed = start
         finally:
             view.release()
 

@@ -32,11 +32,6 @@ async def run_sync(fn: Callable[..., T], *args: object) -> T:
     return await trio.to_thread.run_sync(fn, *args)
 
 
-def inline_active() -> bool:
-    """Whether `run_sync` runs inline here (on the trio thread) rather than in a thread."""
-    return _INLINE.get()
-
-
 @contextlib.contextmanager
 def inline() -> Iterator[None]:
     """Run `run_sync` calls of this task and of the tasks it spawns on the trio thread."""

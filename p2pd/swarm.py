@@ -419,30 +419,12 @@ class _Run:
                     finally:
                         self.awaiting_hash -= 1
                 piece = memoryview(buffer)[:length]
-                threads = not offload.inline_active()  # inline: hashed at once, in order
-                if threads:
-                    self.download.hold_for_hash(request.index)
-                written = False
                 try:
                     # not abandoned on cancel: the buffer goes back only once the thread is done
-                    ok, written = await offload.run_sync(
-                        self._verify_and_write, request.index, piece, not threads
-                    )
-                    # the loop counts the piece (and may ask for the next) while the sha256
-                    # takes it from the buffer: a worker that hashed before reporting held
-                    # the piece's slot meanwhile, and the transfer went slower than when
-                    # the hasher read every piece back (alternated loopback pulls)
-                    self.send.send_nowait(_Result(request, token, ok=ok))
-                    if written and threads:
-                        with trio.CancelScope(shield=True):
-                            await offload.run_sync(self.download.hash_if_next, request.index, piece)
-                        written = False
+                    ok = await offload.run_sync(self._verify_and_write, request.index, piece)
                 finally:
-                    if threads:
-                        if written:
-                            self.download.let_go(request.index)  # cancelled before hashing
-                        self.download.hashed()
                     piece.release()
+                self.send.send_nowait(_Result(request, token, ok=ok))
         finally:
             self.swarm.give_buffer(buffer)
 
@@ -478,20 +460,11 @@ class _Run:
             )
         self.session.on_piece(request, bool(result.ok), trio.current_time())
 
-    def _verify_and_write(self, index: int, piece: memoryview, hash_now: bool) -> tuple[bool, bool]:
-        """(In a worker thread.) Whether the piece matched its hash, and whether this call
-        wrote it (`hash_now`: and fed it to the sha256 if next; else the caller does that
-        with `Download.hash_if_next`, or `let_go` when not written)."""
-        written = False
-        try:
-            if not self.manifest.verify(index, piece):
-                return False, False
-            if index not in self.download.partial.have:
-                self.download.partial.write_bytes(index, piece)
-                written = True
-                if hash_now:
-                    self.download.hash_if_next(index, piece)
-            return True, written
-        finally:
-            if not written:
-                self.download.let_go(index)
+    def _verify_and_write(self, index: int, piece: memoryview) -> bool:
+        """(In a worker thread.) True when the piece matched its hash and is on disk."""
+        if not self.manifest.verify(index, piece):
+            return False
+        if index not in self.download.partial.have:
+            self.download.partial.write_bytes(index, piece)
+            self.download.hash_if_next(index, piece)
+        return True
