@@ -157,6 +157,54 @@ def _json_get(port: int, path: str) -> dict[str, Any]:
     return out
 
 
+class _StatsPoller:
+    """GET /stats over one kept-alive connection (reopened if the daemon closed it).
+
+    The pull is timed by polling the leech's /stats every 20 ms, on the loop that drives its
+    transfers; a fresh connection per poll added an accept and a close to each of them."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.carry = bytearray()
+
+    def __enter__(self) -> _StatsPoller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def get(self) -> dict[str, Any]:
+        for attempt in (1, 2):
+            if self.sock is None:
+                self.sock = socket.create_connection((LOOPBACK, self.port), timeout=5)
+                self.carry.clear()
+            try:
+                return self._exchange(self.sock)
+            except (OSError, HarnessError):
+                self.sock.close()
+                self.sock = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _exchange(self, sock: socket.socket) -> dict[str, Any]:
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, length, body = _read_head(sock, self.carry)
+        data = bytearray(body)
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise HarnessError("/stats: connection closed mid-body")
+            data += chunk
+        if status != 200 or length < 0:
+            raise HarnessError(f"/stats: {status}")
+        self.carry[:] = data[length:]  # (nothing: one request at a time)
+        out: dict[str, Any] = json.loads(bytes(data[:length]))
+        return out
+
+
 # -- the raw ceiling --------------------------------------------------------------------------
 
 
@@ -275,12 +323,13 @@ def timed_pull(
 
             async def swarm_done() -> None:
                 deadline = started + 600
-                while time.perf_counter() < deadline:
-                    stats = await trio.to_thread.run_sync(_json_get, p2pd.peer_port, "/stats")
-                    if stats["bytes_from_peers"] - base >= size:
-                        result["swarm_seconds"] = time.perf_counter() - started
-                        return
-                    await trio.sleep(0.02)
+                with _StatsPoller(p2pd.peer_port) as poller:
+                    while time.perf_counter() < deadline:
+                        stats = await trio.to_thread.run_sync(poller.get)
+                        if stats["bytes_from_peers"] - base >= size:
+                            result["swarm_seconds"] = time.perf_counter() - started
+                            return
+                        await trio.sleep(0.02)
                 raise HarnessError("the swarm did not deliver the blob in 600 s")
 
             nursery.start_soon(client)
