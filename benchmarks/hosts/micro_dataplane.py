@@ -18,9 +18,12 @@ generated layer (1 GiB by default), a supernode, and two p2pd daemons, *seed* an
   file (both on the work directory's file system): the raw ceiling, a minimal HTTP server in
   another process answering each piece with a head and ``os.sendfile``, read by a plain
   ``recv_into`` client over one kept-alive connection, piece after piece. ``--repeat`` rounds
-  of (raw ceiling, fresh leech), each leech stopped before the next starts (so each is fed by
-  the seed alone); the share is the median of the rounds' shares. Also reported, once each:
-  the raw client with xxh3-128 and ``pwrite`` added (what the daemon's receive path costs
+  of a fresh leech between two raw transfers, its ceiling the mean of the two: measured once
+  before it only, at load 4-5 (another helper's simulations), the ceiling went from 1096 to
+  492 MB/s between rounds of one run while the leech stayed at 412-484, and that round's
+  share read 92 %. Each leech is stopped before the next starts (so each is fed by the seed
+  alone); the share is the median of the rounds' shares. Also reported, once each: the raw
+  client with xxh3-128 and ``pwrite`` added (what the daemon's receive path costs
   without the daemon), and a fresh leech's pull with the client reading the whole body
   through the mirror as a runtime does.
   Goal: >= 50% of the raw ceiling.
@@ -713,16 +716,22 @@ def _piece_and_control_figures(
         }
 
     rounds = []
+    raw_after = raw_transfer(layer.path, layout, verify_and_write=None)
     for k in range(args.repeat):
-        print(f"round {k + 1}/{args.repeat}: raw ceiling, then a fresh leech …", flush=True)
-        raw = raw_transfer(layer.path, layout, verify_and_write=None)
+        print(f"round {k + 1}/{args.repeat}: a fresh leech, then the raw ceiling …", flush=True)
+        raw_before = raw_after
         pull = leech_pull(f"leech{k}", read_body=False)
+        raw_after = raw_transfer(layer.path, layout, verify_and_write=None)
+        # the ceiling on either side of the pull (see the module docstring)
+        raw = (raw_before + raw_after) / 2
         pull["raw_bytes_per_s"] = raw
+        pull["raw_before_after_bytes_per_s"] = [raw_before, raw_after]
         pull["share_of_raw"] = pull["swarm_bytes_per_s"] / raw
         rounds.append(pull)
         print(
-            f"  raw {raw / 1e6:.0f} MB/s, p2pd {pull['swarm_bytes_per_s'] / 1e6:.0f} MB/s "
-            f"= {pull['share_of_raw']:.0%}, load {os.getloadavg()[0]:.1f}",
+            f"  raw {raw_before / 1e6:.0f} / {raw_after / 1e6:.0f} MB/s, p2pd "
+            f"{pull['swarm_bytes_per_s'] / 1e6:.0f} MB/s = {pull['share_of_raw']:.0%}, "
+            f"load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     print("raw + xxh3 + pwrite; a pull with the client reading the body …", flush=True)
