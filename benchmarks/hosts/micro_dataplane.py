@@ -18,9 +18,12 @@ generated layer (1 GiB by default), a supernode, and two p2pd daemons, *seed* an
   file (both on the work directory's file system): the raw ceiling, a minimal HTTP server in
   another process answering each piece with a head and ``os.sendfile``, read by a plain
   ``recv_into`` client over one kept-alive connection, piece after piece. ``--repeat`` rounds
-  of (raw ceiling, fresh leech), each leech stopped before the next starts (so each is fed by
-  the seed alone); the share is the median of the rounds' shares. Also reported, once each:
-  the raw client with xxh3-128 and ``pwrite`` added (what the daemon's receive path costs
+  of a fresh leech between two raw transfers, its ceiling the mean of the two: measured once
+  before it only, at load 4-5 (another helper's simulations), the ceiling went from 1096 to
+  492 MB/s between rounds of one run while the leech stayed at 412-484, and that round's
+  share read 92 %. Each leech is stopped before the next starts (so each is fed by the seed
+  alone); the share is the median of the rounds' shares. Also reported, once each: the raw
+  client with xxh3-128 and ``pwrite`` added (what the daemon's receive path costs
   without the daemon), and a fresh leech's pull with the client reading the whole body
   through the mirror as a runtime does.
   Goal: >= 50% of the raw ceiling.
@@ -38,6 +41,20 @@ generated layer (1 GiB by default), a supernode, and two p2pd daemons, *seed* an
   CPU-second, and the fit ``per message + per announce`` that `Scheduler.pace` uses
   (``message_overhead``: the per-message share of a lone announce's cost). ``--control-only``
   runs the control figures alone (no piece transfer, no 1 GiB layer).
+  This phase runs last, and its layers are built, pushed and fetched only then, by a
+  supernode of its own (the first one and the seed are stopped by then). Built up front with
+  the image, those ten 100 MiB layers took the piece transfer from ~41 % of raw to ~30 %
+  (first rounds 13 %), even with this phase run after the piece rounds. The cause is this
+  VM, not the daemons: its memory is balloon-backed with free page reporting
+  (/sys/module/page_reporting), so a page freed for more than ~2 s goes back to the
+  host, and the next first touch of it faults on the host. A leech writes a GiB into tmpfs
+  pages it allocates as the pieces come; writing 1 GiB into tmpfs costs 0.37 CPU-s in
+  pages freed just before and 0.7-0.8 CPU-s in reported ones (measured with pwrite), and
+  under load perf showed the leech's pwrite copy (copy_folio_from_iter_atomic) at half of
+  its CPU time. Three GiB more of tmpfs in use (the layers in the image, the registry and
+  the supernode) leave the leech's writes the cold pages; a 3 GiB file of zeros made on
+  the side did the same to the same code (leech 4.4 instead of 1.9-2.1 CPU-s per GiB).
+  The raw ceiling writes nothing, so only the leech pays, and the share fell.
 
 Figures, not pass/fail; medians of ``--repeat`` rounds where a figure is repeated, with every
 round in the JSON. The machine is shared: the load average before and after is part of the
@@ -141,6 +158,54 @@ def _json_get(port: int, path: str) -> dict[str, Any]:
         raise HarnessError(f"GET {path}: {status}")
     out: dict[str, Any] = json.loads(data)
     return out
+
+
+class _StatsPoller:
+    """GET /stats over one kept-alive connection (reopened if the daemon closed it).
+
+    The pull is timed by polling the leech's /stats every 20 ms, on the loop that drives its
+    transfers; a fresh connection per poll added an accept and a close to each of them."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.carry = bytearray()
+
+    def __enter__(self) -> _StatsPoller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def get(self) -> dict[str, Any]:
+        for attempt in (1, 2):
+            if self.sock is None:
+                self.sock = socket.create_connection((LOOPBACK, self.port), timeout=5)
+                self.carry.clear()
+            try:
+                return self._exchange(self.sock)
+            except (OSError, HarnessError):
+                self.sock.close()
+                self.sock = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _exchange(self, sock: socket.socket) -> dict[str, Any]:
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, length, body = _read_head(sock, self.carry)
+        data = bytearray(body)
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise HarnessError("/stats: connection closed mid-body")
+            data += chunk
+        if status != 200 or length < 0:
+            raise HarnessError(f"/stats: {status}")
+        self.carry[:] = data[length:]  # (nothing: one request at a time)
+        out: dict[str, Any] = json.loads(bytes(data[:length]))
+        return out
 
 
 # -- the raw ceiling --------------------------------------------------------------------------
@@ -261,12 +326,13 @@ def timed_pull(
 
             async def swarm_done() -> None:
                 deadline = started + 600
-                while time.perf_counter() < deadline:
-                    stats = await trio.to_thread.run_sync(_json_get, p2pd.peer_port, "/stats")
-                    if stats["bytes_from_peers"] - base >= size:
-                        result["swarm_seconds"] = time.perf_counter() - started
-                        return
-                    await trio.sleep(0.02)
+                with _StatsPoller(p2pd.peer_port) as poller:
+                    while time.perf_counter() < deadline:
+                        stats = await trio.to_thread.run_sync(poller.get)
+                        if stats["bytes_from_peers"] - base >= size:
+                            result["swarm_seconds"] = time.perf_counter() - started
+                            return
+                        await trio.sleep(0.02)
                 raise HarnessError("the swarm did not deliver the blob in 600 s")
 
             nursery.start_soon(client)
@@ -572,137 +638,156 @@ def _median(values: list[float]) -> float:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     load_before = os.getloadavg()
-    sizes = [] if args.control_only else [args.layer_mib * MIB]
-    sizes += [args.control_layer_mib * MIB] * args.control_layers
-    print(f"building layers of {', '.join(f'{s // MIB}' for s in sizes)} MiB …", flush=True)
-    image = make_image(args.seed, sizes, workdir=workdir / "image")
-    batch_layers = [
-        (blob.digest, PieceLayout.for_size(blob.size))
-        for blob in image.layers[len(sizes) - args.control_layers :]
-    ]
     report: dict[str, Any] = {"repeat": args.repeat, "cpus": os.cpu_count()}
     buffer = memoryview(bytearray(1 << 20))
     with ExitStack() as stack:
         registry = stack.enter_context(Registry(workdir / "registry"))
-        push_image(registry.url, REPO, "v1", image)
-        supernode = stack.enter_context(SupernodeProcess(workdir / "sn", [registry.url]))
+        if not args.control_only:
+            with ExitStack() as phase:  # its supernode and seed stop before the next phase
+                _piece_and_control_figures(args, workdir, phase, registry, report, buffer)
+        if args.control_layers:
+            # last, with layers and a supernode of their own: see the module docstring
+            report["control_batches"] = _control_batches(args, workdir, stack, registry)
+    if not args.control_only:
+        report["goals"] = _goals(report)
+        report["workdir"] = str(workdir)
+    report["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    return report
 
-        def p2pd(name: str) -> P2pdProcess:
-            return P2pdProcess(
-                workdir / "hosts",
-                name,
-                supernodes=[supernode.url],
-                registries={"example.test": registry.url},
-            )
 
-        if batch_layers:
-            report["control_batches"] = _control_batches(
-                args, supernode, registry.url, batch_layers
-            )
-        if args.control_only:
-            report["load_average"] = {"before": load_before, "after": os.getloadavg()}
-            return report
-        layer = image.layers[0]
-        layout = PieceLayout.for_size(layer.size)
-        report.update(
-            {"layer_bytes": layer.size, "piece_size": layout.piece_size, "pieces": layout.count}
+def _piece_and_control_figures(
+    args: argparse.Namespace,
+    workdir: Path,
+    stack: ExitStack,
+    registry: Registry,
+    report: dict[str, Any],
+    buffer: memoryview,
+) -> None:
+    """Peak RSS, piece transfer and control messages, on the one --layer-mib layer."""
+    print(f"building a layer of {args.layer_mib} MiB …", flush=True)
+    image = make_image(args.seed, [args.layer_mib * MIB], workdir=workdir / "image")
+    push_image(registry.url, REPO, "v1", image)
+    supernode = stack.enter_context(SupernodeProcess(workdir / "sn", [registry.url]))
+
+    def p2pd(name: str) -> P2pdProcess:
+        return P2pdProcess(
+            workdir / "hosts",
+            name,
+            supernodes=[supernode.url],
+            registries={"example.test": registry.url},
         )
-        gib = layer.size / (1 << 30)
-        seed = stack.enter_context(p2pd("seed"))
-        print("seed pulls the layer (supernode fetching from the registry meanwhile) …")
-        first = timed_pull(seed, layer.digest, layer.size, buffer)
-        rss = {"seed": peak_rss(seed.process.pid)}
 
-        def leech_pull(name: str, read_body: bool) -> dict[str, Any]:
-            """A fresh leech pulls from the seed; stopped afterwards, so that the next one
-            has the seed alone as its parent again, and its store deleted: kept, each round
-            left a GiB more in the tmpfs, and on this VM every round's writes went to pages
-            never touched before, slower each time (leech 1.7 -> 2.6 -> 3.9 CPU-s per GiB
-            over three rounds, 46 -> 21 -> 15 % of raw; deleted: 1.7 CPU-s and 37-48 % in
-            every round). The raw ceiling it is compared with writes nothing."""
-            with p2pd(name) as leech:
-                pids = {"seed": seed.process.pid, "leech": leech.process.pid}
-                cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
-                own_before = _own_cpu()
-                pull = timed_pull(leech, layer.digest, layer.size, buffer, read_body=read_body)
-                # CPU per GiB moved: on a machine of 2 shared cores this, not the network,
-                # sets the pace
-                cpu = {k: (cpu_seconds(pid) - cpu_before[k]) / gib for k, pid in pids.items()}
-                cpu["benchmark client"] = (_own_cpu() - own_before) / gib
-                stats = _json_get(leech.peer_port, "/stats")
-                rss[name] = peak_rss(leech.process.pid)
-            shutil.rmtree(leech.data_dir, ignore_errors=True)
-            return {
-                **pull,
-                "swarm_bytes_per_s": layer.size / pull["swarm_seconds"],
-                "bytes_from_peers": stats["bytes_from_peers"],
-                "bytes_from_registry": stats["bytes_from_registry"],
-                "cpu_seconds_per_gib": cpu,
-            }
+    layer = image.layers[0]
+    layout = PieceLayout.for_size(layer.size)
+    report.update(
+        {"layer_bytes": layer.size, "piece_size": layout.piece_size, "pieces": layout.count}
+    )
+    gib = layer.size / (1 << 30)
+    seed = stack.enter_context(p2pd("seed"))
+    print("seed pulls the layer (supernode fetching from the registry meanwhile) …")
+    first = timed_pull(seed, layer.digest, layer.size, buffer)
+    rss = {"seed": peak_rss(seed.process.pid)}
 
-        rounds = []
-        for k in range(args.repeat):
-            print(f"round {k + 1}/{args.repeat}: raw ceiling, then a fresh leech …", flush=True)
-            raw = raw_transfer(layer.path, layout, verify_and_write=None)
-            pull = leech_pull(f"leech{k}", read_body=False)
-            pull["raw_bytes_per_s"] = raw
-            pull["share_of_raw"] = pull["swarm_bytes_per_s"] / raw
-            rounds.append(pull)
-            print(
-                f"  raw {raw / 1e6:.0f} MB/s, p2pd {pull['swarm_bytes_per_s'] / 1e6:.0f} MB/s "
-                f"= {pull['share_of_raw']:.0%}, load {os.getloadavg()[0]:.1f}",
-                flush=True,
-            )
-        print("raw + xxh3 + pwrite; a pull with the client reading the body …", flush=True)
-        raw_vw = _median(
-            [
-                raw_transfer(layer.path, layout, verify_and_write=workdir / "raw-out")
-                for _ in range(args.repeat)
-            ]
-        )
-        streamed = leech_pull("leech-streamed", read_body=True)
-        raw_median = _median([r["raw_bytes_per_s"] for r in rounds])
-        streamed["share_of_raw_median"] = streamed["swarm_bytes_per_s"] / raw_median
-        seed_stats = _json_get(seed.peer_port, "/stats")
-        rss["seed"] = peak_rss(seed.process.pid)
-        report["piece_transfer"] = {
-            "seed_pull": first,
-            "rounds": rounds,
-            "raw_bytes_per_s": raw_median,
-            "leech_swarm_bytes_per_s": _median([r["swarm_bytes_per_s"] for r in rounds]),
-            "share_of_raw": _median([r["share_of_raw"] for r in rounds]),
-            "raw_verify_write_bytes_per_s": raw_vw,
-            "streamed_pull": streamed,
-            "seed_bytes_to_peers": seed_stats["bytes_to_peers"],
+    def leech_pull(name: str, read_body: bool) -> dict[str, Any]:
+        """A fresh leech pulls from the seed; stopped afterwards, so that the next one
+        has the seed alone as its parent again, and its store deleted: kept, each round
+        left a GiB more in the tmpfs, and on this VM every round's writes went to pages
+        never touched before, slower each time (leech 1.7 -> 2.6 -> 3.9 CPU-s per GiB
+        over three rounds, 46 -> 21 -> 15 % of raw; deleted: 1.7 CPU-s and 37-48 % in
+        every round). The raw ceiling it is compared with writes nothing."""
+        with p2pd(name) as leech:
+            pids = {"seed": seed.process.pid, "leech": leech.process.pid}
+            cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            own_before = _own_cpu()
+            pull = timed_pull(leech, layer.digest, layer.size, buffer, read_body=read_body)
+            # CPU per GiB moved: on a machine of 2 shared cores this, not the network,
+            # sets the pace
+            cpu = {k: (cpu_seconds(pid) - cpu_before[k]) / gib for k, pid in pids.items()}
+            cpu["benchmark client"] = (_own_cpu() - own_before) / gib
+            stats = _json_get(leech.peer_port, "/stats")
+            rss[name] = peak_rss(leech.process.pid)
+        shutil.rmtree(leech.data_dir, ignore_errors=True)
+        return {
+            **pull,
+            "swarm_bytes_per_s": layer.size / pull["swarm_seconds"],
+            "bytes_from_peers": stats["bytes_from_peers"],
+            "bytes_from_registry": stats["bytes_from_registry"],
+            "cpu_seconds_per_gib": cpu,
         }
-        report["peak_rss_bytes"] = rss
 
-        print(f"control messages: {args.peers} simulated peers, {args.repeat} rounds …", flush=True)
-        wait_for(lambda: supernode.process.running, timeout=1, what="supernode")
-        control_rounds = [
-            control_messages(
-                supernode.port,
-                supernode.process.pid,
-                layer.digest,
-                layout,
-                registry.url,
-                peers=args.peers,
-                connections=args.connections,
-                per_announce=args.per_announce,
-                seed=args.seed + k,
-                tag=f"r{k}.sim",
-            )
-            for k in range(args.repeat)
+    rounds = []
+    raw_after = raw_transfer(layer.path, layout, verify_and_write=None)
+    for k in range(args.repeat):
+        print(f"round {k + 1}/{args.repeat}: a fresh leech, then the raw ceiling …", flush=True)
+        raw_before = raw_after
+        pull = leech_pull(f"leech{k}", read_body=False)
+        raw_after = raw_transfer(layer.path, layout, verify_and_write=None)
+        # the ceiling on either side of the pull (see the module docstring)
+        raw = (raw_before + raw_after) / 2
+        pull["raw_bytes_per_s"] = raw
+        pull["raw_before_after_bytes_per_s"] = [raw_before, raw_after]
+        pull["share_of_raw"] = pull["swarm_bytes_per_s"] / raw
+        rounds.append(pull)
+        print(
+            f"  raw {raw_before / 1e6:.0f} / {raw_after / 1e6:.0f} MB/s, p2pd "
+            f"{pull['swarm_bytes_per_s'] / 1e6:.0f} MB/s = {pull['share_of_raw']:.0%}, "
+            f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    print("raw + xxh3 + pwrite; a pull with the client reading the body …", flush=True)
+    raw_vw = _median(
+        [
+            raw_transfer(layer.path, layout, verify_and_write=workdir / "raw-out")
+            for _ in range(args.repeat)
         ]
-        per_cpu = [c["per_cpu_second"] for c in control_rounds if c["per_cpu_second"]]
-        report["control"] = {
-            "rounds": control_rounds,
-            "per_second": _median([c["per_second"] for c in control_rounds]),
-            "per_cpu_second": _median(per_cpu) if per_cpu else None,
-        }
+    )
+    streamed = leech_pull("leech-streamed", read_body=True)
+    raw_median = _median([r["raw_bytes_per_s"] for r in rounds])
+    streamed["share_of_raw_median"] = streamed["swarm_bytes_per_s"] / raw_median
+    seed_stats = _json_get(seed.peer_port, "/stats")
+    rss["seed"] = peak_rss(seed.process.pid)
+    report["piece_transfer"] = {
+        "seed_pull": first,
+        "rounds": rounds,
+        "raw_bytes_per_s": raw_median,
+        "leech_swarm_bytes_per_s": _median([r["swarm_bytes_per_s"] for r in rounds]),
+        "share_of_raw": _median([r["share_of_raw"] for r in rounds]),
+        "raw_verify_write_bytes_per_s": raw_vw,
+        "streamed_pull": streamed,
+        "seed_bytes_to_peers": seed_stats["bytes_to_peers"],
+    }
+    report["peak_rss_bytes"] = rss
+
+    print(f"control messages: {args.peers} simulated peers, {args.repeat} rounds …", flush=True)
+    wait_for(lambda: supernode.process.running, timeout=1, what="supernode")
+    control_rounds = [
+        control_messages(
+            supernode.port,
+            supernode.process.pid,
+            layer.digest,
+            layout,
+            registry.url,
+            peers=args.peers,
+            connections=args.connections,
+            per_announce=args.per_announce,
+            seed=args.seed + k,
+            tag=f"r{k}.sim",
+        )
+        for k in range(args.repeat)
+    ]
+    per_cpu = [c["per_cpu_second"] for c in control_rounds if c["per_cpu_second"]]
+    report["control"] = {
+        "rounds": control_rounds,
+        "per_second": _median([c["per_second"] for c in control_rounds]),
+        "per_cpu_second": _median(per_cpu) if per_cpu else None,
+    }
+
+
+def _goals(report: dict[str, Any]) -> dict[str, Any]:
     control = report["control"]["per_cpu_second"]
     share = report["piece_transfer"]["share_of_raw"]
-    report["goals"] = {
+    rss = report["peak_rss_bytes"]
+    return {
         "piece_transfer_share_of_raw": {
             "value": share,
             "limit": f">= {GOAL_PIECE_SHARE}",
@@ -719,17 +804,20 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "met": max(rss.values()) <= GOAL_RSS,
         },
     }
-    report["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    report["workdir"] = str(workdir)
-    return report
 
 
 def _control_batches(
-    args: argparse.Namespace,
-    supernode: SupernodeProcess,
-    upstream: str,
-    layers: list[tuple[str, PieceLayout]],
+    args: argparse.Namespace, workdir: Path, stack: ExitStack, registry: Registry
 ) -> dict[str, Any]:
+    sizes_mib = [args.control_layer_mib] * args.control_layers
+    print(f"building {args.control_layers} layers of {args.control_layer_mib} MiB …", flush=True)
+    image = make_image(
+        args.seed + 1, [n * MIB for n in sizes_mib], workdir=workdir / "image-batches"
+    )
+    push_image(registry.url, REPO, "batches", image)
+    supernode = stack.enter_context(SupernodeProcess(workdir / "sn-batches", [registry.url]))
+    upstream = registry.url
+    layers = [(blob.digest, PieceLayout.for_size(blob.size)) for blob in image.layers]
     sizes = tuple(sorted({1, 3, len(layers)}))
     print(
         f"control batches: {args.peers} peers x {len(layers)} layers, batches of "
