@@ -74,7 +74,7 @@ import enum
 import heapq
 import random
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from p2pd.core.bitfield import Bitfield, iter_bits
 from p2pd.core.layout import PieceLayout
@@ -133,10 +133,13 @@ PIECE_TRANSITIONS: Final = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
+    """A piece asked of a parent. A named tuple rather than a dataclass: requests key the
+    session's and its drivers' books, and a tuple hashes and compares in C (the same hash
+    as the frozen dataclass this was, so sets of requests iterate in the same order)."""
+
     parent: str
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, which nothing here calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +216,7 @@ class PiecePicker:
         self._parents: dict[str, _Parent] = {}
         self._names: list[str] = []  # sorted parent ids
         self._turn = 0
+        self._busy = 0  # slots taken, summed over the parents (`_Parent.busy`)
         self._deadlines: list[tuple[float, int, str, int]] = []  # lazy: stale entries skipped
         self._seq = 0
         self._live = 0
@@ -272,7 +276,7 @@ class PiecePicker:
 
     def receiving(self) -> bool:
         """Some request's bytes are still coming (a slot is taken; see `on_received`)."""
-        return any(p.busy for p in self._parents.values())
+        return self._busy > 0
 
     def next_deadline(self) -> float | None:
         heap = self._deadlines
@@ -341,6 +345,10 @@ class PiecePicker:
         start = self._turn % len(names)
         self._turn += 1
         limit = self.in_flight_limit()
+        if self._busy == limit * len(names) and not self._config.pipeline_depth:
+            # Every parent busy, told from the total: without pipelining the limit never
+            # changes, so no parent holds more than it. Most polls end here.
+            return out
         parents = self._parents
         turn = [
             (name, parents[name])
@@ -442,6 +450,7 @@ class PiecePicker:
         if not p.received_bits >> index & 1:
             p.received_bits |= 1 << index
             p.busy -= 1
+            self._busy -= 1
 
     def on_failure(self, parent: str, index: int, *, lacks_piece: bool = False) -> None:
         """A transfer failed (broken connection, cancelled, 404); the request is restored.
@@ -506,6 +515,7 @@ class PiecePicker:
         self._seq += 1
         p.inflight[index] = self._seq
         p.busy += 1
+        self._busy += 1
         p.inflight_bits |= 1 << index
         self._live += 1
         heapq.heappush(
@@ -524,6 +534,7 @@ class PiecePicker:
             p.received_bits &= ~(1 << index)
         else:
             p.busy -= 1
+            self._busy -= 1
         self._downloading[index].discard(name)
         self._live -= 1
 
