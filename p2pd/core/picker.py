@@ -73,7 +73,9 @@ import bisect
 import enum
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Final, NamedTuple
 
 from p2pd.core.bitfield import Bitfield, iter_bits
@@ -206,6 +208,9 @@ class PiecePicker:
         self._rank = [0] * n  # piece -> rank
         for r, i in enumerate(order):
             self._rank[i] = r
+        # for _to_rank's dense sets; built on first use
+        self._rank_digits: Callable[[str], tuple[str, ...]] | None = None
+        self._digits_format = f"0{n}b"
         self._verifiable = 0
         # Requestable in normal mode: verifiable, not HAVE, not in flight.
         self._free = 0
@@ -423,9 +428,11 @@ class PiecePicker:
         p = self._requested(parent, index)
         out: list[Cancel | BadParent] = []
         if ok:
-            for other in sorted(self._downloading[index] - {parent}):
-                self._forget(other, self._parents[other], index)
-                out.append(Cancel(other, index))
+            requesters = self._downloading[index]
+            if len(requesters) > 1:  # endgame duplicates
+                for other in sorted(requesters - {parent}):
+                    self._forget(other, self._parents[other], index)
+                    out.append(Cancel(other, index))
             self._forget(parent, p, index)
             self._transition(index, PieceState.HAVE)
             return out
@@ -556,22 +563,32 @@ class PiecePicker:
 
     def _set_bits(self, p: _Parent, bits: int) -> None:
         """Change what `p` may be asked for, keeping availability levels in step."""
-        levels = self._by_avail_r
         added = self._to_rank(bits & ~p.bits)
         if added:
-            # Top level down, so a piece moved up one level is not moved again.
-            for k in range(len(levels) - 2, -1, -1):
-                moving = added & levels[k]
-                levels[k] ^= moving
-                levels[k + 1] |= moving
+            self._shift_levels(added, 1)
         removed = self._to_rank(p.bits & ~bits)
         if removed:
-            for k in range(1, len(levels)):
-                moving = removed & levels[k]
-                levels[k] ^= moving
-                levels[k - 1] |= moving
+            self._shift_levels(removed, -1)
         p.bits = bits
         p.bits_r = (p.bits_r | added) & ~removed
+
+    def _shift_levels(self, moving: int, by: int) -> None:
+        """Move the pieces of `moving` (rank bits) one availability level up (`by` 1) or down
+        (-1). Each piece sits at exactly one level: they are found from the rarest level up,
+        stopping once all are, and moved after, so that none is moved twice."""
+        levels = self._by_avail_r
+        found: list[tuple[int, int]] = []
+        rest = moving
+        for k, level in enumerate(levels):
+            here = rest & level
+            if here:
+                found.append((k, here))
+                rest ^= here
+                if not rest:
+                    break
+        for k, here in found:
+            levels[k] ^= here
+            levels[k + by] |= here
 
     def _to_rank(self, bits: int) -> int:
         """The same set of pieces in rank space."""
@@ -583,13 +600,13 @@ class PiecePicker:
             for i in iter_bits(bits):
                 out |= 1 << rank[i]
             return out
-        # Dense sets: small-int work on a bytearray beats a big-int operation per piece.
-        buf = bytearray((self._n + 7) // 8)
-        for i, c in enumerate(bin(bits)[:1:-1]):
-            if c == "1":
-                r = rank[i]
-                buf[r >> 3] |= 1 << (r & 7)
-        return int.from_bytes(buf, "little")
+        # Dense sets: permute the binary digits instead of a big-int operation per piece.
+        # Digit j of both strings (most significant first) is bit n-1-j; the permutation
+        # puts at output digit j the input digit of the piece with rank n-1-j.
+        if self._rank_digits is None:
+            n = self._n
+            self._rank_digits = itemgetter(*[n - 1 - self._order[n - 1 - j] for j in range(n)])
+        return int("".join(self._rank_digits(format(bits, self._digits_format))), 2)
 
     def _is_live(self, entry: tuple[float, int, str, int]) -> bool:
         _, seq, name, index = entry
