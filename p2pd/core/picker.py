@@ -202,12 +202,14 @@ class PiecePicker:
         self._config = config
         self._have = Bitfield(n) if have is None else have.copy()
         self._left = n - self._have.count()  # pieces not HAVE: drivers ask is_complete() a lot
-        order = list(range(n))
+        pieces = list(range(n))
+        order = pieces.copy()
         rng.shuffle(order)
         self._order = order  # rank -> piece
-        self._rank = [0] * n  # piece -> rank
+        # piece -> rank, with the int objects of `order` (a storm holds tens of thousands)
+        self._rank = [0] * n
         for r, i in enumerate(order):
-            self._rank[i] = r
+            self._rank[i] = pieces[r]
         # for _to_rank's dense sets; built on first use
         self._rank_digits: Callable[[str], tuple[str, ...]] | None = None
         self._digits_format = f"0{n}b"
@@ -601,12 +603,12 @@ class PiecePicker:
                 out |= 1 << rank[i]
             return out
         # Dense sets: permute the binary digits instead of a big-int operation per piece.
-        # Digit j of both strings (most significant first) is bit n-1-j; the permutation
-        # puts at output digit j the input digit of the piece with rank n-1-j.
+        # Read least significant first, digit i is piece i, and output digit r is the digit
+        # of the piece with rank r.
         if self._rank_digits is None:
-            n = self._n
-            self._rank_digits = itemgetter(*[n - 1 - self._order[n - 1 - j] for j in range(n)])
-        return int("".join(self._rank_digits(format(bits, self._digits_format))), 2)
+            self._rank_digits = itemgetter(*self._order)
+        digits = format(bits, self._digits_format)[::-1]
+        return int("".join(self._rank_digits(digits))[::-1], 2)
 
     def _is_live(self, entry: tuple[float, int, str, int]) -> bool:
         _, seq, name, index = entry
