@@ -352,18 +352,22 @@ class PiecePicker:
         start = self._turn % len(names)
         self._turn += 1
         limit = self.in_flight_limit()
-        if self._busy == limit * len(names) and not self._config.pipeline_depth:
-            # Every parent busy, told from the total: without pipelining the limit never
-            # changes, so no parent holds more than it. Most polls end here.
-            return out
         parents = self._parents
-        turn = [
-            (name, parents[name])
-            for name in names[start:] + names[:start]
-            if parents[name].busy < limit
-        ]
-        if not turn:
+        # Without pipelining the limit never changes, so no parent holds more than it and
+        # the total of slots taken tells how many are free.
+        free = -1 if self._config.pipeline_depth else limit * len(names) - self._busy
+        if free == 0:
             return out  # every parent busy: most polls end here
+        if free == 1:  # one parent has a free slot: found without rotating the names
+            turn = [next((name, p) for name, p in parents.items() if p.busy < limit)]
+        else:
+            turn = [
+                (name, parents[name])
+                for name in names[start:] + names[:start]
+                if parents[name].busy < limit
+            ]
+            if not turn:
+                return out
         window = ((1 << self._config.prefix_window) - 1) << self._have.first_missing()
         while turn:
             again = []
