@@ -318,6 +318,8 @@ class PiecePicker:
             p = self._parents[parent] = _Parent()
             bisect.insort(self._names, parent)
             self._by_avail_r.append(0)
+        elif p.reported == pieces.bits:
+            return  # the same as before: every reply names every parent again
         p.reported = pieces.bits
         self._set_bits(p, p.reported & ~p.banned)
 
@@ -431,7 +433,7 @@ class PiecePicker:
         self._check_index(index)
         if index in self._have:
             return []
-        p = self._requested(parent, index)
+        p = self._in_flight_from(parent, index)
         out: list[Cancel | BadParent] = []
         if ok:
             requesters = self._downloading[index]
@@ -458,8 +460,7 @@ class PiecePicker:
         the parent's slot, so `pick` may ask that parent for the next piece meanwhile.
         Idempotent.
         """
-        self._check_index(index)
-        p = self._requested(parent, index)
+        p = self._in_flight_from(parent, index)
         if not p.received_bits >> index & 1:
             p.received_bits |= 1 << index
             p.busy -= 1
@@ -623,6 +624,15 @@ class PiecePicker:
         p = self._parents.get(name)
         if p is None:
             raise PickerError(f"unknown parent {name!r}")
+        return p
+
+    def _in_flight_from(self, name: str, index: int) -> _Parent:
+        """`_requested` with the index checked too, the common case first: every piece's
+        bytes and verdict come through here."""
+        p = self._parents.get(name)
+        if p is None or type(index) is not int or index not in p.inflight:
+            self._check_index(index)
+            return self._requested(name, index)  # raises, saying what is wrong
         return p
 
     def _requested(self, name: str, index: int) -> _Parent:
