@@ -41,9 +41,11 @@ actually change (it is bottlenecked elsewhere) is left alone.
 
 *Completion times* live in a heap of ``(time, flow id)`` with lazy invalidation. Each flow knows
 its true ``finish`` and the time ``queued`` of its one live entry, with ``queued <= finish``: an
-entry is a lower bound. A rate change that makes the flow finish earlier pushes a new entry; one
-that makes it finish later pushes nothing, and the early entry is requeued at the true time when
-it reaches the top. A newcomer slows every flow it shares with, so starts cost no heap pushes.
+entry is a lower bound (between queries: see below). A rate change that makes the flow finish
+earlier pushes a new entry, at the next query and only if it is still earlier then (a flow's end
+speeds its neighbours up, and the next piece starting at the same instant slows them back down);
+one that makes it finish later pushes nothing, and the early entry is requeued at the true time
+when it reaches the top. A newcomer slows every flow it shares with, so starts cost no pushes.
 Entries whose time is not their flow's ``queued`` are garbage, dropped when they surface; the
 heap is rebuilt when garbage outnumbers live entries. Ties at equal times break by flow id, so
 runs are reproducible. A flow at rate 0 has no entry and waits for rates to change. A zero-size
@@ -150,6 +152,8 @@ class Network:
         # Zero-size flows: no share, due at once; kept apart so remove_host can find them.
         self._instant: dict[int, _Flow] = {}
         self._heap: list[tuple[float, int]] = []
+        # Flows whose finish moved before their heap entry: queued at the next query
+        self._sooner: list[_Flow] = []
         self._next_id = 0
         self._now = -_INF
         self.bytes_between_zones = 0.0
@@ -300,6 +304,8 @@ class Network:
 
     def next_completion(self) -> tuple[float, int] | None:
         """Earliest ``(time, flow id)`` among active flows, or None if none will complete."""
+        if self._sooner:
+            self._queue_sooner()
         heap = self._heap
         flows = self._flows
         while heap:
@@ -466,7 +472,7 @@ class Network:
         integrate and reschedule the changed ones."""
         up_share = self._up_share
         down_share = self._down_share
-        heap = self._heap
+        sooner = self._sooner
         for g in group:
             if g.rate <= above:
                 continue  # the caller knows its rate cannot have changed
@@ -494,14 +500,29 @@ class Network:
                 fin = now
             g.finish = fin
             # A later finish keeps the old, earlier entry as a lower bound (fixed up when it
-            # reaches the top): flows slowed by a newcomer cost no heap push.
+            # reaches the top): flows slowed by a newcomer cost no heap push. An earlier one
+            # is queued at the next query, if it still is earlier then: a flow ending and the
+            # next one starting at the same instant speed their neighbours up and slow them
+            # back down.
             if fin < g.queued:
-                g.queued = fin
-                heapq.heappush(heap, (fin, g.id))
+                sooner.append(g)
+
+    def _queue_sooner(self) -> None:
+        """Push an entry for each flow that now finishes before its entry: the invariant
+        ``queued <= finish`` holds again, so queries give the same answer as if each had been
+        pushed when it sped up (the answer is the least (finish, id), whatever the garbage)."""
+        flows = self._flows
+        heap = self._heap
+        for f in self._sooner:
+            if f.finish < f.queued and flows.get(f.id) is f:
+                f.queued = f.finish
+                heapq.heappush(heap, (f.finish, f.id))
+        self._sooner.clear()
 
     def _compact(self) -> None:
         """Drop the stale entries: called when they outnumber the live ones (plus slack), so the
         O(flows) rebuild is amortised."""
+        self._sooner.clear()  # every live flow gets its true entry
         for f in self._flows.values():
             f.queued = f.finish
         self._heap = [(f.finish, f.id) for f in self._flows.values() if f.finish < _INF]

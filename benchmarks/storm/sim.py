@@ -79,6 +79,10 @@ class _Layer:
     supernode: int  # index into Sim.supernodes
     known: int = 0  # pieces the seeder holds (published hashes)
     fetching: bool = False
+    sizes: list[int] = field(init=False)  # piece index -> length: every flow's size
+
+    def __post_init__(self) -> None:
+        self.sizes = [self.layout.length(i) for i in range(self.layout.count)]
 
 
 @dataclass
@@ -317,7 +321,7 @@ class Sim:
             sn.scheduler.seeder_done(layer.digest, ok=True)
             return
         sn = self.supernodes[layer.supernode]
-        size = layer.layout.length(layer.known)
+        size = layer.sizes[layer.known]
         self.net.start_flow(self.registry, sn.host, size, self.now, ("seed", layer))
 
     # -- nodes --------------------------------------------------------------------------------
@@ -361,8 +365,11 @@ class Sim:
         """Carry out what the session decided, as the daemon's swarm loop does."""
         node = self.nodes[pull.node]
         session = pull.session
+        supernodes = self.supernodes
         while not pull.done and not node.gone and not pull.calling:
-            if not self._control(pull) or pull.calling:
+            if (pull.fallback_flow is not None or supernodes[pull.supernode].dead) and (
+                not self._control(pull) or pull.calling
+            ):
                 return  # gone to the registry, or registering with another supernode
             out = session.poll(self.now)
             for request in out.cancel:
@@ -651,7 +658,7 @@ class Sim:
                 pull.session.on_failure(request, False, self.now)
                 return
             src = parent.host
-        size = pull.layer.layout.length(request.index)
+        size = pull.layer.sizes[request.index]
         tag = (pull, request)
         flow = self.net.start_flow(src, node.host, size, self.now, tag)
         pull.flows[request] = flow
@@ -677,7 +684,7 @@ class Sim:
         rate = net.rate(flow)
         if rate <= 0:
             return  # stalled: the body's end (or a rate change) comes first
-        size = pull.layer.layout.length(request.index)
+        size = pull.layer.sizes[request.index]
         left = net.remaining(flow, self.now)
         elapsed = self.now - start
         # the daemon's test, with the rate so far taken as the rate now
@@ -721,7 +728,7 @@ class Sim:
         if tag[0] == "seed":
             layer = tag[1]
             assert isinstance(layer, _Layer)
-            size = layer.layout.length(layer.known)
+            size = layer.sizes[layer.known]
             self.egress += size
             self.egress_timeline.append((self.now, self.egress))
             layer.known += 1

@@ -73,8 +73,10 @@ import bisect
 import enum
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from operator import itemgetter
+from typing import Final, NamedTuple
 
 from p2pd.core.bitfield import Bitfield, iter_bits
 from p2pd.core.layout import PieceLayout
@@ -133,10 +135,13 @@ PIECE_TRANSITIONS: Final = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
+    """A piece asked of a parent. A named tuple rather than a dataclass: requests key the
+    session's and its drivers' books, and a tuple hashes and compares in C (the same hash
+    as the frozen dataclass this was, so sets of requests iterate in the same order)."""
+
     parent: str
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, which nothing here calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +202,17 @@ class PiecePicker:
         self._config = config
         self._have = Bitfield(n) if have is None else have.copy()
         self._left = n - self._have.count()  # pieces not HAVE: drivers ask is_complete() a lot
-        order = list(range(n))
+        pieces = list(range(n))
+        order = pieces.copy()
         rng.shuffle(order)
         self._order = order  # rank -> piece
-        self._rank = [0] * n  # piece -> rank
+        # piece -> rank, with the int objects of `order` (a storm holds tens of thousands)
+        self._rank = [0] * n
         for r, i in enumerate(order):
-            self._rank[i] = r
+            self._rank[i] = pieces[r]
+        # for _to_rank's dense sets; built on first use
+        self._rank_digits: Callable[[str], tuple[str, ...]] | None = None
+        self._digits_format = f"0{n}b"
         self._verifiable = 0
         # Requestable in normal mode: verifiable, not HAVE, not in flight.
         self._free = 0
@@ -213,6 +223,7 @@ class PiecePicker:
         self._parents: dict[str, _Parent] = {}
         self._names: list[str] = []  # sorted parent ids
         self._turn = 0
+        self._busy = 0  # slots taken, summed over the parents (`_Parent.busy`)
         self._deadlines: list[tuple[float, int, str, int]] = []  # lazy: stale entries skipped
         self._seq = 0
         self._live = 0
@@ -272,7 +283,7 @@ class PiecePicker:
 
     def receiving(self) -> bool:
         """Some request's bytes are still coming (a slot is taken; see `on_received`)."""
-        return any(p.busy for p in self._parents.values())
+        return self._busy > 0
 
     def next_deadline(self) -> float | None:
         heap = self._deadlines
@@ -307,6 +318,8 @@ class PiecePicker:
             p = self._parents[parent] = _Parent()
             bisect.insort(self._names, parent)
             self._by_avail_r.append(0)
+        elif p.reported == pieces.bits:
+            return  # the same as before: every reply names every parent again
         p.reported = pieces.bits
         self._set_bits(p, p.reported & ~p.banned)
 
@@ -342,13 +355,21 @@ class PiecePicker:
         self._turn += 1
         limit = self.in_flight_limit()
         parents = self._parents
-        turn = [
-            (name, parents[name])
-            for name in names[start:] + names[:start]
-            if parents[name].busy < limit
-        ]
-        if not turn:
+        # Without pipelining the limit never changes, so no parent holds more than it and
+        # the total of slots taken tells how many are free.
+        free = -1 if self._config.pipeline_depth else limit * len(names) - self._busy
+        if free == 0:
             return out  # every parent busy: most polls end here
+        if free == 1:  # one parent has a free slot: found without rotating the names
+            turn = [next((name, p) for name, p in parents.items() if p.busy < limit)]
+        else:
+            turn = [
+                (name, parents[name])
+                for name in names[start:] + names[:start]
+                if parents[name].busy < limit
+            ]
+            if not turn:
+                return out
         window = ((1 << self._config.prefix_window) - 1) << self._have.first_missing()
         while turn:
             again = []
@@ -412,12 +433,14 @@ class PiecePicker:
         self._check_index(index)
         if index in self._have:
             return []
-        p = self._requested(parent, index)
+        p = self._in_flight_from(parent, index)
         out: list[Cancel | BadParent] = []
         if ok:
-            for other in sorted(self._downloading[index] - {parent}):
-                self._forget(other, self._parents[other], index)
-                out.append(Cancel(other, index))
+            requesters = self._downloading[index]
+            if len(requesters) > 1:  # endgame duplicates
+                for other in sorted(requesters - {parent}):
+                    self._forget(other, self._parents[other], index)
+                    out.append(Cancel(other, index))
             self._forget(parent, p, index)
             self._transition(index, PieceState.HAVE)
             return out
@@ -437,11 +460,11 @@ class PiecePicker:
         the parent's slot, so `pick` may ask that parent for the next piece meanwhile.
         Idempotent.
         """
-        self._check_index(index)
-        p = self._requested(parent, index)
+        p = self._in_flight_from(parent, index)
         if not p.received_bits >> index & 1:
             p.received_bits |= 1 << index
             p.busy -= 1
+            self._busy -= 1
 
     def on_failure(self, parent: str, index: int, *, lacks_piece: bool = False) -> None:
         """A transfer failed (broken connection, cancelled, 404); the request is restored.
@@ -506,6 +529,7 @@ class PiecePicker:
         self._seq += 1
         p.inflight[index] = self._seq
         p.busy += 1
+        self._busy += 1
         p.inflight_bits |= 1 << index
         self._live += 1
         heapq.heappush(
@@ -524,6 +548,7 @@ class PiecePicker:
             p.received_bits &= ~(1 << index)
         else:
             p.busy -= 1
+            self._busy -= 1
         self._downloading[index].discard(name)
         self._live -= 1
 
@@ -545,22 +570,32 @@ class PiecePicker:
 
     def _set_bits(self, p: _Parent, bits: int) -> None:
         """Change what `p` may be asked for, keeping availability levels in step."""
-        levels = self._by_avail_r
         added = self._to_rank(bits & ~p.bits)
         if added:
-            # Top level down, so a piece moved up one level is not moved again.
-            for k in range(len(levels) - 2, -1, -1):
-                moving = added & levels[k]
-                levels[k] ^= moving
-                levels[k + 1] |= moving
+            self._shift_levels(added, 1)
         removed = self._to_rank(p.bits & ~bits)
         if removed:
-            for k in range(1, len(levels)):
-                moving = removed & levels[k]
-                levels[k] ^= moving
-                levels[k - 1] |= moving
+            self._shift_levels(removed, -1)
         p.bits = bits
         p.bits_r = (p.bits_r | added) & ~removed
+
+    def _shift_levels(self, moving: int, by: int) -> None:
+        """Move the pieces of `moving` (rank bits) one availability level up (`by` 1) or down
+        (-1). Each piece sits at exactly one level: they are found from the rarest level up,
+        stopping once all are, and moved after, so that none is moved twice."""
+        levels = self._by_avail_r
+        found: list[tuple[int, int]] = []
+        rest = moving
+        for k, level in enumerate(levels):
+            here = rest & level
+            if here:
+                found.append((k, here))
+                rest ^= here
+                if not rest:
+                    break
+        for k, here in found:
+            levels[k] ^= here
+            levels[k + by] |= here
 
     def _to_rank(self, bits: int) -> int:
         """The same set of pieces in rank space."""
@@ -572,13 +607,13 @@ class PiecePicker:
             for i in iter_bits(bits):
                 out |= 1 << rank[i]
             return out
-        # Dense sets: small-int work on a bytearray beats a big-int operation per piece.
-        buf = bytearray((self._n + 7) // 8)
-        for i, c in enumerate(bin(bits)[:1:-1]):
-            if c == "1":
-                r = rank[i]
-                buf[r >> 3] |= 1 << (r & 7)
-        return int.from_bytes(buf, "little")
+        # Dense sets: permute the binary digits instead of a big-int operation per piece.
+        # Read least significant first, digit i is piece i, and output digit r is the digit
+        # of the piece with rank r.
+        if self._rank_digits is None:
+            self._rank_digits = itemgetter(*self._order)
+        digits = format(bits, self._digits_format)[::-1]
+        return int("".join(self._rank_digits(digits))[::-1], 2)
 
     def _is_live(self, entry: tuple[float, int, str, int]) -> bool:
         _, seq, name, index = entry
@@ -589,6 +624,15 @@ class PiecePicker:
         p = self._parents.get(name)
         if p is None:
             raise PickerError(f"unknown parent {name!r}")
+        return p
+
+    def _in_flight_from(self, name: str, index: int) -> _Parent:
+        """`_requested` with the index checked too, the common case first: every piece's
+        bytes and verdict come through here."""
+        p = self._parents.get(name)
+        if p is None or type(index) is not int or index not in p.inflight:
+            self._check_index(index)
+            return self._requested(name, index)  # raises, saying what is wrong
         return p
 
     def _requested(self, name: str, index: int) -> _Parent:

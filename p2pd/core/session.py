@@ -164,13 +164,16 @@ class DownloadSession:
 
     def next_wakeup(self) -> float:
         """When `poll` has something to do even if no transfer finishes."""
-        wake = min(
-            self.next_announce,
-            max(self.last_progress, self.last_busy) + self.config.stall_timeout,
-            self.last_progress + self.config.busy_stall_timeout,
-        )
+        # Comparisons, not min() and max(): drivers ask after every event.
+        config = self.config
+        progress, busy = self.last_progress, self.last_busy
+        wake = self.next_announce
+        stall = (progress if progress > busy else busy) + config.stall_timeout
+        wake = stall if stall < wake else wake
+        stall = progress + config.busy_stall_timeout
+        wake = stall if stall < wake else wake
         deadline = self.picker.next_deadline()
-        return wake if deadline is None else min(wake, deadline)
+        return wake if deadline is None or wake <= deadline else deadline
 
     # -- inputs -------------------------------------------------------------------------------
 

@@ -853,3 +853,21 @@ def test_receiving_says_whether_some_requests_bytes_are_still_coming() -> None:
     picker.on_received(req.parent, req.index)
     assert not picker.receiving()  # in flight still, but its bytes are in
     assert picker.state(req.index) is PieceState.DOWNLOADING
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
+def test_availability_of_a_large_blob_from_dense_and_sparse_bitfields(density: float) -> None:
+    """Availability levels are kept in priority-rank space; a blob of hundreds of pieces
+    takes the dense conversion as well as the sparse one."""
+    n = 400
+    rng = random.Random(7)
+    picker = make(n, seed=3)
+    held = {
+        name: {i for i in range(n) if rng.random() < density} | {rng.randrange(n)} for name in "abc"
+    }
+    for name, pieces in held.items():
+        picker.add_parent(name, Bitfield.from_indexes(n, pieces))
+    picker.update_parent("b", Bitfield.from_indexes(n, set(range(0, n, 3))))
+    held["b"] = set(range(0, n, 3))
+    for i in range(n):
+        assert picker.availability(i) == sum(i in pieces for pieces in held.values())
