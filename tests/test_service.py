@@ -196,6 +196,7 @@ def test_supernode_readiness_and_stop(tmp_path: Path) -> None:
         notify.wait_for("READY=1")
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
         assert "supernode_control_messages_total 0.0" in metrics.text
+        assert "supernode_pace_seconds 0.0" in metrics.text
         proc.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1")
         assert proc.wait(timeout=20) == 0

@@ -482,6 +482,7 @@ async def test_replies_pace_downloading_peers_to_the_control_rate(tmp_path: Path
         assert a.pace_ms == 250  # one downloading peer, 4 messages/s
         b = await h.register("b")
         assert b.pace_ms == 500
+        assert h.supernode.counters()["pace"] == 0.5  # what /metrics shows operators
         await h.wait_done()
         done = await h.announce("a", tuple(range(a.layout.count)))
         assert done.pace_ms == 250  # "a" holds everything: only "b" still calls
