@@ -1200,8 +1200,8 @@ def test_seeder_slots_past_half_go_to_hosts_it_feeds_nowhere_else() -> None:
 
 
 def test_seeder_spread_zero_is_first_come() -> None:
-    assert SchedulerConfig().seeder_spread == 0.0  # off by default: see Scheduler._seeder_slot
-    s = sched(seeder_upload_slots=2)
+    assert SchedulerConfig().seeder_spread == 0.5  # see Scheduler._seeder_slot
+    s = sched(seeder_upload_slots=2, seeder_spread=0.0)
     s.add_task(D2, PieceLayout(4, 1), 0.0)
     s.seeder_done(D2, True)
     for n in range(3):
