@@ -292,7 +292,7 @@ SUPERNODE_GAUGES: metrics.Table = {
     # Seconds the supernode asks each downloading peer to keep between its calls, so that it
     # answers at most its control_rate (Scheduler.pace). Above the peers' own early interval
     # (0.2 s) through a storm, news of pieces reaches the swarm late: run more supernodes
-    # (p2p-bench storm, 10 layers at 1000 hosts: 1.91x the bound with one, 1.42x with three).
+    # (p2p-bench storm, 10 layers at 1000 hosts: 1.67x the bound with one, 1.38x with three).
     "supernode_pace_seconds": ("interval downloading peers are paced to", "pace"),
 }
 
