@@ -370,23 +370,7 @@ def control_messages(
     rng = random.Random(seed)
     d = Digest.parse(digest)
     registers = [
-        _post(
-            "/v1/register",
-            wire.encode(
-                wire.Register(
-                    digest=d,
-                    size=layout.total_size,
-                    peer_id=f"{tag}{i:05d}",
-                    address=f"127.0.0.1:{10000 + i}",  # never dialled: nobody fetches pieces
-                    zone="",
-                    upload_slots=8,
-                    upstream=upstream,
-                    repository=REPO,
-                    authorization=None,
-                    have=None,
-                )
-            ),
-        )
+        _post("/v1/register", wire.encode(_register(d, layout, f"{tag}{i:05d}", i, upstream)))
         for i in range(peers)
     ]
     # Each peer announces its pieces in its own random order, a few per message, asking for
