@@ -169,6 +169,14 @@ async def members(fake: Supernodes, known: list[Blob], peer: str = "me") -> list
     return out
 
 
+def joined(crew: list[Member]) -> Coalescer:
+    """A coalescer that every member of `crew` has joined."""
+    coalescer = Coalescer()
+    for m in crew:
+        coalescer.join(m)
+    return coalescer
+
+
 def outcome_digest(outcome: Outcome) -> Digest | str:
     return outcome.digest if isinstance(outcome, wire.Assignment) else type(outcome).__name__
 
@@ -180,9 +188,7 @@ async def test_the_ready_members_at_the_same_supernode_ride_along(
     fake = Supernodes(at_a + at_b)
     crew = await members(fake, at_a + at_b)
     crew[2].ready = False  # e.g. its own announce is in flight
-    coalescer = Coalescer()
-    for m in crew:
-        coalescer.join(m)
+    coalescer = joined(crew)
     start = len(fake.calls)
     await coalescer.announce(crew[1], crew[1].item())
     # one message to A: the caller's announce first, then the ready members at A
@@ -210,9 +216,7 @@ async def test_each_item_recovers_as_a_lone_announce_would(
     known = blobs(5)
     fake = Supernodes(known)
     crew = await members(fake, known)
-    coalescer = Coalescer()
-    for m in crew:
-        coalescer.join(m)
+    coalescer = joined(crew)
     d = [b.digest for b in known]
     fake.script = {
         d[1]: ["unknown_task"],  # the supernode restarted: register again, same supernode
@@ -242,9 +246,7 @@ async def test_a_lost_supernode_fails_every_item_over_on_its_own(
     known = blobs(3)
     fake = Supernodes(known)
     crew = await members(fake, known)
-    coalescer = Coalescer()
-    for m in crew:
-        coalescer.join(m)
+    coalescer = joined(crew)
     fake.down.add(A)
     start = len(fake.calls)
     await coalescer.announce(crew[0], crew[0].item())
@@ -296,9 +298,7 @@ async def test_a_download_that_ended_meanwhile_is_not_registered_again(
     known = blobs(2)
     fake = Supernodes(known)
     crew = await members(fake, known)
-    coalescer = Coalescer()
-    for m in crew:
-        coalescer.join(m)
+    coalescer = joined(crew)
     fake.script = {known[1].digest: ["unknown_peer"]}
     fake.delay = 1.0
     start = len(fake.calls)
