@@ -302,7 +302,11 @@ class DownloadSession:
         complete = self.picker.is_complete()  # neither expiring nor picking changes it
         if self.failed_task:
             self._out.gave_up = "the supernode could not fetch the blob from the registry"
-        elif not complete and now - self.last_progress >= self.config.busy_stall_timeout:
+        # The timeouts are tested as `next_wakeup` computes them (a sum, not a difference):
+        # `(t + 15) - t` can round below 15, and a driver woken at the time next_wakeup
+        # gave then found nothing to do and was given the same time again (the storm
+        # simulator spun at one instant).
+        elif not complete and now >= self.last_progress + self.config.busy_stall_timeout:
             self._out.gave_up = (
                 f"no piece arrived for {self.config.busy_stall_timeout:g} s, transfers in "
                 f"flight or not ({self.picker.have.count()}/{self.layout.count} pieces)"
@@ -313,7 +317,7 @@ class DownloadSession:
             self.last_busy = now
         elif (
             not complete
-            and now - max(self.last_progress, self.last_busy) >= self.config.stall_timeout
+            and now >= max(self.last_progress, self.last_busy) + self.config.stall_timeout
         ):
             self._out.gave_up = (
                 f"no piece arrived for {self.config.stall_timeout:g} s "

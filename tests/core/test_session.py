@@ -161,6 +161,46 @@ def test_stall_and_failed_task_give_up() -> None:
     assert "could not fetch" in (t.poll(0.0).gave_up or "")
 
 
+def _run_until_it_gives_up(
+    s: DownloadSession, now: float, state: str, known: int, parents: list[ParentView]
+) -> float:
+    """Wake the session exactly when `next_wakeup` says, as the drivers do (every announce
+    answered with the same reply), until it gives up; returns that time."""
+    for _ in range(500):
+        out = s.poll(now)
+        if out.gave_up is not None:
+            return now
+        if out.announce:
+            s.take_announce(now)
+            s.apply(state, known, parents, now)
+        wake = s.next_wakeup()
+        assert wake > now, f"woken at {now!r} as it asked, it asked for that time again"
+        now = wake
+    raise AssertionError("never gave up")
+
+
+@pytest.mark.parametrize(
+    ("start", "parents"),
+    [
+        # (start + 10) - start < 10: an idle session's stall_timeout
+        (7.111917696952796, []),
+        # (start + 60) - start < 60: a hung parent's busy_stall_timeout
+        (9.364405867994597, [parent("hung")]),
+    ],
+)
+def test_giving_up_happens_at_the_time_next_wakeup_gives(
+    start: float, parents: list[ParentView]
+) -> None:
+    """Timeouts that round: the session gives up when woken at the time it asked for, not
+    hands that time back (the storm simulator spun at one instant)."""
+    timeout = CONFIG.busy_stall_timeout if parents else CONFIG.stall_timeout
+    assert (start + timeout) - start < timeout  # the rounding this is about
+    state, known = ("ready", 8) if parents else ("fetching", 0)
+    s = session(start)
+    s.apply(state, known, parents, start)
+    assert _run_until_it_gives_up(s, start, state, known, parents) == start + timeout
+
+
 def test_a_congested_swarm_is_not_a_stalled_one() -> None:
     """Slow transfers and a seeder still publishing pieces keep the session in the swarm;
     only idleness with neither gives up, ``stall_timeout`` after the last sign of life."""
