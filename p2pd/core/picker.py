@@ -274,6 +274,10 @@ class PiecePicker:
     def parents(self) -> list[str]:
         return list(self._names)
 
+    def offers(self, parent: str) -> int:
+        """What we may ask `parent` for, as bits (piece i is bit i)."""
+        return self._parent(parent).bits
+
     def in_flight(self, parent: str) -> int:
         return len(self._parent(parent).inflight)
 

@@ -90,6 +90,10 @@ class SessionConfig:
     # download in the swarm. No verified piece for this long gives up regardless.
     busy_stall_timeout: float = 60.0
     max_connect_failures: int = 2
+    # A parent whose pieces come at less than this share of the median rate of our parents
+    # is set aside for the rest of the download (0: never); see `_judge_speed`.
+    slow_parent_ratio: float = 0.2
+    slow_parent_samples: int = 2  # pieces from it before it is judged
     # Pieces past the known hashes that may be asked of a parent offering them (the seeder
     # streaming them); 0 = only hashed pieces. The daemon takes its seeder's cut-through
     # (p2pd.peers.STREAM_AHEAD); the storm simulator does not model it.
@@ -135,6 +139,9 @@ class DownloadSession:
         self.live: set[Request] = set()
         self.completed: list[int] = []
         self.shunned: set[str] = set()
+        self.slow: set[str] = set()  # parents set aside as slow (`_judge_speed`); not reported
+        self._asked: dict[Request, float] = {}  # when each live request was made
+        self._rates: dict[str, tuple[float, int]] = {}  # parent -> (bytes/s, pieces measured)
         # Parents the supernode took away while pieces of theirs were being checked: kept on
         # the picker's books, offering nothing, until those verdicts are in (see `_let_go`).
         self.leaving: set[str] = set()
@@ -206,7 +213,9 @@ class DownloadSession:
         wanted = {
             p.peer_id: p
             for p in parents
-            if p.peer_id != self.peer_id and p.peer_id not in self.shunned
+            if p.peer_id != self.peer_id
+            and p.peer_id not in self.shunned
+            and p.peer_id not in self.slow
         }
         # pieces right after the known hashes that a parent offers: it streams them
         offered = 0
@@ -247,6 +256,7 @@ class DownloadSession:
         if request not in self.live:
             return False  # cancelled meanwhile: the picker has already moved on
         self.live.discard(request)
+        asked = self._asked.pop(request, now)
         self.failures.pop(request.parent, None)
         if (
             parent_has is not None
@@ -269,6 +279,8 @@ class DownloadSession:
             self.completed.append(request.index)
             self.last_progress = now
             self.idle_gap = self.config.min_announce_gap
+            if now > asked:
+                self._judge_speed(request.parent, self.layout.length(request.index) / (now - asked))
         return ok
 
     def on_failure(
@@ -279,6 +291,7 @@ class DownloadSession:
         if request not in self.live:
             return
         self.live.discard(request)
+        self._asked.pop(request, None)
         self.picker.on_failure(request.parent, request.index, lacks_piece=not_found)
         self._settle(request.parent)
         if not_found or busy:
@@ -297,6 +310,7 @@ class DownloadSession:
         """Advance timers to `now` and hand over every decision made since the last poll."""
         for request in self.picker.expire(now):
             self.live.discard(request)
+            self._asked.pop(request, None)
             self._out.cancel.append(request)
             self._settle(request.parent)
         complete = self.picker.is_complete()  # neither expiring nor picking changes it
@@ -326,6 +340,8 @@ class DownloadSession:
         if self._out.gave_up is None and not complete:
             fresh = self.picker.pick(now)
             self.live.update(fresh)
+            for request in fresh:
+                self._asked[request] = now
             self._out.fetch.extend(fresh)
             if self.awaiting_reply:
                 # An announce's reply is due: it brings the parents and pieces the rules
@@ -387,6 +403,7 @@ class DownloadSession:
     def _cancel(self, request: Request) -> None:
         if request in self.live:
             self.live.discard(request)
+            self._asked.pop(request, None)
             self._out.cancel.append(request)
 
     def _let_go(self, parent: str) -> None:
@@ -410,6 +427,45 @@ class DownloadSession:
             if request.index not in checking:
                 self.picker.on_failure(parent, request.index)
                 self._cancel(request)
+
+    def _judge_speed(self, parent: str, rate: float) -> None:
+        """Fold a piece's rate from `parent` (bytes over the time from request to verdict)
+        into its average, and set the parent aside if it is far slower than our others.
+
+        Why: a parent on a slow link (a 100 Mbit/s host in a 1 Gbit/s fleet) shares that link
+        among its children, so each of its pieces takes ten or more times as long as from a
+        fast parent, and in the storm simulator the fast hosts that drew such parents were the
+        slowest of all (`slow-hosts` preset: the last 2 % of fast hosts got ~45 pieces each
+        from slow parents). A parent slower than ``slow_parent_ratio`` of the median of our
+        measured parents, after ``slow_parent_samples`` pieces, is dropped for the rest of
+        this download and not taken back from assignments; the supernode is not told (an
+        older supernode would take any report but "unreachable" for a bad piece). The rate is
+        relative, so a slow host's own parents -- all capped by its link -- look alike and
+        none is dropped. Never dropped: the last two parents, and a parent that alone offers
+        something we lack (the seeder is linked for exactly such pieces).
+        """
+        old, count = self._rates.get(parent, (rate, 0))
+        average = rate if not count else (old + rate) / 2
+        count += 1
+        self._rates[parent] = (average, count)
+        config = self.config
+        if not config.slow_parent_ratio or count < config.slow_parent_samples:
+            return
+        picker = self.picker
+        current = picker.parents()
+        if parent in self.leaving or parent not in current or len(current) <= 2:
+            return
+        measured = sorted(self._rates[p][0] for p in current if p in self._rates)
+        if len(measured) < 3 or average >= config.slow_parent_ratio * measured[len(measured) // 2]:
+            return
+        others = 0
+        for p in current:
+            if p != parent:
+                others |= picker.offers(p)
+        if picker.offers(parent) & ~picker.have.bits & ~others:
+            return  # the only one offering something we lack (the seeder's rare pieces)
+        self.slow.add(parent)
+        self._drop_parent(parent)
 
     def _settle(self, parent: str) -> None:
         """Drop a parent that was let go once its last request is over."""

@@ -451,3 +451,83 @@ def test_no_announce_timer_is_pulled_in_while_a_reply_is_due() -> None:
     s.apply("fetching", 8, [parent("sn", "11000000")], 0.31)  # nothing new on offer
     assert not s.poll(0.31).fetch
     assert s.next_wakeup() == pytest.approx(0.31 + CONFIG.min_announce_gap)  # idle again
+
+
+# -- slow parents ---------------------------------------------------------------------------
+
+SPEED_LAYOUT = PieceLayout(256 * 1000, 1000)  # 256 pieces
+
+
+def _pull_with_speeds(
+    seconds_per_piece: dict[str, float],
+    offers: dict[str, str] | None = None,
+    config: SessionConfig | None = None,
+    until: float = 1000.0,
+) -> tuple[DownloadSession, dict[str, int]]:
+    """Drive a session whose parents each take a fixed time per piece, one request each at
+    a time, every reply naming the same parents (all pieces unless `offers` says); returns
+    the session and how many pieces each parent delivered."""
+    cfg = config or SessionConfig(
+        early_bytes=0, picker=PickerConfig(max_in_flight_per_parent=1, prefix_window=0)
+    )
+    n = SPEED_LAYOUT.count
+    views = [parent(name, (offers or {}).get(name, "1" * n)) for name in sorted(seconds_per_piece)]
+    s = DownloadSession(SPEED_LAYOUT, "me", random.Random(7), cfg)
+    s.apply("ready", n, views, 0.0)
+    due: list[tuple[float, Request]] = []
+    served = dict.fromkeys(seconds_per_piece, 0)
+    now = 0.0
+    while not s.is_complete() and now < until:
+        out = s.poll(now)
+        assert out.gave_up is None
+        due.extend((now + seconds_per_piece[r.parent], r) for r in out.fetch)
+        if out.announce:
+            s.take_announce(now)
+            s.apply("ready", n, views, now)
+        if not due:
+            now = s.next_wakeup()
+            continue
+        due.sort()
+        now, request = due.pop(0)
+        if request in s.live:
+            served[request.parent] += 1
+        s.on_piece(request, True, now)
+    return s, served
+
+
+def test_a_parent_far_slower_than_the_others_is_set_aside_and_not_taken_back() -> None:
+    s, served = _pull_with_speeds({"a": 0.1, "b": 0.1, "c": 0.12, "slow": 1.0})
+    assert s.is_complete()
+    assert s.slow == {"slow"}
+    assert "slow" not in s.picker.parents()  # replies kept naming it
+    assert served["slow"] == SessionConfig().slow_parent_samples
+    assert s.shunned == set()  # set aside, not reported: no report went out
+
+
+def test_parents_slowed_alike_are_all_kept() -> None:
+    """A slow host's own parents are all capped by its link: none stands out."""
+    s, served = _pull_with_speeds({"a": 1.0, "b": 1.1, "c": 0.9, "d": 1.2})
+    assert s.slow == set()
+    assert all(count > 10 for count in served.values())
+
+
+def test_a_slow_parent_that_alone_offers_what_we_lack_is_kept() -> None:
+    n = SPEED_LAYOUT.count
+    only_some = "1" * (n - 4) + "0000"
+    s, served = _pull_with_speeds(
+        {"a": 0.1, "b": 0.1, "c": 0.1, "sn": 1.0},
+        offers={"a": only_some, "b": only_some, "c": only_some},
+    )
+    assert s.is_complete()  # set aside while it alone had pieces, the pull would have stalled
+    assert served["sn"] >= 4
+
+
+def test_slow_parents_are_kept_when_the_ratio_is_zero() -> None:
+    config = SessionConfig(
+        early_bytes=0,
+        slow_parent_ratio=0.0,
+        picker=PickerConfig(max_in_flight_per_parent=1, prefix_window=0),
+    )
+    s, served = _pull_with_speeds({"a": 0.1, "b": 0.1, "c": 0.1, "slow": 1.0}, config=config)
+    assert s.slow == set()
+    assert served["slow"] > SessionConfig().slow_parent_samples
