@@ -458,7 +458,14 @@ class _Run:
                 self.download.digest,
                 request.parent,
             )
+        slow = len(self.session.slow)
         self.session.on_piece(request, bool(result.ok), trio.current_time())
+        if len(self.session.slow) > slow:
+            log.info(
+                "%s: parent %s set aside, far slower than the others",
+                self.download.digest,
+                request.parent,
+            )
 
     def _verify_and_write(self, index: int, piece: memoryview) -> bool:
         """(In a worker thread.) True when the piece matched its hash and is on disk."""
