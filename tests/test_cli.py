@@ -65,6 +65,19 @@ def test_bench_micro_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFix
     assert report["manifest"]["pieces"] == 2560
 
 
+def test_bench_storm_makes_its_output_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run where no bench-out/ exists yet: the report lands there (it once crashed after the
+    whole simulation, losing it)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["storm", "--nodes", "3", "--layers-mib", "1", "--no-progress"]
+    assert bench_cli.main(args) == 0
+    report = json.loads((tmp_path / "bench-out" / "storm.json").read_text())
+    assert len(report["per_node"]["duration"]) == 3
+    assert "JSON: bench-out/storm.json" in capsys.readouterr().out
+
+
 def test_p2pd_status_renders_traffic_rates_and_downloads() -> None:
     from p2pd.status import render
 

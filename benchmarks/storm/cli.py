@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    # Make the output directories before the run, not after it: a storm of 10 000 hosts takes
+    # ten minutes, and a missing bench-out/ used to lose it at the very end.
+    for path in (args.out, args.plot):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     if args.engine != "compare":
         result = _run(scenario, args.engine, args)
         summary = summarize(result)
@@ -199,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                 plot_png(result, plot)
     verdict = compare(summaries["fast"], summaries["full"])
     print("\n" + format_comparison(verdict))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as out:
         json.dump(jsonable({"comparison": verdict, **summaries}), out, indent=1, allow_nan=False)
         out.write("\n")
