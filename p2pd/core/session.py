@@ -213,10 +213,10 @@ class DownloadSession:
         wanted = {
             p.peer_id: p
             for p in parents
-            if p.peer_id != self.peer_id
-            and p.peer_id not in self.shunned
-            and p.peer_id not in self.slow
+            if p.peer_id != self.peer_id and p.peer_id not in self.shunned
         }
+        if self.slow:
+            self._keep_slow_aside(wanted)
         # pieces right after the known hashes that a parent offers: it streams them
         offered = 0
         for info in wanted.values():
@@ -438,8 +438,9 @@ class DownloadSession:
         slowest of all (`slow-hosts` preset: the last 2 % of fast hosts got ~45 pieces each
         from slow parents). A parent slower than ``slow_parent_ratio`` of the median of our
         measured parents, after ``slow_parent_samples`` pieces, is dropped for the rest of
-        this download and not taken back from assignments; the supernode is not told (an
-        older supernode would take any report but "unreachable" for a bad piece). The rate is
+        this download, unless a later reply has it alone offering something we lack (see
+        `_keep_slow_aside`); the supernode is not told (an older supernode would take any
+        report but "unreachable" for a bad piece). The rate is
         relative, so a slow host's own parents -- all capped by its link -- look alike and
         none is dropped. Never dropped: the last two parents, and a parent that alone offers
         something we lack (the seeder is linked for exactly such pieces).
@@ -466,6 +467,23 @@ class DownloadSession:
             return  # the only one offering something we lack (the seeder's rare pieces)
         self.slow.add(parent)
         self._drop_parent(parent)
+
+    def _keep_slow_aside(self, wanted: dict[str, ParentView]) -> None:
+        """Leave out of `wanted` the parents set aside as slow, except one that now alone
+        offers something we lack: it is taken back (slow beats none). Above all the seeder:
+        the supernode links it for exactly such pieces, and while it is slow (behind a slow
+        registry) it hands each rare piece to one child at a time; a child ignoring it would
+        hold those pieces from everyone."""
+        cover = 0
+        for peer_id, info in wanted.items():
+            if peer_id not in self.slow:
+                cover |= info.pieces.bits
+        lacking = ~self.picker.have.bits & ~cover
+        for peer_id in [p for p in wanted if p in self.slow]:
+            if wanted[peer_id].pieces.bits & lacking:
+                self.slow.discard(peer_id)
+            else:
+                del wanted[peer_id]
 
     def _settle(self, parent: str) -> None:
         """Drop a parent that was let go once its last request is over."""

@@ -531,3 +531,25 @@ def test_slow_parents_are_kept_when_the_ratio_is_zero() -> None:
     s, served = _pull_with_speeds({"a": 0.1, "b": 0.1, "c": 0.1, "slow": 1.0}, config=config)
     assert s.slow == set()
     assert served["slow"] > SessionConfig().slow_parent_samples
+
+
+def test_a_slow_parent_alone_offering_something_new_is_taken_back() -> None:
+    """The seeder, say: set aside while peers covered what it offered, it is needed again as
+    soon as a reply has it offering a piece no other parent does (its claims would otherwise
+    be held from everyone)."""
+    s, _ = _pull_with_speeds(
+        {"a": 0.1, "b": 0.1, "c": 0.12, "slow": 1.0}, until=3.0
+    )  # set aside, download not complete
+    assert s.slow == {"slow"} and not s.is_complete()
+    n = SPEED_LAYOUT.count
+    missing = next(i for i in range(n) if i not in s.have and not s.picker.requesters(i))
+    only = "".join("1" if i == missing else "0" for i in range(n))
+    others = "".join("0" if i == missing else "1" for i in range(n))
+    views = [parent("a", others), parent("b", others), parent("c", others)]
+    s.apply("ready", n, [*views, parent("slow", only)], 3.0)
+    assert "slow" not in s.slow and "slow" in s.picker.parents()
+    assert any(r.parent == "slow" and r.index == missing for r in s.poll(3.0).fetch)
+    # the same reply without anything new from it leaves it aside
+    t, _ = _pull_with_speeds({"a": 0.1, "b": 0.1, "c": 0.12, "slow": 1.0}, until=3.0)
+    t.apply("ready", n, [*views, parent("slow", others)], 3.0)
+    assert t.slow == {"slow"} and "slow" not in t.picker.parents()
