@@ -31,6 +31,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -89,6 +90,27 @@ def parse_head(head: bytes, auth_header: bytes) -> _Head | None:
     """The control request in `head` (without its final blank line), or None when it is not
     plainly one (the general server then takes it). `auth_header`: lower-case name of the
     header whose value the caller wants."""
+    key = (head, auth_header)
+    known = _HEADS.get(key)
+    if known is not None:
+        return known
+    parsed = _parse_head(head, auth_header)
+    if parsed is not None and len(head) <= _HEADS_HEAD_MAX:
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[key] = parsed
+    return parsed
+
+
+# Control heads parsed lately: a p2pd's heads differ only in their Content-Length (without
+# cluster auth), and parsing one was a twentieth of a lone announce's CPU. Bounded (cleared
+# when full), and long heads are not kept.
+_HEADS: dict[tuple[bytes, bytes], _Head] = {}
+_HEADS_MAX = 256
+_HEADS_HEAD_MAX = 1024
+
+
+def _parse_head(head: bytes, auth_header: bytes) -> _Head | None:
     match = _HEAD.fullmatch(head)
     if match is None:
         return None
@@ -121,17 +143,35 @@ def parse_head(head: bytes, auth_header: bytes) -> _Head | None:
 
 def render(status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool) -> bytes:
     """One whole response: status line, headers, Content-Length, then the body."""
-    # No reason phrase, as h11 writes it: the answer is byte for byte the general server's.
-    lines = [b"HTTP/1.1 %d " % status]
-    lines += [f"{k}: {v}".encode("latin-1") for k, v in headers]
-    lines.append(b"content-length: %d" % len(body))
-    if close:
-        lines.append(b"connection: close")
-    return b"\r\n".join(lines) + _HEAD_END + body
+    key = (status, *headers)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        # No reason phrase, as h11 writes it: the answer is byte for byte the general server's.
+        lines = [b"HTTP/1.1 %d " % status]
+        lines += [f"{k}: {v}".encode("latin-1") for k, v in headers]
+        lines.append(b"content-length: ")
+        prefix = b"\r\n".join(lines)
+        if len(_PREFIXES) < _PREFIXES_MAX:
+            _PREFIXES[key] = prefix
+    end = b"\r\nconnection: close\r\n\r\n" if close else _HEAD_END
+    return b"%s%d%s%s" % (prefix, len(body), end, body)
+
+
+# A response's lines up to its Content-Length, by status and headers: the server answers with
+# a handful of different ones, and joining them for every answer was a few percent of its CPU.
+_PREFIXES: dict[tuple[object, ...], bytes] = {}
+_PREFIXES_MAX = 64
 
 
 class _Closed(Exception):
     """The client closed the connection, or was too slow."""
+
+
+class _Renew:
+    """`_Lean._serve`'s ask for a fresh cancel scope."""
+
+
+_RENEW = _Renew()
 
 
 async def serve_connection(
@@ -180,60 +220,23 @@ class _Lean:
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self.streak = 0  # requests served without waiting: yield now and then all the same
         self.waited = False
+        self.scope = trio.CancelScope()  # replaced by run's
 
     async def run(self) -> bytes | None:
         """Serve requests until the connection ends (None: close it) or one is not a control
         POST (the bytes read so far, for the general server)."""
-        buffer = self.buffer
         try:
             while True:
-                end = buffer.find(_HEAD_END)
-                head = self._parse(end) if end >= 0 else None
-                if end >= 0 and head is None:
-                    return bytes(buffer)
-                # Most requests arrive whole in one read: wait (and pay for a deadline) only
-                # when this one has not.
-                missing = head is None or (
-                    head.length <= _MAX_BODY and len(buffer) < end + 4 + head.length
-                )
-                if missing:
-                    with trio.move_on_after(self.limits.head_timeout) as scope:
-                        if head is None:
-                            end = await self._until_head()
-                            head = self._parse(end) if end >= 0 else None
-                            if head is None:
-                                return bytes(buffer)
-                        if head.length <= _MAX_BODY:
-                            await self._until(end + 4 + head.length)
-                    if scope.cancelled_caught:
-                        if buffer:
-                            log.info("control request from %s too slow; dropped", self.client)
-                        return None
-                assert head is not None
-                if head.length > _MAX_BODY:
-                    await self._too_large()
+                # One cancel scope for many requests, its deadline moved at each wait: a scope
+                # entered and left per request was a twentieth of a lone announce's CPU.
+                with trio.CancelScope() as self.scope:
+                    handed = await self._serve()
+                if self.scope.cancelled_caught:
+                    if self.buffer:
+                        log.info("control request from %s too slow; dropped", self.client)
                     return None
-                start = end + 4
-                body = bytes(buffer[start : start + head.length])
-                del buffer[: start + head.length]
-                try:
-                    status, headers, payload = self.control(head.path, head.auth, body, self.client)
-                except Exception:
-                    log.exception("control call %s from %s failed", head.path, self.client)
-                    text = [("content-type", "text/plain; charset=utf-8")]
-                    await self._send(render(500, text, b"internal error\n", close=True))
-                    return None
-                await self._send(render(status, headers, payload, close=head.close))
-                if head.close:
-                    return None
-                if self.waited:
-                    self.waited, self.streak = False, 0
-                else:
-                    # a client pipelining without pause must not starve the others
-                    self.streak += 1
-                    if self.streak >= _STREAK:
-                        self.streak = 0
-                        await trio.lowlevel.checkpoint()
+                if not isinstance(handed, _Renew):
+                    return handed
         except _Closed:
             return None
         except trio.TooSlowError:
@@ -241,6 +244,69 @@ class _Lean:
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return None
+
+    async def _serve(self) -> bytes | _Renew | None:
+        """`run` inside one cancel scope (`self.scope`): its deadline is set when a request
+        is awaited, and lifted (`_relax`) before any other wait.
+
+        The deadline of a wait whose request came just in time can still fire before this
+        task runs again, leaving the scope cancelled for good: `_RENEW` then asks `run` for
+        a fresh scope before the next wait."""
+        buffer = self.buffer
+        scope = self.scope
+        while True:
+            end = buffer.find(_HEAD_END)
+            head = self._parse(end) if end >= 0 else None
+            if end >= 0 and head is None:
+                return bytes(buffer)
+            # Most requests arrive whole in one read: wait (and pay for a deadline) only
+            # when this one has not.
+            missing = head is None or (
+                head.length <= _MAX_BODY and len(buffer) < end + 4 + head.length
+            )
+            if missing:
+                if scope.cancel_called:
+                    return _RENEW
+                scope.deadline = trio.current_time() + self.limits.head_timeout
+                if head is None:
+                    end = await self._until_head()
+                    head = self._parse(end) if end >= 0 else None
+                    if head is None:
+                        return bytes(buffer)
+                if head.length <= _MAX_BODY:
+                    await self._until(end + 4 + head.length)
+            assert head is not None
+            if head.length > _MAX_BODY:
+                self._relax()
+                await self._too_large()
+                return None
+            start = end + 4
+            body = bytes(buffer[start : start + head.length])
+            del buffer[: start + head.length]
+            try:
+                status, headers, payload = self.control(head.path, head.auth, body, self.client)
+            except Exception:
+                log.exception("control call %s from %s failed", head.path, self.client)
+                text = [("content-type", "text/plain; charset=utf-8")]
+                await self._send(render(500, text, b"internal error\n", close=True))
+                return None
+            await self._send(render(status, headers, payload, close=head.close))
+            if head.close:
+                return None
+            if self.waited:
+                self.waited, self.streak = False, 0
+            else:
+                # a client pipelining without pause must not starve the others
+                self.streak += 1
+                if self.streak >= _STREAK:
+                    self.streak = 0
+                    self._relax()
+                    await trio.lowlevel.checkpoint()
+
+    def _relax(self) -> None:
+        """No deadline for the wait that follows (a stalled write, a pause for the others):
+        the last request's still stands until the next request is awaited."""
+        self.scope.deadline = math.inf
 
     def _parse(self, end: int) -> _Head | None:
         return parse_head(bytes(self.buffer[:end]), self.auth_header)
@@ -282,6 +348,7 @@ class _Lean:
 
     async def _send(self, data: bytes) -> None:
         if self.fd < 0:
+            self._relax()
             with trio.fail_after(self.limits.send_timeout):
                 await self.stream.send_all(data)
             return
@@ -291,6 +358,7 @@ class _Lean:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
                 self.waited = True
+                self._relax()
                 with trio.fail_after(self.limits.send_timeout):
                     await trio.lowlevel.wait_writable(self.fd)
 
