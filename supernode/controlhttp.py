@@ -31,7 +31,6 @@ Rules:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Callable
@@ -167,13 +166,6 @@ class _Closed(Exception):
     """The client closed the connection, or was too slow."""
 
 
-class _Renew:
-    """`_Lean._serve`'s ask for a fresh cancel scope."""
-
-
-_RENEW = _Renew()
-
-
 async def serve_connection(
     stream: trio.abc.HalfCloseableStream,
     control: ControlCall,
@@ -220,23 +212,46 @@ class _Lean:
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self.streak = 0  # requests served without waiting: yield now and then all the same
         self.waited = False
-        self.scope = trio.CancelScope()  # replaced by run's
+        self.scope = trio.CancelScope()  # around _serve: cancelled by _watch
+        self.since: float | None = None  # when the request now awaited was first awaited
 
     async def run(self) -> bytes | None:
         """Serve requests until the connection ends (None: close it) or one is not a control
         POST (the bytes read so far, for the general server)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            handed = await self._run()
+            nursery.cancel_scope.cancel()
+        return handed
+
+    async def _watch(self) -> None:
+        """Cancel `self.scope` once a request has been awaited for ``head_timeout``.
+
+        Why a watchdog: a cancel scope per awaited request (``move_on_after``), or a deadline
+        moved at each one, was a twentieth of a lone announce's CPU; `_serve` now only notes
+        when it starts and stops waiting. The watchdog wakes at the due time of the wait it
+        saw, or ``head_timeout`` after it saw none, so it is never late. (A request that comes
+        in the very scheduler tick its wait falls due may still be served, as it was under
+        ``move_on_after``; the connection then ends at its next wait.)"""
+        timeout = self.limits.head_timeout
+        while True:
+            if self.since is None:
+                await trio.sleep(timeout)
+                continue
+            due = self.since + timeout
+            if trio.current_time() >= due:
+                self.scope.cancel()
+                return
+            await trio.sleep_until(due)
+
+    async def _run(self) -> bytes | None:
         try:
-            while True:
-                # One cancel scope for many requests, its deadline moved at each wait: a scope
-                # entered and left per request was a twentieth of a lone announce's CPU.
-                with trio.CancelScope() as self.scope:
-                    handed = await self._serve()
-                if self.scope.cancelled_caught:
-                    if self.buffer:
-                        log.info("control request from %s too slow; dropped", self.client)
-                    return None
-                if not isinstance(handed, _Renew):
-                    return handed
+            with self.scope:
+                return await self._serve()
+            # only the watchdog cancels the scope
+            if self.buffer:
+                log.info("control request from %s too slow; dropped", self.client)
+            return None
         except _Closed:
             return None
         except trio.TooSlowError:
@@ -245,29 +260,22 @@ class _Lean:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return None
 
-    async def _serve(self) -> bytes | _Renew | None:
-        """`run` inside one cancel scope (`self.scope`): its deadline is set when a request
-        is awaited, and lifted (`_relax`) before any other wait.
-
-        The deadline of a wait whose request came just in time can still fire before this
-        task runs again, leaving the scope cancelled for good: `_RENEW` then asks `run` for
-        a fresh scope before the next wait."""
+    async def _serve(self) -> bytes | None:
+        """`run`'s loop, inside `self.scope`: `self.since` is set while a request is awaited
+        (the watchdog's business) and None otherwise."""
         buffer = self.buffer
-        scope = self.scope
         while True:
             end = buffer.find(_HEAD_END)
             head = self._parse(end) if end >= 0 else None
             if end >= 0 and head is None:
                 return bytes(buffer)
-            # Most requests arrive whole in one read: wait (and pay for a deadline) only
-            # when this one has not.
+            # Most requests arrive whole in one read: wait (and note it for the watchdog)
+            # only when this one has not.
             missing = head is None or (
                 head.length <= _MAX_BODY and len(buffer) < end + 4 + head.length
             )
             if missing:
-                if scope.cancel_called:
-                    return _RENEW
-                scope.deadline = trio.current_time() + self.limits.head_timeout
+                self.since = trio.current_time()  # see _watch
                 if head is None:
                     end = await self._until_head()
                     head = self._parse(end) if end >= 0 else None
@@ -275,9 +283,9 @@ class _Lean:
                         return bytes(buffer)
                 if head.length <= _MAX_BODY:
                     await self._until(end + 4 + head.length)
+                self.since = None
             assert head is not None
             if head.length > _MAX_BODY:
-                self._relax()
                 await self._too_large()
                 return None
             start = end + 4
@@ -300,13 +308,7 @@ class _Lean:
                 self.streak += 1
                 if self.streak >= _STREAK:
                     self.streak = 0
-                    self._relax()
                     await trio.lowlevel.checkpoint()
-
-    def _relax(self) -> None:
-        """No deadline for the wait that follows (a stalled write, a pause for the others):
-        the last request's still stands until the next request is awaited."""
-        self.scope.deadline = math.inf
 
     def _parse(self, end: int) -> _Head | None:
         return parse_head(bytes(self.buffer[:end]), self.auth_header)
@@ -348,7 +350,6 @@ class _Lean:
 
     async def _send(self, data: bytes) -> None:
         if self.fd < 0:
-            self._relax()
             with trio.fail_after(self.limits.send_timeout):
                 await self.stream.send_all(data)
             return
@@ -358,7 +359,6 @@ class _Lean:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
                 self.waited = True
-                self._relax()
                 with trio.fail_after(self.limits.send_timeout):
                     await trio.lowlevel.wait_writable(self.fd)
 
