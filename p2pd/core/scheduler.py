@@ -819,17 +819,22 @@ class Scheduler:
         return parent.pieces.bits
 
     def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
+        # a list, not a generator: this runs for every parent of every reply
+        offer = self._offer
         parents = tuple(
-            ParentInfo(p.peer_id, p.address, p.zone, self._offer(task, p, peer))
-            for p in peer.parents.values()
+            [
+                ParentInfo(p.peer_id, p.address, p.zone, offer(task, p, peer))
+                for p in peer.parents.values()
+            ]
         )
         # the rare pieces the seeder now offers are this peer's claims (none without it)
         claimed = 0
+        zone_claims = self._config.zone_claims
         for info in parents:
-            if info.peer_id == self._seeder_id or (
-                self._config.zone_claims and info.zone != peer.zone
-            ):
-                claimed |= info.pieces.bits & task.rare_in(peer.zone) & ~peer.pieces.bits
+            if info.peer_id == self._seeder_id or (zone_claims and info.zone != peer.zone):
+                claimed |= info.pieces.bits
+        if claimed:
+            claimed &= task.rare_in(peer.zone) & ~peer.pieces.bits
         self._claim(task, peer, claimed)
         return Assignment(task.state, parents, self.pace())
 
