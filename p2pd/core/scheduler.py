@@ -819,11 +819,17 @@ class Scheduler:
         return parent.pieces.bits
 
     def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
-        # a list, not a generator: this runs for every parent of every reply
-        offer = self._offer
+        # a list, not a generator, and `_offer` inlined for a parent of the zone: this runs
+        # for every parent of every reply
+        offer, zone = self._offer, peer.zone
         parents = tuple(
             [
-                ParentInfo(p.peer_id, p.address, p.zone, offer(task, p, peer))
+                ParentInfo(
+                    p.peer_id,
+                    p.address,
+                    p.zone,
+                    offer(task, p, peer) if p.is_seeder or p.zone != zone else p.pieces.copy(),
+                )
                 for p in peer.parents.values()
             ]
         )
@@ -831,7 +837,7 @@ class Scheduler:
         claimed = 0
         zone_claims = self._config.zone_claims
         for info in parents:
-            if info.peer_id == self._seeder_id or (zone_claims and info.zone != peer.zone):
+            if info.peer_id == self._seeder_id or (zone_claims and info.zone != zone):
                 claimed |= info.pieces.bits
         if claimed:
             claimed &= task.rare_in(peer.zone) & ~peer.pieces.bits
@@ -1093,10 +1099,16 @@ class Scheduler:
             return
         lacking = ~child.pieces.bits
         seeder = task.seeder
+        zone = child.zone
         for parent in list(child.parents.values()):
             # useless = nothing it is *offered* with (a parent in another zone only offers
-            # what this zone is short of)
-            if not parent.is_seeder and not self._offer_bits(task, parent, child) & lacking:
+            # what this zone is short of); `_offer_bits` inlined for a parent of the zone
+            if parent.is_seeder:
+                continue
+            offered = (
+                parent.pieces.bits if parent.zone == zone else self._offer_bits(task, parent, child)
+            )
+            if not offered & lacking:
                 self._unlink(task, parent, child)
         wanted = self._config.max_parents - len(child.parents) + (seeder.peer_id in child.parents)
         if wanted > 0:
@@ -1107,7 +1119,11 @@ class Scheduler:
             self._borrow(task, child, lacking, self._config.borrow_below - have)
         cover = 0
         for parent in child.parents.values():
-            if not parent.is_seeder:
+            if parent.is_seeder:
+                continue
+            if parent.zone == zone:
+                cover |= parent.pieces.bits
+            else:
                 cover |= self._offer_bits(task, parent, child)
         only_seeder = (self._seeder_offer(task, child) | self._streamed(task)) & lacking & ~cover
         if seeder.peer_id in child.parents:
