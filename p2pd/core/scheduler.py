@@ -819,30 +819,25 @@ class Scheduler:
         return parent.pieces.bits
 
     def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
-        # a list, not a generator, and `_offer` inlined for a parent of the zone: this runs
-        # for every parent of every reply
-        offer, zone = self._offer, peer.zone
-        parents = tuple(
-            [
-                ParentInfo(
-                    p.peer_id,
-                    p.address,
-                    p.zone,
-                    offer(task, p, peer) if p.is_seeder or p.zone != zone else p.pieces.copy(),
-                )
-                for p in peer.parents.values()
-            ]
-        )
-        # the rare pieces the seeder now offers are this peer's claims (none without it)
+        # One pass, calling `_offer` only for the seeder and parents in other zones: this
+        # runs for every parent of every reply. The rare pieces the seeder now offers are
+        # this peer's claims (none without it), and with zone_claims those that parents in
+        # other zones offer.
+        zone, zone_claims = peer.zone, self._config.zone_claims
+        parents = []
         claimed = 0
-        zone_claims = self._config.zone_claims
-        for info in parents:
-            if info.peer_id == self._seeder_id or (zone_claims and info.zone != zone):
-                claimed |= info.pieces.bits
+        for p in peer.parents.values():
+            if p.is_seeder or p.zone != zone:
+                pieces = self._offer(task, p, peer)
+                if p.is_seeder or zone_claims:
+                    claimed |= pieces.bits
+            else:
+                pieces = p.pieces.copy()
+            parents.append(ParentInfo(p.peer_id, p.address, p.zone, pieces))
         if claimed:
-            claimed &= task.rare_in(peer.zone) & ~peer.pieces.bits
+            claimed &= task.rare_in(zone) & ~peer.pieces.bits
         self._claim(task, peer, claimed)
-        return Assignment(task.state, parents, self.pace())
+        return Assignment(task.state, tuple(parents), self.pace())
 
     def _claim(self, task: _Task, child: _Peer, bits: int) -> None:
         """The seeder now offers `child` exactly `bits`: keep the zone's counts and mask."""
