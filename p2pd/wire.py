@@ -789,6 +789,13 @@ _FLAT: Final = {
     if not any(isinstance(kind, _ParentList | _Items) for kind in _SPECS[cls].values())
 }
 _FIXMAP: Final = 0x80  # MessagePack's first byte of a map of 0..15 entries, plus their count
+# How `encode` begins the other types' maps (after the map's header): such a message (a batch,
+# at the supernode) goes the careful way at once, not after a wasted unpack.
+_NOT_FLAT_HEADS: Final = tuple(
+    msgpack.packb({"v": PROTOCOL_VERSION, "type": name})[1:]
+    for name in _BY_TYPE
+    if name not in _FLAT
+)
 
 
 # -- encode / decode ----------------------------------------------------------------------------
@@ -922,7 +929,12 @@ def decode(
     """
     if len(data) > MAX_MESSAGE_SIZE:
         _too_big(len(data))
-    if type(data) is bytes and data and _FIXMAP <= data[0] < _FIXMAP + 16:
+    if (
+        type(data) is bytes
+        and data
+        and _FIXMAP <= data[0] < _FIXMAP + 16
+        and not data.startswith(_NOT_FLAT_HEADS, 1)
+    ):
         flat = _decode_flat(data, expect)
         if flat is not None:
             return flat
