@@ -551,9 +551,15 @@ class Scheduler:
                     raise BitfieldError(f"{pieces.length} pieces, task has {peer.pieces.length}")
                 self._gain(task, peer.pieces.update(pieces.bits), peer.zone, peer_id, peer.slots)
             else:
-                for index in pieces:
-                    if peer.pieces.add(index):
-                        self._gain(task, 1 << index, peer.zone, peer_id, peer.slots)
+                # the new pieces counted in one call, also when an index proves bad midway
+                gained = 0
+                try:
+                    for index in pieces:
+                        if peer.pieces.add(index):
+                            gained |= 1 << index
+                finally:
+                    if gained:
+                        self._gain(task, gained, peer.zone, peer_id, peer.slots)
         except BitfieldError as exc:
             raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
         now = self._clock(now)
