@@ -782,6 +782,13 @@ _KEYS: Final = {
     for cls, spec in _SPECS.items()
 }
 _ITEM_KEYS: Final = {cls: _KEYS[cls] - {"v"} for cls in _BY_TYPE.values()}
+_ENVELOPE: Final = ("v", "type")
+# The fields whose wire form is not their value (their kind has its own `load`): decoding
+# converts these only, not every field through a call that returns it as it came.
+_CONVERTED: Final = {
+    cls: tuple(field for field in fields if type(field[2]).load is not _Kind.load)
+    for cls, fields in _FIELDS.items()
+}
 # The message types whose fields hold no map (see _decode_flat), by type name.
 _FLAT: Final = {
     name: cls
@@ -818,7 +825,12 @@ def _load_fields(cls: type[Any], raw: object, keys: set[str] | None = None) -> A
             _fail(cls.__name__, f"missing field(s) {', '.join(missing)}")
         unknown = [_show(key) for key in raw if key not in keys]
         _fail(cls.__name__, f"unknown field(s) {', '.join(unknown)}")
-    return cls(**{name: kind.load(where, raw[name]) for name, where, kind in _FIELDS[cls]})
+    fields = dict(raw)  # the key set is exact: all of cls's fields, and the envelope's
+    for envelope in _ENVELOPE:
+        fields.pop(envelope, None)
+    for name, where, kind in _CONVERTED[cls]:
+        fields[name] = kind.load(where, fields[name])
+    return cls(**fields)
 
 
 def _load_item(raw: object, classes: tuple[str, ...]) -> Any:
