@@ -201,6 +201,25 @@ class ParentInfo:
     pieces: Bitfield  # a copy taken when the assignment was made
 
 
+def _parent_info(peer_id: str, address: str, zone: str, pieces: Bitfield) -> ParentInfo:
+    """``ParentInfo(...)`` through its slots' own setters: the frozen dataclass's
+    ``__init__`` sets each field with ``object.__setattr__`` by name, twice the time, and
+    `Scheduler._assignment` makes one per parent of every reply (most of a supernode's
+    objects)."""
+    info = object.__new__(ParentInfo)
+    set_peer_id, set_address, set_zone, set_pieces = _PARENT_INFO_SETTERS
+    set_peer_id(info, peer_id)
+    set_address(info, address)
+    set_zone(info, zone)
+    set_pieces(info, pieces)
+    return info
+
+
+_PARENT_INFO_SETTERS = tuple(
+    ParentInfo.__dict__[name].__set__ for name in ("peer_id", "address", "zone", "pieces")
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Assignment:
     state: TaskState
@@ -839,7 +858,7 @@ class Scheduler:
                     claimed |= pieces.bits
             else:
                 pieces = p.pieces.copy()
-            parents.append(ParentInfo(p.peer_id, p.address, p.zone, pieces))
+            parents.append(_parent_info(p.peer_id, p.address, p.zone, pieces))
         if claimed:
             claimed &= task.rare_in(zone) & ~peer.pieces.bits
         self._claim(task, peer, claimed)
