@@ -71,4 +71,6 @@ class ClusterAuth:
     def _mac(self, stamp: str, method: str, target: str, body: bytes) -> str:
         assert self.secret is not None
         message = "\n".join((stamp, method.upper(), target, hashlib.sha256(body).hexdigest()))
-        return hmac.new(self.secret, message.encode(), hashlib.sha256).hexdigest()
+        # hmac.digest: the one-shot C path, half the time of an hmac.new object (the supernode
+        # checks a signature on every control call)
+        return hmac.digest(self.secret, message.encode(), "sha256").hex()

@@ -312,13 +312,15 @@ class _ParentList(_Kind):
         # Spelled out rather than `_dump_fields` per parent: a reply carries up to MAX_PARENTS
         # of them and this is the supernode's hottest encoding (the same map, see _SPECS).
         return tuple(
-            {
-                "peer_id": p.peer_id,
-                "address": p.address,
-                "zone": p.zone,
-                "pieces": (p.pieces.length, p.pieces.to_bytes()),
-            }
-            for p in value
+            [
+                {
+                    "peer_id": p.peer_id,
+                    "address": p.address,
+                    "zone": p.zone,
+                    "pieces": (p.pieces.length, p.pieces.to_bytes()),
+                }
+                for p in value
+            ]
         )
 
     def load(self, where: str, raw: object) -> object:
@@ -489,10 +491,11 @@ class ParentInfo(_Body):
         `decode`, which always checks.
         """
         obj = object.__new__(cls)
-        object.__setattr__(obj, "peer_id", peer_id)
-        object.__setattr__(obj, "address", address)
-        object.__setattr__(obj, "zone", zone)
-        object.__setattr__(obj, "pieces", pieces)
+        set_peer_id, set_address, set_zone, set_pieces = _PARENT_SETTERS
+        set_peer_id(obj, peer_id)
+        set_address(obj, address)
+        set_zone(obj, zone)
+        set_pieces(obj, pieces)
         return obj
 
 
@@ -542,16 +545,26 @@ class Assignment(_Body):
         if len(parents) > MAX_PARENTS:
             _fail("Assignment.parents", f"{len(parents)} parents exceed the limit of {MAX_PARENTS}")
         obj = object.__new__(cls)
-        setattr_ = object.__setattr__
-        setattr_(obj, "digest", digest)
-        setattr_(obj, "state", state)
-        setattr_(obj, "size", size)
-        setattr_(obj, "piece_size", piece_size)
-        setattr_(obj, "manifest_start", manifest_start)
-        setattr_(obj, "hashes", hashes)
-        setattr_(obj, "sealed", sealed)
-        setattr_(obj, "parents", parents)
-        setattr_(obj, "pace_ms", pace_ms)
+        (
+            set_digest,
+            set_state,
+            set_size,
+            set_piece_size,
+            set_manifest_start,
+            set_hashes,
+            set_sealed,
+            set_parents,
+            set_pace_ms,
+        ) = _ASSIGNMENT_SETTERS
+        set_digest(obj, digest)
+        set_state(obj, state)
+        set_size(obj, size)
+        set_piece_size(obj, piece_size)
+        set_manifest_start(obj, manifest_start)
+        set_hashes(obj, hashes)
+        set_sealed(obj, sealed)
+        set_parents(obj, parents)
+        set_pace_ms(obj, pace_ms)
         return obj
 
     @property
@@ -584,6 +597,28 @@ class Assignment(_Body):
                 )
         if self.sealed != (self.state == "ready"):
             _fail("Assignment.sealed", f"{self.sealed} contradicts state {self.state!r}")
+
+
+# The slots' own setters, for the `trusted` constructors: a frozen dataclass refuses setattr,
+# and ``object.__setattr__`` looks the slot up by its name every time (twice as slow, on the
+# objects the supernode makes most: a ParentInfo per parent per reply).
+_PARENT_SETTERS: Final = tuple(
+    ParentInfo.__dict__[name].__set__ for name in ("peer_id", "address", "zone", "pieces")
+)
+_ASSIGNMENT_SETTERS: Final = tuple(
+    Assignment.__dict__[name].__set__
+    for name in (
+        "digest",
+        "state",
+        "size",
+        "piece_size",
+        "manifest_start",
+        "hashes",
+        "sealed",
+        "parents",
+        "pace_ms",
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +782,27 @@ _KEYS: Final = {
     for cls, spec in _SPECS.items()
 }
 _ITEM_KEYS: Final = {cls: _KEYS[cls] - {"v"} for cls in _BY_TYPE.values()}
+_ENVELOPE: Final = ("v", "type")
+# The fields whose wire form is not their value (their kind has its own `load`): decoding
+# converts these only, not every field through a call that returns it as it came.
+_CONVERTED: Final = {
+    cls: tuple(field for field in fields if type(field[2]).load is not _Kind.load)
+    for cls, fields in _FIELDS.items()
+}
+# The message types whose fields hold no map (see _decode_flat), by type name.
+_FLAT: Final = {
+    name: cls
+    for name, cls in _BY_TYPE.items()
+    if not any(isinstance(kind, _ParentList | _Items) for kind in _SPECS[cls].values())
+}
+_FIXMAP: Final = 0x80  # MessagePack's first byte of a map of 0..15 entries, plus their count
+# How `encode` begins the other types' maps (after the map's header): such a message (a batch,
+# at the supernode) goes the careful way at once, not after a wasted unpack.
+_NOT_FLAT_HEADS: Final = tuple(
+    msgpack.packb({"v": PROTOCOL_VERSION, "type": name})[1:]
+    for name in _BY_TYPE
+    if name not in _FLAT
+)
 
 
 # -- encode / decode ----------------------------------------------------------------------------
@@ -769,7 +825,12 @@ def _load_fields(cls: type[Any], raw: object, keys: set[str] | None = None) -> A
             _fail(cls.__name__, f"missing field(s) {', '.join(missing)}")
         unknown = [_show(key) for key in raw if key not in keys]
         _fail(cls.__name__, f"unknown field(s) {', '.join(unknown)}")
-    return cls(**{name: kind.load(where, raw[name]) for name, where, kind in _FIELDS[cls]})
+    fields = dict(raw)  # the key set is exact: all of cls's fields, and the envelope's
+    for envelope in _ENVELOPE:
+        fields.pop(envelope, None)
+    for name, where, kind in _CONVERTED[cls]:
+        fields[name] = kind.load(where, fields[name])
+    return cls(**fields)
 
 
 def _load_item(raw: object, classes: tuple[str, ...]) -> Any:
@@ -785,6 +846,38 @@ def _load_item(raw: object, classes: tuple[str, ...]) -> Any:
 
 def _too_big(size: int) -> NoReturn:
     raise ProtocolError(f"message of {size} bytes exceeds the {MAX_MESSAGE_SIZE}-byte limit")
+
+
+def _decode_flat(data: bytes, expect: object) -> Message | None:
+    """The message in `data`, a MessagePack fixmap, if it is a valid one of a type without a
+    map inside it (every request but a batch) and of the `expect`ed type; None for anything
+    else, which `decode` then unpacks the careful way (and refuses with that way's error).
+
+    Why: the duplicate-key hook (`_unique_keys`) is a Python call per map, a tenth of the
+    supernode's cost to decode an announce. Such a message is one map; the fixmap's header
+    says how many entries it held, so a dict with fewer had a duplicate. A map anywhere else
+    fails its field's check, so it goes the careful way too."""
+    try:
+        body = msgpack.unpackb(data, **_UNPACK_OPTIONS)
+    except Exception:
+        return None
+    if type(body) is not dict or len(body) != data[0] - _FIXMAP:
+        return None
+    name, version = body.get("type"), body.get("v")
+    cls = _FLAT.get(name) if type(name) is str else None
+    if cls is None or type(version) is not int or version != PROTOCOL_VERSION:
+        return None
+    if (
+        expect is not None
+        and cls is not expect
+        and not (isinstance(expect, tuple) and cls in expect)
+    ):
+        return None
+    try:
+        message: Message = _load_fields(cls, body)
+    except ProtocolError:
+        return None
+    return message
 
 
 def _unique_keys(pairs: list[tuple[object, object]]) -> dict[object, object]:
@@ -848,6 +941,15 @@ def decode(
     """
     if len(data) > MAX_MESSAGE_SIZE:
         _too_big(len(data))
+    if (
+        type(data) is bytes
+        and data
+        and _FIXMAP <= data[0] < _FIXMAP + 16
+        and not data.startswith(_NOT_FLAT_HEADS, 1)
+    ):
+        flat = _decode_flat(data, expect)
+        if flat is not None:
+            return flat
     try:
         body = msgpack.unpackb(data, object_pairs_hook=_unique_keys, **_UNPACK_OPTIONS)
     except Exception as exc:

@@ -89,6 +89,27 @@ def parse_head(head: bytes, auth_header: bytes) -> _Head | None:
     """The control request in `head` (without its final blank line), or None when it is not
     plainly one (the general server then takes it). `auth_header`: lower-case name of the
     header whose value the caller wants."""
+    key = (head, auth_header)
+    known = _HEADS.get(key)
+    if known is not None:
+        return known
+    parsed = _parse_head(head, auth_header)
+    if parsed is not None and len(head) <= _HEADS_HEAD_MAX:
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[key] = parsed
+    return parsed
+
+
+# Control heads parsed lately: a p2pd's heads differ only in their Content-Length (without
+# cluster auth), and parsing one was a twentieth of a lone announce's CPU. Bounded (cleared
+# when full), and long heads are not kept.
+_HEADS: dict[tuple[bytes, bytes], _Head] = {}
+_HEADS_MAX = 256
+_HEADS_HEAD_MAX = 1024
+
+
+def _parse_head(head: bytes, auth_header: bytes) -> _Head | None:
     match = _HEAD.fullmatch(head)
     if match is None:
         return None
@@ -121,13 +142,24 @@ def parse_head(head: bytes, auth_header: bytes) -> _Head | None:
 
 def render(status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool) -> bytes:
     """One whole response: status line, headers, Content-Length, then the body."""
-    # No reason phrase, as h11 writes it: the answer is byte for byte the general server's.
-    lines = [b"HTTP/1.1 %d " % status]
-    lines += [f"{k}: {v}".encode("latin-1") for k, v in headers]
-    lines.append(b"content-length: %d" % len(body))
-    if close:
-        lines.append(b"connection: close")
-    return b"\r\n".join(lines) + _HEAD_END + body
+    key = (status, *headers)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        # No reason phrase, as h11 writes it: the answer is byte for byte the general server's.
+        lines = [b"HTTP/1.1 %d " % status]
+        lines += [f"{k}: {v}".encode("latin-1") for k, v in headers]
+        lines.append(b"content-length: ")
+        prefix = b"\r\n".join(lines)
+        if len(_PREFIXES) < _PREFIXES_MAX:
+            _PREFIXES[key] = prefix
+    end = b"\r\nconnection: close\r\n\r\n" if close else _HEAD_END
+    return b"%s%d%s%s" % (prefix, len(body), end, body)
+
+
+# A response's lines up to its Content-Length, by status and headers: the server answers with
+# a handful of different ones, and joining them for every answer was a few percent of its CPU.
+_PREFIXES: dict[tuple[object, ...], bytes] = {}
+_PREFIXES_MAX = 64
 
 
 class _Closed(Exception):
@@ -180,60 +212,46 @@ class _Lean:
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self.streak = 0  # requests served without waiting: yield now and then all the same
         self.waited = False
+        self.scope = trio.CancelScope()  # around _serve: cancelled by _watch
+        self.since: float | None = None  # when the request now awaited was first awaited
 
     async def run(self) -> bytes | None:
         """Serve requests until the connection ends (None: close it) or one is not a control
         POST (the bytes read so far, for the general server)."""
-        buffer = self.buffer
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            handed = await self._run()
+            nursery.cancel_scope.cancel()
+        return handed
+
+    async def _watch(self) -> None:
+        """Cancel `self.scope` once a request has been awaited for ``head_timeout``.
+
+        Why a watchdog: a cancel scope per awaited request (``move_on_after``), or a deadline
+        moved at each one, was a twentieth of a lone announce's CPU; `_serve` now only notes
+        when it starts and stops waiting. The watchdog wakes at the due time of the wait it
+        saw, or ``head_timeout`` after it saw none, so it is never late. (A request that comes
+        in the very scheduler tick its wait falls due may still be served, as it was under
+        ``move_on_after``; the connection then ends at its next wait.)"""
+        timeout = self.limits.head_timeout
+        while True:
+            if self.since is None:
+                await trio.sleep(timeout)
+                continue
+            due = self.since + timeout
+            if trio.current_time() >= due:
+                self.scope.cancel()
+                return
+            await trio.sleep_until(due)
+
+    async def _run(self) -> bytes | None:
         try:
-            while True:
-                end = buffer.find(_HEAD_END)
-                head = self._parse(end) if end >= 0 else None
-                if end >= 0 and head is None:
-                    return bytes(buffer)
-                # Most requests arrive whole in one read: wait (and pay for a deadline) only
-                # when this one has not.
-                missing = head is None or (
-                    head.length <= _MAX_BODY and len(buffer) < end + 4 + head.length
-                )
-                if missing:
-                    with trio.move_on_after(self.limits.head_timeout) as scope:
-                        if head is None:
-                            end = await self._until_head()
-                            head = self._parse(end) if end >= 0 else None
-                            if head is None:
-                                return bytes(buffer)
-                        if head.length <= _MAX_BODY:
-                            await self._until(end + 4 + head.length)
-                    if scope.cancelled_caught:
-                        if buffer:
-                            log.info("control request from %s too slow; dropped", self.client)
-                        return None
-                assert head is not None
-                if head.length > _MAX_BODY:
-                    await self._too_large()
-                    return None
-                start = end + 4
-                body = bytes(buffer[start : start + head.length])
-                del buffer[: start + head.length]
-                try:
-                    status, headers, payload = self.control(head.path, head.auth, body, self.client)
-                except Exception:
-                    log.exception("control call %s from %s failed", head.path, self.client)
-                    text = [("content-type", "text/plain; charset=utf-8")]
-                    await self._send(render(500, text, b"internal error\n", close=True))
-                    return None
-                await self._send(render(status, headers, payload, close=head.close))
-                if head.close:
-                    return None
-                if self.waited:
-                    self.waited, self.streak = False, 0
-                else:
-                    # a client pipelining without pause must not starve the others
-                    self.streak += 1
-                    if self.streak >= _STREAK:
-                        self.streak = 0
-                        await trio.lowlevel.checkpoint()
+            with self.scope:
+                return await self._serve()
+            # only the watchdog cancels the scope
+            if self.buffer:
+                log.info("control request from %s too slow; dropped", self.client)
+            return None
         except _Closed:
             return None
         except trio.TooSlowError:
@@ -241,6 +259,56 @@ class _Lean:
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return None
+
+    async def _serve(self) -> bytes | None:
+        """`run`'s loop, inside `self.scope`: `self.since` is set while a request is awaited
+        (the watchdog's business) and None otherwise."""
+        buffer = self.buffer
+        while True:
+            end = buffer.find(_HEAD_END)
+            head = self._parse(end) if end >= 0 else None
+            if end >= 0 and head is None:
+                return bytes(buffer)
+            # Most requests arrive whole in one read: wait (and note it for the watchdog)
+            # only when this one has not.
+            missing = head is None or (
+                head.length <= _MAX_BODY and len(buffer) < end + 4 + head.length
+            )
+            if missing:
+                self.since = trio.current_time()  # see _watch
+                if head is None:
+                    end = await self._until_head()
+                    head = self._parse(end) if end >= 0 else None
+                    if head is None:
+                        return bytes(buffer)
+                if head.length <= _MAX_BODY:
+                    await self._until(end + 4 + head.length)
+                self.since = None
+            assert head is not None
+            if head.length > _MAX_BODY:
+                await self._too_large()
+                return None
+            start = end + 4
+            body = bytes(buffer[start : start + head.length])
+            del buffer[: start + head.length]
+            try:
+                status, headers, payload = self.control(head.path, head.auth, body, self.client)
+            except Exception:
+                log.exception("control call %s from %s failed", head.path, self.client)
+                text = [("content-type", "text/plain; charset=utf-8")]
+                await self._send(render(500, text, b"internal error\n", close=True))
+                return None
+            await self._send(render(status, headers, payload, close=head.close))
+            if head.close:
+                return None
+            if self.waited:
+                self.waited, self.streak = False, 0
+            else:
+                # a client pipelining without pause must not starve the others
+                self.streak += 1
+                if self.streak >= _STREAK:
+                    self.streak = 0
+                    await trio.lowlevel.checkpoint()
 
     def _parse(self, end: int) -> _Head | None:
         return parse_head(bytes(self.buffer[:end]), self.auth_header)

@@ -51,7 +51,7 @@ import trio
 from p2pd import wire
 from p2pd.core.digest import Digest
 from p2pd.core.layout import LayoutError, PieceLayout
-from p2pd.core.scheduler import Assignment, ParentInfo, Scheduler, SchedulerError, TaskState
+from p2pd.core.scheduler import Assignment, Scheduler, SchedulerError, TaskState
 from p2pd.http.server import FileRegion
 from p2pd.store import BlobStore, StorageError, StorageFull
 from supernode.config import SupernodeConfig
@@ -439,7 +439,15 @@ class Tracker:
         state = assignment.state
         # A failed task's hashes may describe bad bytes: peers fall back to the registry.
         hashes = b"" if state is TaskState.FAILED else task.manifest.hashes_from(start)
-        # built from our own state: no need to check it field by field (Assignment.trusted)
+        # the scheduler's peers all came in checked Registers, and the seeder's address is our
+        # own: no need to check the parents again (ParentInfo.trusted), nor the assignment
+        # built from our own state (Assignment.trusted). Spelled out, not a call per parent:
+        # a reply has up to max_parents of them, and this is every control call's reply.
+        seeder_id, advertise, trusted = self.scheduler.seeder_id, self.advertise, _TRUSTED_PARENT
+        parents = [
+            trusted(p.peer_id, advertise if p.peer_id == seeder_id else p.address, p.zone, p.pieces)
+            for p in assignment.parents
+        ]
         return wire.Assignment.trusted(
             digest=task.digest,
             state=state.value,
@@ -448,14 +456,12 @@ class Tracker:
             manifest_start=start,
             hashes=hashes,
             sealed=state is TaskState.READY,
-            parents=tuple(self._parent(p) for p in assignment.parents),
+            parents=tuple(parents),
             pace_ms=min(wire.MAX_PACE_MS, math.ceil(assignment.pace * 1000)),
         )
 
-    def _parent(self, p: ParentInfo) -> wire.ParentInfo:
-        address = self.advertise if p.peer_id == self.scheduler.seeder_id else p.address
-        # the scheduler's peers all came in checked Registers: no need to check them again
-        return wire.ParentInfo.trusted(p.peer_id, address, p.zone, p.pieces)
+
+_TRUSTED_PARENT = wire.ParentInfo.trusted
 
 
 class _StreamedPiece:

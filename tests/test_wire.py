@@ -259,6 +259,21 @@ def test_malformed_messagepack(data: bytes, fragment: str) -> None:
     rejects(data, fragment)
 
 
+@pytest.mark.parametrize("msg", [announce(), register(), Leave(DIGEST, "peer-a")])
+def test_a_duplicate_key_is_refused_in_a_message_otherwise_valid(msg: Message) -> None:
+    # decode's fast path for messages without inner maps (_decode_flat) unpacks without the
+    # duplicate-key hook: the top map's header must still give the duplicate away, whichever
+    # copy of the key is the valid one
+    pairs = list(wire(msg).items())
+    key = pairs[2][0]
+    for doubled in ([*pairs, (key, "bogus")], [(key, "bogus"), *pairs]):
+        data = bytes([0x80 + len(doubled)]) + b"".join(pack(k) + pack(v) for k, v in doubled)
+        rejects(data, "duplicate key in a map")
+    # and without the duplicate, the same bytes decode
+    data = bytes([0x80 + len(pairs)]) + b"".join(pack(k) + pack(v) for k, v in pairs)
+    assert decode(data) == msg
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [

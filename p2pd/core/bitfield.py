@@ -52,7 +52,11 @@ class Bitfield:
         return self._bits.to_bytes((self._length + 7) // 8, "little")
 
     def copy(self) -> Bitfield:
-        return Bitfield(self._length, self._bits)
+        # no checks: this one passed them (the scheduler copies a bitfield per parent per reply)
+        other = object.__new__(Bitfield)
+        other._length = self._length
+        other._bits = self._bits
+        return other
 
     # -- queries ------------------------------------------------------------------------------
 

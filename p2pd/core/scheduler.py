@@ -201,6 +201,25 @@ class ParentInfo:
     pieces: Bitfield  # a copy taken when the assignment was made
 
 
+def _parent_info(peer_id: str, address: str, zone: str, pieces: Bitfield) -> ParentInfo:
+    """``ParentInfo(...)`` through its slots' own setters: the frozen dataclass's
+    ``__init__`` sets each field with ``object.__setattr__`` by name, twice the time, and
+    `Scheduler._assignment` makes one per parent of every reply (most of a supernode's
+    objects)."""
+    info = object.__new__(ParentInfo)
+    set_peer_id, set_address, set_zone, set_pieces = _PARENT_INFO_SETTERS
+    set_peer_id(info, peer_id)
+    set_address(info, address)
+    set_zone(info, zone)
+    set_pieces(info, pieces)
+    return info
+
+
+_PARENT_INFO_SETTERS = tuple(
+    ParentInfo.__dict__[name].__set__ for name in ("peer_id", "address", "zone", "pieces")
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Assignment:
     state: TaskState
@@ -551,9 +570,15 @@ class Scheduler:
                     raise BitfieldError(f"{pieces.length} pieces, task has {peer.pieces.length}")
                 self._gain(task, peer.pieces.update(pieces.bits), peer.zone, peer_id, peer.slots)
             else:
-                for index in pieces:
-                    if peer.pieces.add(index):
-                        self._gain(task, 1 << index, peer.zone, peer_id, peer.slots)
+                # the new pieces counted in one call, also when an index proves bad midway
+                gained = 0
+                try:
+                    for index in pieces:
+                        if peer.pieces.add(index):
+                            gained |= 1 << index
+                finally:
+                    if gained:
+                        self._gain(task, gained, peer.zone, peer_id, peer.slots)
         except BitfieldError as exc:
             raise SchedulerError(f"announce for task {digest} by {peer_id!r}: {exc}") from None
         now = self._clock(now)
@@ -819,19 +844,25 @@ class Scheduler:
         return parent.pieces.bits
 
     def _assignment(self, task: _Task, peer: _Peer) -> Assignment:
-        parents = tuple(
-            ParentInfo(p.peer_id, p.address, p.zone, self._offer(task, p, peer))
-            for p in peer.parents.values()
-        )
-        # the rare pieces the seeder now offers are this peer's claims (none without it)
+        # One pass, calling `_offer` only for the seeder and parents in other zones: this
+        # runs for every parent of every reply. The rare pieces the seeder now offers are
+        # this peer's claims (none without it), and with zone_claims those that parents in
+        # other zones offer.
+        zone, zone_claims = peer.zone, self._config.zone_claims
+        parents = []
         claimed = 0
-        for info in parents:
-            if info.peer_id == self._seeder_id or (
-                self._config.zone_claims and info.zone != peer.zone
-            ):
-                claimed |= info.pieces.bits & task.rare_in(peer.zone) & ~peer.pieces.bits
+        for p in peer.parents.values():
+            if p.is_seeder or p.zone != zone:
+                pieces = self._offer(task, p, peer)
+                if p.is_seeder or zone_claims:
+                    claimed |= pieces.bits
+            else:
+                pieces = p.pieces.copy()
+            parents.append(_parent_info(p.peer_id, p.address, p.zone, pieces))
+        if claimed:
+            claimed &= task.rare_in(zone) & ~peer.pieces.bits
         self._claim(task, peer, claimed)
-        return Assignment(task.state, parents, self.pace())
+        return Assignment(task.state, tuple(parents), self.pace())
 
     def _claim(self, task: _Task, child: _Peer, bits: int) -> None:
         """The seeder now offers `child` exactly `bits`: keep the zone's counts and mask."""
@@ -1088,10 +1119,16 @@ class Scheduler:
             return
         lacking = ~child.pieces.bits
         seeder = task.seeder
+        zone = child.zone
         for parent in list(child.parents.values()):
             # useless = nothing it is *offered* with (a parent in another zone only offers
-            # what this zone is short of)
-            if not parent.is_seeder and not self._offer_bits(task, parent, child) & lacking:
+            # what this zone is short of); `_offer_bits` inlined for a parent of the zone
+            if parent.is_seeder:
+                continue
+            offered = (
+                parent.pieces.bits if parent.zone == zone else self._offer_bits(task, parent, child)
+            )
+            if not offered & lacking:
                 self._unlink(task, parent, child)
         wanted = self._config.max_parents - len(child.parents) + (seeder.peer_id in child.parents)
         if wanted > 0:
@@ -1102,7 +1139,11 @@ class Scheduler:
             self._borrow(task, child, lacking, self._config.borrow_below - have)
         cover = 0
         for parent in child.parents.values():
-            if not parent.is_seeder:
+            if parent.is_seeder:
+                continue
+            if parent.zone == zone:
+                cover |= parent.pieces.bits
+            else:
                 cover |= self._offer_bits(task, parent, child)
         only_seeder = (self._seeder_offer(task, child) | self._streamed(task)) & lacking & ~cover
         if seeder.peer_id in child.parents:

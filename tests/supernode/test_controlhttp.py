@@ -362,6 +362,39 @@ async def test_slow_clients_are_dropped_without_holding_up_others(tmp_path: Path
         nursery.cancel_scope.cancel()
 
 
+async def test_the_head_timeout_runs_from_each_wait_not_from_the_first(tmp_path: Path) -> None:
+    # the lean path's watchdog: a kept-alive client calling more often than head_timeout is
+    # served for longer than head_timeout in all, and dropped head_timeout after going idle
+    supernode = Supernode(
+        config_for(tmp_path), transport=registry().transport(), limits=ServerLimits(head_timeout=1)
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(supernode.run)
+        request = post("/v1/register", wire.encode(register_msg("a")))
+        async with connect(port) as c:
+            started = trio.current_time()
+            for _ in range(5):
+                await trio.sleep(0.6)
+                await c.stream.send_all(request)
+                assert (await c.response())[0] == b"HTTP/1.1 200 "
+            assert trio.current_time() - started > 2.5
+            idle = trio.current_time()
+            assert await c.closed()
+            assert 0.9 < trio.current_time() - idle < 3
+        nursery.cancel_scope.cancel()
+
+
+def test_a_head_seen_before_is_parsed_the_same() -> None:
+    # parse_head keeps what it parsed: a head differing in its Content-Length alone is
+    # another head
+    first = head_of(post("/v1/announce", b"x" * 10))
+    again = parse_head(first, b"x-auth")
+    assert again is not None and again is parse_head(first, b"x-auth")
+    other = parse_head(head_of(post("/v1/announce", b"x" * 11)), b"x-auth")
+    assert (again.path, again.length) == ("/v1/announce", 10)
+    assert other is not None and (other.path, other.length) == ("/v1/announce", 11)
+
+
 async def test_cluster_auth_on_the_lean_path(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"0123456789abcdef0123")
