@@ -20,7 +20,7 @@ The file (every key optional unless marked; `load_config` documents the override
     seeder_upload_slots = 64
     peer_ttl = 60.0
     max_blame = 1
-    control_rate = 5700.0             # messages/s it paces downloading peers to; 0 = no pacing
+    control_rate = 7800.0             # messages/s it paces downloading peers to; 0 = no pacing
 
     [fetch]                           # how the seeder talks to the upstream registry
     connect_timeout = 10.0
@@ -123,7 +123,7 @@ OPTIONS: tuple[Option, ...] = (
     _option(
         "scheduler.control_rate",
         float,
-        "messages/s the supernode paces downloading peers to; 0 = no pacing (5700)",
+        "messages/s the supernode paces downloading peers to; 0 = no pacing (7800)",
     ),
     _option("fetch.connect_timeout", float, "seconds to connect to the registry (10)"),
     _option("fetch.read_timeout", float, "seconds a registry read may stall (30)"),

@@ -32,10 +32,10 @@ PRESETS: dict[str, Scenario] = {
     "rolling": replace(STORM_A, name="rolling", arrival_spread=30.0),
     "small": replace(STORM_A, name="small", nodes=50, layers=(4 * MiB, 20 * MiB, 60 * MiB)),
     # Storm-A with a control plane that costs time: 0.5 ms round trips, and one supernode
-    # process answering 7600 messages/s (what `p2p-bench dataplane` measured per CPU-second
-    # on the 2-core development machine with the lean control path; 3258 before it); fast
-    # engine only
-    "storm-a-cpu": replace(STORM_A, name="storm-a-cpu", latency=0.0005, supernode_rate=7600.0),
+    # process answering 10 400 messages/s (what `p2p-bench dataplane --control-only` measured
+    # per CPU-second on the 2-core development machine: 3258 before the lean control path,
+    # 7600 with it, 10 400 since its per-message work was cut); fast engine only
+    "storm-a-cpu": replace(STORM_A, name="storm-a-cpu", latency=0.0005, supernode_rate=10400.0),
     # two supernodes; the one in charge of layers 0 and 2 dies 3 s into the storm
     "supernode-failure": replace(
         STORM_A, name="supernode-failure", supernodes=2, supernode_failure_at=3.0

@@ -118,9 +118,11 @@ class SchedulerConfig:
     borrow_from: int = 4
     borrow_sample: int = 16
     # Control messages per second the supernode paces its downloading peers to (0: no pacing):
-    # about 75 % of what one supernode process answers per CPU-second (`p2p-bench dataplane`:
-    # ~7600 on the 2-core development machine); see Scheduler.pace.
-    control_rate: float = 5700.0
+    # about 75 % of what one supernode process answers per CPU-second (`p2p-bench dataplane
+    # --control-only`: ~10 400 lone messages on the 2-core development machine); see
+    # Scheduler.pace. At 5700 (75 % of the 7600 it answered before its per-message work was
+    # cut) Storm-A gave 1.244 / 1.267 / 1.291 the bound; at 7800 1.205 / 1.242 / 1.259.
+    control_rate: float = 7800.0
     # The share of a lone announce's cost at the supernode that is paid per message (HTTP
     # head, reply, trio scheduling, syscalls) rather than per announce in it: p2pd sends the
     # announces of a host's downloads at one supernode as one message, and a batch of k costs
@@ -692,14 +694,14 @@ class Scheduler:
         the rate (0 while that is below what peers do on their own anyway).
 
         Why: a supernode process answers a few thousand messages per second (``p2p-bench
-        dataplane``: ~3300 per CPU-second here before its lean control path, ~7600 since),
+        dataplane``: ~3300 per CPU-second here before its lean control path, ~10 400 now),
         while the peers' own timing (an announce per
         layer every 0.2 s while a download starts, every second after) asks ~15 000 per
         second of 1000 hosts pulling three layers. Beyond its capacity calls queue, every
         reply comes late and the swarm learns of new pieces seconds late (storm simulator,
         Storm-A with a supernode answering 3258 messages/s: 2.03x the bound; paced, 1.63x).
-        Small swarms are not slowed: 100 hosts x 3 layers give 0.05 s at 5700 messages/s,
-        below the peers' own intervals; 10 000 hosts x 3 layers give 5.3 s (up to
+        Small swarms are not slowed: 100 hosts x 3 layers give 0.04 s at 7800 messages/s,
+        below the peers' own intervals; 10 000 hosts x 3 layers give 3.8 s (up to
         p2pd.core.session.MAX_PACE): one supernode process is too few for them. Never more
         than a quarter of ``peer_ttl``, so a paced peer is not expired.
         Not a hard limit: idle peers keep their own back-off (they need parents; see
@@ -708,8 +710,8 @@ class Scheduler:
         A host sends the announces of all its downloads at this supernode in one message
         (`wire.AnnounceBatch`), so what one interval costs is a message per downloading host
         plus the announces in them: ``message_overhead`` x hosts + (1 - message_overhead) x
-        memberships, in lone-announce units (10 000 hosts x 3 layers at 0.5: 3.5 s, not
-        5.3). A host that does not batch (an older p2pd) costs more than it is counted.
+        memberships, in lone-announce units (10 000 hosts x 3 layers at 0.5: 2.6 s, not
+        3.8). A host that does not batch (an older p2pd) costs more than it is counted.
         """
         rate = self._config.control_rate
         if not rate:
