@@ -362,7 +362,14 @@ async def pull_all(
         peer_id="me",
         advertise="10.0.0.1:65003",
         seed_time=0.0,
-        session=SessionConfig(early_bytes=100 * PIECE, early_announce_interval=0.2),
+        # the timing these tests reason about (announce timers of 0.2 s, idle gaps from
+        # 0.05 s), whatever the defaults are tuned to
+        session=SessionConfig(
+            early_bytes=100 * PIECE,
+            early_announce_interval=0.2,
+            announce_interval=1.0,
+            min_announce_gap=0.05,
+        ),
     )
 
     async def pull(swarm: Swarm, download: Download, at: float) -> None:

@@ -106,7 +106,13 @@ async def fill(tmp_path: Path, control: FakeSupernode, pieces: FakePieces) -> Do
         advertise="10.0.0.1:65003",
         seed_time=0.0,
         # every piece done is announced at once: the announces run all through the download
-        session=SessionConfig(early_bytes=100 * LAYOUT.piece_size, early_announce_interval=0.01),
+        # (and the other timers as these tests' timings assume, whatever the defaults)
+        session=SessionConfig(
+            early_bytes=100 * LAYOUT.piece_size,
+            early_announce_interval=0.01,
+            announce_interval=1.0,
+            min_announce_gap=0.05,
+        ),
     )
     with offload.inline():
         async with trio.open_nursery() as nursery:
