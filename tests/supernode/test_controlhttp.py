@@ -337,12 +337,20 @@ async def test_a_head_with_bare_line_feeds_goes_to_the_general_server_at_once(
         assert status == b"HTTP/1.1 404 "
 
 
-async def test_slow_clients_are_dropped_without_holding_up_others(tmp_path: Path) -> None:
+@asynccontextmanager
+async def head_timeout_1s(tmp_path: Path) -> AsyncIterator[tuple[Supernode, int]]:
+    """A supernode whose head timeout is one second, and its port."""
     supernode = Supernode(
         config_for(tmp_path), transport=registry().transport(), limits=ServerLimits(head_timeout=1)
     )
     async with trio.open_nursery() as nursery:
         port = await nursery.start(supernode.run)
+        yield supernode, port
+        nursery.cancel_scope.cancel()
+
+
+async def test_slow_clients_are_dropped_without_holding_up_others(tmp_path: Path) -> None:
+    async with head_timeout_1s(tmp_path) as (supernode, port):
         request = post("/v1/register", wire.encode(register_msg("a")))
         async with connect(port) as idle, connect(port) as mid_head, connect(port) as mid_body:
             await mid_head.stream.send_all(request[:20])
@@ -359,17 +367,12 @@ async def test_slow_clients_are_dropped_without_holding_up_others(tmp_path: Path
         assert task is not None
         with trio.fail_after(20):
             await task.done.wait()
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_head_timeout_runs_from_each_wait_not_from_the_first(tmp_path: Path) -> None:
     # the lean path's watchdog: a kept-alive client calling more often than head_timeout is
     # served for longer than head_timeout in all, and dropped head_timeout after going idle
-    supernode = Supernode(
-        config_for(tmp_path), transport=registry().transport(), limits=ServerLimits(head_timeout=1)
-    )
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(supernode.run)
+    async with head_timeout_1s(tmp_path) as (_, port):
         request = post("/v1/register", wire.encode(register_msg("a")))
         async with connect(port) as c:
             started = trio.current_time()
@@ -381,7 +384,6 @@ async def test_the_head_timeout_runs_from_each_wait_not_from_the_first(tmp_path:
             idle = trio.current_time()
             assert await c.closed()
             assert 0.9 < trio.current_time() - idle < 3
-        nursery.cancel_scope.cancel()
 
 
 def test_a_head_seen_before_is_parsed_the_same() -> None:
