@@ -114,8 +114,8 @@ class SchedulerConfig:
     seeder_one_copy_above: float = 1.0
     # A child with fewer peer parents than borrow_below takes slots from children with at
     # least borrow_from (0: never); see Scheduler._borrow.
-    borrow_below: int = 2
-    borrow_from: int = 4
+    borrow_below: int = 3
+    borrow_from: int = 5
     borrow_sample: int = 16
     # Control messages per second the supernode paces its downloading peers to (0: no pacing):
     # about 75 % of what one supernode process answers per CPU-second (`p2p-bench dataplane
