@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from p2pd import metrics, sdnotify
+from p2pd import metrics, nic, sdnotify
 from p2pd.blobs import BackSource, BlobManager, Filler
 from p2pd.clusterauth import ClusterAuth
 from p2pd.config import P2pdConfig
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.layout import PieceLayout
 from p2pd.core.session import SessionConfig
+from p2pd.core.uplink import upload_slots_for
 from p2pd.http.server import (
     PIECE_CONGESTION,
     Handler,
@@ -70,7 +71,9 @@ _RELOADABLE = ("upload_rate", "download_rate", "log_level")
 class Daemon:
     """`transport`, `connect` and `rng` replace the network and the randomness (the storm's
     full-stack engine runs many daemons in one process on an in-memory network); by default
-    the daemon uses real sockets and an unseeded generator."""
+    the daemon uses real sockets and an unseeded generator. `nic_speed` gives, for the advertised
+    host, the speed of the interface other hosts reach this one on, in bytes/s (None: unknown);
+    by default the kernel's figure (`p2pd.nic`)."""
 
     def __init__(
         self,
@@ -80,8 +83,10 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         connect: Connector | None = None,
         rng: random.Random | None = None,
+        nic_speed: Callable[[str], float | None] = nic.uplink_of,
     ) -> None:
         self.config = config
+        self.nic_speed = nic_speed(config.advertise.host)
         rng = rng or random.Random()
         self.store = BlobStore(config.data_dir, config.quota_bytes or None)
         self.upstream = upstream_client(transport=transport)
@@ -103,7 +108,7 @@ class Daemon:
                 peer_id=config.peer_id,
                 advertise=str(config.advertise),
                 zone=config.zone,
-                upload_slots=config.upload_slots,
+                upload_slots=self.upload_slots(config),
                 session=SessionConfig(
                     stall_timeout=config.back_to_source_after, stream_ahead=STREAM_AHEAD
                 ),
@@ -158,11 +163,35 @@ class Daemon:
             }
             for d in list(self.blobs.downloads.values())
         ]
-        return {"peer_id": self.config.peer_id, **self.counters(), "downloads": downloads}
+        return {
+            "peer_id": self.config.peer_id,
+            "upload_slots": self.swarm.config.upload_slots,
+            **self.counters(),
+            "downloads": downloads,
+        }
+
+    def upload_slots(self, config: P2pdConfig) -> int:
+        """Children this host offers to feed per blob: one per 100 Mbit/s of uplink (the
+        ``upload_rate`` limit if set, else the interface's speed), ``upload_slots`` at most
+        (`p2pd.core.uplink`)."""
+        uplink = config.upload_rate or self.nic_speed or 0.0
+        slots = upload_slots_for(uplink, config.upload_slots)
+        log.info(
+            "upload slots per blob: %d (uplink %s, upload_slots %d)",
+            slots,
+            f"{uplink * 8 / 1e6:.0f} Mbit/s" if uplink else "unknown",
+            config.upload_slots,
+        )
+        return slots
 
     def reload(self, config: P2pdConfig) -> None:
         """SIGHUP: take the new rate limits and log level; the rest needs a restart."""
         self.piece_server.limiter.rate = config.upload_rate
+        if config.upload_rate != self.config.upload_rate:  # downloads registering from now on
+            slots = self.upload_slots(
+                dataclasses.replace(self.config, upload_rate=config.upload_rate)
+            )
+            self.swarm.config = dataclasses.replace(self.swarm.config, upload_slots=slots)
         self.pieces.limiter.rate = config.download_rate
         logging.getLogger().setLevel(config.log_level_number)
         changed = [

@@ -66,6 +66,7 @@ from p2pd.core.session import (
     ParentView,
     SessionConfig,
 )
+from p2pd.core.uplink import upload_slots_for
 from p2pd.peers import LEAD_SECONDS
 
 SEEDER = "supernode"
@@ -502,6 +503,8 @@ class Sim:
         node = self.nodes[pull.node]
         have = pull.session.have
         digest = pull.layer.digest
+        # as p2pd registers: one slot per 100 Mbit/s of the NIC's speed, `upload_slots` at most
+        slots = upload_slots_for(self.node_up[pull.node], self.upload_slots)
 
         def decide(sched: Scheduler) -> Assignment:
             return sched.register(
@@ -510,7 +513,7 @@ class Sim:
                 node.peer_id,
                 node.zone,
                 self.now,
-                upload_slots=self.upload_slots,
+                upload_slots=slots,
                 have=None if have.is_empty() else have,
             )
 

@@ -390,6 +390,7 @@ class FullStorm:
                     transport=transport,
                     connect=functools.partial(fabric.connect, node.host),
                     rng=random.Random(f"{self.s.seed}/node/{node.index}"),
+                    nic_speed=lambda _host: node.up,  # the host's modelled uplink
                 )
                 fabric.listen(
                     node.name,
