@@ -28,15 +28,18 @@ def interface_of(address: str) -> str | None:
         wanted = ipaddress.IPv4Address(address)
     except ValueError:
         return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
-            request = struct.pack(f"{_IFREQ_SIZE}s", name.encode()[:15])
-            try:
-                reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
-            except OSError:  # no IPv4 address on it
-                continue
-            if ipaddress.IPv4Address(reply[20:24]) == wanted:
-                return name
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _, name in socket.if_nameindex():
+                request = struct.pack(f"{_IFREQ_SIZE}s", name.encode()[:15])
+                try:
+                    reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
+                except OSError:  # no IPv4 address on it
+                    continue
+                if ipaddress.IPv4Address(reply[20:24]) == wanted:
+                    return name
+    except OSError:  # no socket or no interface list (a sandbox): unknown, never fatal
+        return None
     return None
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from p2pd import nic
 
 
@@ -29,3 +31,12 @@ def test_speed_is_read_in_mbit_and_given_in_bytes(tmp_path: Path) -> None:
     assert nic.link_speed("eth3", tmp_path) is None
     assert nic.link_speed("eth4", tmp_path) == 12.5e6
     assert nic.link_speed("eth9", tmp_path) is None  # no such interface
+
+
+def test_no_interface_list_means_unknown_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse() -> list[tuple[int, str]]:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(nic.socket, "if_nameindex", refuse)
+    assert nic.interface_of("127.0.0.1") is None
+    assert nic.uplink_of("127.0.0.1") is None
