@@ -4,9 +4,11 @@ Wire: ``GET /pieces/<hex>/<index>`` answers 200 with exactly the piece's bytes, 
 host does not hold that piece (yet), 400 for a malformed digest or index, 503 when all upload
 slots are busy. The supernode's seeder serves the same route.
 
-Serving uses ``os.sendfile`` (through `FileRegion`); receiving reads the head with a small
-parser and the body with ``recv_into`` straight into the caller's buffer -- the two choices the
-measurements in DESIGN.md favour by an order of magnitude over a general HTTP client. Both
+Serving uses ``os.sendfile`` (through `FileRegion` on the general HTTP server, directly on
+the lean path of `p2pd.piecehttp` that a daemon's peer port runs); receiving reads the head
+with a small parser and the body with ``recv_into`` straight into the caller's buffer -- the
+two choices the measurements in DESIGN.md favour by an order of magnitude over a general
+HTTP client. Both
 ends are ours, so the client is strict: anything but a well-formed 200 with the expected
 Content-Length is an error and the connection is dropped.
 """

@@ -269,7 +269,7 @@ class _Lean:
             return
         uploads = await pieces.start_upload(fd, length)
         try:
-            await self._send(render_ok(uploads, length, close=head.close), more=True)
+            await self._send(render_ok(uploads, length, close=head.close), more=length > 0)
             await self._sendfile(fd, offset, length)
         finally:
             pieces.finish_upload(fd)
