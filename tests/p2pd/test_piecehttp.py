@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from p2pd import piecehttp
 from p2pd.blobs import BlobManager
@@ -439,3 +440,22 @@ async def test_the_daemons_peer_port_serves_pieces_and_its_other_routes(
         assert b'"bytes_to_peers": 1000' in answers[1]
         assert answers[2].endswith(b"\r\n\r\nok\n")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_that_is_no_socket_goes_to_the_general_server(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The storm's in-memory network has no socket to read or sendfile from."""
+    s = await start(nursery, tmp_path)
+    client, server_end = trio.testing.memory_stream_pair()
+
+    async def fallback(request: Request) -> Response:
+        s.handed.append(request.target)
+        return await s.server.handle(request)
+
+    nursery.start_soon(piecehttp.serve_connection, server_end, s.server, fallback, ServerLimits())
+    conn = Conn(client)  # type: ignore[arg-type]
+    await client.send_all(get(piece(s.digest, 2)))
+    assert (await conn.response()).endswith(s.data[2 * MIN_PIECE_SIZE :])
+    assert s.handed == [piece(s.digest, 2)]
+    await client.aclose()
