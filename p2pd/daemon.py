@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from p2pd import metrics, nic, sdnotify
+from p2pd import metrics, nic, piecehttp, sdnotify
 from p2pd.blobs import BackSource, BlobManager, Filler
 from p2pd.clusterauth import ClusterAuth
 from p2pd.config import P2pdConfig
@@ -36,7 +36,9 @@ from p2pd.http.server import (
     Handler,
     Request,
     Response,
+    ServerLimits,
     bound_port,
+    prefer_congestion,
     serve,
 )
 from p2pd.mirror import Mirror, upstream_client
@@ -222,6 +224,7 @@ class Daemon:
         return await self.piece_server.handle(request)
 
     async def aclose(self) -> None:
+        self.store.close_readers()
         await self.upstream.aclose()
         await self.control_client.aclose()
         await self.control.aclose()
@@ -250,11 +253,7 @@ async def run_daemon(
                 _serve, daemon.mirror.handle, config.mirror_listen.host, config.mirror_listen.port
             )
             peer = await nursery.start(
-                _serve,
-                daemon.handle_peer,
-                config.peer_listen.host,
-                config.peer_listen.port,
-                PIECE_CONGESTION,  # pieces go out on these (see there)
+                _serve_peers, daemon, config.peer_listen.host, config.peer_listen.port
             )
             log.info(
                 "p2pd %s: mirror on %s:%d, pieces on %s:%d, supernodes %s",
@@ -286,6 +285,23 @@ async def _serve(
             functools.partial(serve, handler, host, port, congestion=congestion)
         )
         task_status.started(bound_port(listeners))
+
+
+async def _serve_peers(
+    daemon: Daemon, host: str, port: int, *, task_status: trio.TaskStatus[int]
+) -> None:
+    """The peer port: piece GETs on the lean path (`p2pd.piecehttp`), the rest through
+    `Daemon.handle_peer` on the general server; reports the bound port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    prefer_congestion(listeners, PIECE_CONGESTION)  # pieces go out on these (see there)
+    limits = ServerLimits()
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        await piecehttp.serve_connection(stream, daemon.piece_server, daemon.handle_peer, limits)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(bound_port(listeners))
+        await trio.serve_listeners(on_connection, listeners, handler_nursery=nursery)
 
 
 async def main_async(config: P2pdConfig, reload: Callable[[], P2pdConfig] | None = None) -> None:

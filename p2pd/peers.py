@@ -4,15 +4,18 @@ Wire: ``GET /pieces/<hex>/<index>`` answers 200 with exactly the piece's bytes, 
 host does not hold that piece (yet), 400 for a malformed digest or index, 503 when all upload
 slots are busy. The supernode's seeder serves the same route.
 
-Serving uses ``os.sendfile`` (through `FileRegion`); receiving reads the head with a small
-parser and the body with ``recv_into`` straight into the caller's buffer -- the two choices the
-measurements in DESIGN.md favour by an order of magnitude over a general HTTP client. Both
+Serving uses ``os.sendfile`` (through `FileRegion` on the general HTTP server, directly on
+the lean path of `p2pd.piecehttp` that a daemon's peer port runs); receiving reads the head
+with a small parser and the body with ``recv_into`` straight into the caller's buffer -- the
+two choices the measurements in DESIGN.md favour by an order of magnitude over a general
+HTTP client. Both
 ends are ours, so the client is strict: anything but a well-formed 200 with the expected
 Content-Length is an error and the connection is dropped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -61,7 +64,11 @@ class RateLimiter:
 
 
 class PieceServer:
-    """Serves the pieces this host holds: from complete blobs and from running downloads."""
+    """Serves the pieces this host holds: from complete blobs and from running downloads.
+
+    `handle` answers through the general HTTP server; `p2pd.piecehttp` serves plain piece
+    GETs on its lean path with the same checks, in the same order (`check`, `start_upload`,
+    `finish_upload`)."""
 
     def __init__(
         self,
@@ -88,54 +95,86 @@ class PieceServer:
             )
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "pieces are read-only", [("allow", "GET, HEAD")])
-        try:
-            self.auth.check(request.header(HEADER), request.method, request.target)
-        except ClusterAuthError as exc:
-            raise HTTPError(401, str(exc)) from None
-        digest = Digest(match.group(1))
-        index = int(match.group(2))
-        fd, layout = self._open(digest)
-        try:
-            if index >= layout.count:
-                raise HTTPError(400, f"piece {index} out of range (blob has {layout.count})")
-            download = self.blobs.active(digest)
-            if download is not None and index not in download.have:
-                raise HTTPError(404, f"piece {index} of {digest} not held yet")
-            if self.busy >= self.slots:
-                raise HTTPError(503, "all upload slots busy", [("retry-after", "1")])
-        except BaseException:
-            os.close(fd)
-            raise
-        offset, length = layout.span(index)
+        fd, offset, length = self.check(
+            request.method,
+            request.target,
+            match.group(1),
+            int(match.group(2)),
+            request.header(HEADER),
+        )
         if request.method == "HEAD":
             os.close(fd)
             return Response(200, [("content-length", str(length))])
-        self.busy += 1
-        uploads = self.busy  # counted before the limiter's wait: the others are under way
-        await self.limiter.consume(length)
-        self.bytes_served += length
+        uploads = await self.start_upload(fd, length)
         return Response(
             200,
             [("content-type", "application/octet-stream"), (UPLOADS_HEADER, str(uploads))],
-            FileRegion(fd, offset, length, on_done=self._done(fd)),
+            FileRegion(fd, offset, length, on_done=functools.partial(self.finish_upload, fd)),
         )
 
-    def _done(self, fd: int) -> Callable[[], None]:
-        def done() -> None:
-            self.busy -= 1
-            os.close(fd)
-
-        return done
-
-    def _open(self, digest: Digest) -> tuple[int, PieceLayout]:
-        """A private fd on the blob (complete or in progress) and its layout."""
+    def check(
+        self, method: str, target: str, hex_digest: str, index: int, auth: str | None
+    ) -> tuple[int, int, int]:
+        """``(fd, offset, length)`` of piece `index` of the blob `hex_digest` (64 lowercase
+        hex), requested as `method` `target` with cluster signature `auth`; the caller owns
+        the fd. `HTTPError` if it may not or cannot be served now: 401, 404 (not held here,
+        or not yet), 400 (past the blob's end), 503 (every upload slot busy)."""
+        try:
+            self.auth.check(auth, method, target)
+        except ClusterAuthError as exc:
+            raise HTTPError(401, str(exc)) from None
+        digest = Digest(hex_digest)
         download = self.blobs.active(digest)
         if download is not None:
-            return os.dup(download.partial.fd), download.layout
-        size = self.blobs.store.size_of(digest)
-        if size is None:
-            raise HTTPError(404, f"{digest} is not on this host")
-        return self.blobs.store.open_complete(digest), PieceLayout.for_size(size)
+            layout = download.layout
+            if index < layout.count and index not in download.have:
+                raise HTTPError(404, f"piece {index} of {digest} not held yet")
+            fd = -1
+        else:
+            opened = self.blobs.store.open_reader(digest)  # (None: gone, maybe just now)
+            if opened is None:
+                raise HTTPError(404, f"{digest} is not on this host")
+            fd = opened
+            layout = _layout_for(self.blobs.store.size_of(digest) or 0)
+        try:
+            if index >= layout.count:
+                raise HTTPError(400, f"piece {index} out of range (blob has {layout.count})")
+            if self.busy >= self.slots:
+                raise HTTPError(503, "all upload slots busy", [("retry-after", "1")])
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        if fd < 0:
+            assert download is not None
+            # a private fd: the download may end (and close its own) while this is sent
+            fd = os.dup(download.partial.fd)
+        offset, length = layout.span(index)
+        return fd, offset, length
+
+    async def start_upload(self, fd: int, length: int) -> int:
+        """Count an upload of `length` bytes from `fd` (after the upload limiter's wait);
+        returns the uploads under way, this one included (`UPLOADS_HEADER`). The caller
+        calls `finish_upload` once it is sent or failed; if this raises, it was called."""
+        self.busy += 1
+        uploads = self.busy  # counted before the limiter's wait: the others are under way
+        try:
+            await self.limiter.consume(length)
+        except BaseException:
+            self.finish_upload(fd)
+            raise
+        self.bytes_served += length
+        return uploads
+
+    def finish_upload(self, fd: int) -> None:
+        self.busy -= 1
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_for(size: int) -> PieceLayout:
+    """`PieceLayout.for_size`, remembered: a complete blob's layout, once per piece served."""
+    return PieceLayout.for_size(size)
 
 
 class PieceFetchError(Exception):

@@ -21,7 +21,12 @@ Rules:
   small margin, must hold it, evicting the same way if not. Callers that get `StorageFull`
   stream the blob without caching it rather than fail.
 - Recency survives a restart: a use stamps the blob file's mtime (nanoseconds, never going
-  backwards), and the scan at start-up orders blobs by it.
+  backwards), and the scan at start-up orders blobs by it. Piece reads (`open_reader`, per
+  piece served) stamp it at most once every `_STAMP_EVERY_NS`; the order in memory is exact.
+- `open_reader` keeps one fd open per complete blob lately served (at most `_READERS_MAX`)
+  and hands out duplicates: a piece server opens a blob a thousand times per GiB, and the
+  open, the stamp and their paths were a tenth of a piece request's CPU. `remove` closes it;
+  so does a blob whose file vanished behind the store's back (found at the next stamp).
 - Disk errors surface as `StorageError` subclasses (ENOSPC/EDQUOT as `StorageFull`).
 """
 
@@ -48,6 +53,10 @@ log = logging.getLogger(__name__)
 _META_VERSION = 1
 # Room kept free on the cache's file system: 1% of it, at most this much.
 _DISK_MARGIN_MAX = 1 << 30
+# Complete blobs kept open for `open_reader`, the least recently read closed first.
+_READERS_MAX = 64
+# How often `open_reader` stamps a blob's file (and finds out whether it is still there).
+_STAMP_EVERY_NS = 1_000_000_000
 
 
 class StorageError(Exception):
@@ -66,6 +75,7 @@ class StorageFull(StorageError):
 class _Entry:
     size: int
     atime: int  # nanoseconds; the blob file's mtime
+    stamped: int = 0  # time.monotonic_ns() when `open_reader` last stamped the file
 
 
 class BlobStore:
@@ -81,6 +91,7 @@ class BlobStore:
         self._partial_atime: dict[Digest, int] = {}
         self._open: dict[Digest, int] = {}  # open `PartialBlob`s per digest
         self._leases: dict[Digest, int] = {}
+        self._readers: dict[Digest, int] = {}  # see open_reader; least recently read first
         self._clock = 0
         self._scan()
 
@@ -146,13 +157,59 @@ class BlobStore:
         try:
             fd = os.open(self.path_of(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._complete.pop(digest, None)
+            self._forget_complete(digest)
             raise StorageError(f"{digest} vanished from the cache") from None
         self.touch(digest)
         return fd
 
-    def remove(self, digest: Digest) -> None:
+    def open_reader(self, digest: Digest) -> int | None:
+        """An fd on complete blob `digest` (the caller closes it), or None if it is not
+        complete here; touches it for LRU. Cheaper than `open_complete` when called again and
+        again for the same blob (see the module docstring): a duplicate of an fd kept open."""
+        entry = self._complete.get(digest)
+        if entry is None:
+            return None
+        now = time.monotonic_ns()
+        if now - entry.stamped >= _STAMP_EVERY_NS:
+            entry.atime = self._now()
+            try:
+                os.utime(self.path_of(digest), ns=(entry.atime, entry.atime))
+            except FileNotFoundError:
+                self._forget_complete(digest)
+                return None
+            except OSError:
+                pass  # a stamp that cannot be written costs recency after a restart, no more
+            entry.stamped = now
+        else:
+            entry.atime = self._now()
+        fd = self._readers.pop(digest, None)
+        if fd is None:
+            try:
+                fd = os.open(self.path_of(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._forget_complete(digest)
+                return None
+            except OSError as exc:
+                raise _storage_error(exc, f"cannot open {digest}") from exc
+            if len(self._readers) >= _READERS_MAX:
+                os.close(self._readers.pop(next(iter(self._readers))))
+        self._readers[digest] = fd  # (re)inserted last: the most recently read
+        return os.dup(fd)
+
+    def close_readers(self) -> None:
+        """Close the fds `open_reader` keeps (the duplicates it handed out stay valid)."""
+        readers, self._readers = self._readers, {}
+        for fd in readers.values():
+            os.close(fd)
+
+    def _forget_complete(self, digest: Digest) -> None:
         self._complete.pop(digest, None)
+        fd = self._readers.pop(digest, None)
+        if fd is not None:
+            os.close(fd)
+
+    def remove(self, digest: Digest) -> None:
+        self._forget_complete(digest)
         self.path_of(digest).unlink(missing_ok=True)
 
     # -- leases and quota ---------------------------------------------------------------------
@@ -296,6 +353,9 @@ class BlobStore:
 
     def _adopt(self, digest: Digest, size: int) -> None:
         self._forget_partial(digest)
+        stale = self._readers.pop(digest, None)  # (none: a removal closed it)
+        if stale is not None:
+            os.close(stale)
         entry = _Entry(size, self._now())
         self._complete[digest] = entry
         with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import os
 import random
 import socket
 from pathlib import Path
@@ -360,3 +361,22 @@ async def test_nearly_done_comes_at_the_end_of_a_short_body_and_never_on_an_erro
         )
     assert calls == [2]
     await client.aclose()
+
+
+async def test_an_upload_cancelled_in_the_limiters_wait_frees_its_slot_and_fd(
+    tmp_path: Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        store = BlobStore(tmp_path)
+        digest = put_complete(store, random.Random(1).randbytes(SIZE))
+        server = PieceServer(
+            BlobManager(store, nursery, []), upload_slots=2, limiter=RateLimiter(1000, burst=1)
+        )
+        fd, _, length = server.check("GET", f"/pieces/{digest.hex}/0", digest.hex, 0, None)
+        with trio.move_on_after(0.05):
+            await server.start_upload(fd, length)  # ~35 min at 1000 bytes/s
+        assert server.busy == 0
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+        store.close_readers()
+        nursery.cancel_scope.cancel()

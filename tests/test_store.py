@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import random
 from pathlib import Path
 
 import pytest
 
+from p2pd import store as store_module
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import ManifestBuilder, PieceManifest
@@ -196,3 +199,103 @@ def test_a_failed_reserve_still_names_what_it_evicted(
     with pytest.raises(StorageFull, match="on the disk") as failure:
         store.reserve(500)
     assert failure.value.evicted == (a,) and not store.has(a) and store.has(b)
+
+
+# -- open_reader: one fd kept per complete blob for the piece server --------------------------
+
+
+def open_fds() -> set[str]:
+    """What this process's fds point at."""
+    out = set()
+    for n in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # (the listing's own fd, closed now)
+            out.add(os.readlink(f"/proc/self/fd/{n}"))
+    return out
+
+
+def test_a_reader_reads_the_blob_and_one_fd_per_blob_stays_open(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    digest = fill(store, 1)
+    _, data = blob(1000, 1)
+    fds = [store.open_reader(digest) for _ in range(3)]
+    try:
+        assert all(fd is not None and os.pread(fd, 1000, 0) == data for fd in fds)
+        assert len({fd for fd in fds}) == 3  # each caller gets an fd of its own
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+    # the store keeps exactly one open on the blob, and closes it with its readers
+    assert sum(p == str(store.path_of(digest)) for p in open_fds()) == 1
+    store.close_readers()
+    assert str(store.path_of(digest)) not in open_fds()
+    assert store.open_reader(Digest("ab" * 32)) is None  # not here: no fd
+
+
+def test_removing_a_blob_closes_its_reader_but_not_one_handed_out(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, quota_bytes=2000)
+    a, b = fill(store, 1), fill(store, 2)
+    fd = store.open_reader(a)
+    assert fd is not None
+    try:
+        assert store.reserve(1000) == [b]  # a was read more recently
+        assert store.reserve(2000) == [a]
+        assert sum(p.startswith(str(store.path_of(a))) for p in open_fds()) == 1  # ours
+        assert os.pread(fd, 1000, 0) == blob(1000, 1)[1]  # the piece being sent goes on
+    finally:
+        os.close(fd)
+    assert store.open_reader(a) is None
+
+
+def test_a_blob_deleted_behind_the_store_is_found_at_the_next_stamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BlobStore(tmp_path)
+    digest = fill(store, 1)
+    fd = store.open_reader(digest)
+    assert fd is not None
+    os.close(fd)
+    store.path_of(digest).unlink()
+    monkeypatch.setattr(store_module, "_STAMP_EVERY_NS", 0)
+    assert store.open_reader(digest) is None
+    assert not store.has(digest)
+    assert not any(p.startswith(str(store.path_of(digest))) for p in open_fds())
+
+
+def test_readers_stamp_recency_in_memory_always_and_on_disk_now_and_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BlobStore(tmp_path, quota_bytes=3000)
+    a, b, c = (fill(store, s) for s in (1, 2, 3))
+    path = store.path_of(a)
+    for digest in (a, b):
+        fd = store.open_reader(digest)
+        assert fd is not None
+        os.close(fd)
+    stamped = path.stat().st_mtime_ns
+    fd = store.open_reader(a)  # within _STAMP_EVERY_NS: not written again
+    assert fd is not None
+    os.close(fd)
+    assert path.stat().st_mtime_ns == stamped
+    assert store.reserve(1000) == [c]  # but in memory a and b are both newer than c
+    assert store.reserve(2000) == [b]  # and a newer than b
+    monkeypatch.setattr(store_module, "_STAMP_EVERY_NS", 0)
+    fd = store.open_reader(a)
+    assert fd is not None
+    os.close(fd)
+    assert path.stat().st_mtime_ns > stamped
+    assert BlobStore(tmp_path)._complete[a].atime == path.stat().st_mtime_ns
+
+
+def test_readers_kept_open_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "_READERS_MAX", 2)
+    store = BlobStore(tmp_path)
+    digests = [fill(store, s) for s in (1, 2, 3)]
+    for digest in (*digests, digests[0]):
+        fd = store.open_reader(digest)
+        assert fd is not None
+        os.close(fd)
+    kept = {p for p in open_fds() if p.startswith(str(store.blobs_dir))}
+    # the least recently read (the second) was closed
+    assert kept == {str(store.path_of(digests[0])), str(store.path_of(digests[2]))}
+    store.close_readers()
