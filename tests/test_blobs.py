@@ -16,7 +16,7 @@ import trio.testing
 from p2pd import offload
 from p2pd.blobs import BackSource, BlobManager, BlobSource, Download, FillerGaveUp
 from p2pd.core.digest import Digest
-from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
+from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
 from p2pd.http.server import FileRegion, ResponseAborted
 from p2pd.store import BlobStore, StorageFull
 
@@ -80,7 +80,7 @@ def manager(
 async def test_two_clients_share_one_download_and_the_blob_is_cached(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    digest, data = make_blob(3 * MIN_PIECE_SIZE + 123)
+    digest, data = make_blob(3 * SMALLEST_PIECE_SIZE + 123)
     registry = FakeRegistry({digest: data})
     blobs, store = manager(tmp_path, nursery, registry)
     source = BlobSource(UPSTREAM, REPO, "Bearer t", len(data))
@@ -104,7 +104,7 @@ async def test_two_clients_share_one_download_and_the_blob_is_cached(
 async def test_corrupt_blob_aborts_readers_and_is_not_cached(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    digest, data = make_blob(2 * MIN_PIECE_SIZE + 10, seed=3)
+    digest, data = make_blob(2 * SMALLEST_PIECE_SIZE + 10, seed=3)
     registry = FakeRegistry({digest: data}, corrupt=True)
     blobs, store = manager(tmp_path, nursery, registry)
     received = bytearray()
@@ -113,7 +113,7 @@ async def test_corrupt_blob_aborts_readers_and_is_not_cached(
             assert isinstance(chunk, FileRegion)
             received += os.pread(chunk.fd, chunk.length, chunk.offset)
     # the reader never got the (corrupt) last piece
-    assert len(received) <= 2 * MIN_PIECE_SIZE
+    assert len(received) <= 2 * SMALLEST_PIECE_SIZE
     assert received == data[: len(received)]
     assert not store.has(digest)
     await trio.testing.wait_all_tasks_blocked()
@@ -142,7 +142,7 @@ class StallingFiller:
 async def test_registry_fallback_resumes_after_the_swarm_gave_up(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    digest, data = make_blob(4 * MIN_PIECE_SIZE, seed=5)
+    digest, data = make_blob(4 * SMALLEST_PIECE_SIZE, seed=5)
     registry = FakeRegistry({digest: data})
     client = httpx.AsyncClient(transport=httpx.MockTransport(registry.handler))
     store = BlobStore(tmp_path)
@@ -151,14 +151,14 @@ async def test_registry_fallback_resumes_after_the_swarm_gave_up(
     )
     got = await collect(blobs.stream(digest, BlobSource(UPSTREAM, REPO, None, len(data)), 0))
     assert got == data
-    assert registry.gets[0].headers["range"] == f"bytes={2 * MIN_PIECE_SIZE}-"
+    assert registry.gets[0].headers["range"] == f"bytes={2 * SMALLEST_PIECE_SIZE}-"
     assert store.has(digest)
 
 
 async def test_pieces_claimed_by_a_previous_run_are_not_trusted_unchecked(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    digest, data = make_blob(3 * MIN_PIECE_SIZE, seed=8)
+    digest, data = make_blob(3 * SMALLEST_PIECE_SIZE, seed=8)
     layout = PieceLayout.for_size(len(data))
     # a crash left a claim for piece 0 whose bytes never reached the disk
     part = BlobStore(tmp_path).open_partial(digest, layout)
@@ -178,7 +178,7 @@ async def test_pieces_claimed_by_a_previous_run_are_not_trusted_unchecked(
 async def test_a_failed_download_is_forgotten_at_once(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    digest, data = make_blob(MIN_PIECE_SIZE + 5, seed=9)
+    digest, data = make_blob(SMALLEST_PIECE_SIZE + 5, seed=9)
     registry = FakeRegistry({digest: data}, corrupt=True)
     blobs, _ = manager(tmp_path, nursery, registry)
     source = BlobSource(UPSTREAM, REPO, None, len(data))
@@ -200,7 +200,7 @@ class DiskFullInsideFiller:
 async def test_a_full_disk_inside_a_filler_is_the_caches_trouble_not_a_filler_bug(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    digest, data = make_blob(2 * MIN_PIECE_SIZE, seed=9)
+    digest, data = make_blob(2 * SMALLEST_PIECE_SIZE, seed=9)
     registry = FakeRegistry({digest: data})
     client = httpx.AsyncClient(transport=httpx.MockTransport(registry.handler))
     store = BlobStore(tmp_path)

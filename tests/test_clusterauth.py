@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from p2pd.clusterauth import ClusterAuth, ClusterAuthError
-from p2pd.core.layout import MIN_PIECE_SIZE
+from p2pd.core.layout import SMALLEST_PIECE_SIZE
 from p2pd.peers import PieceClient, PieceFetchError
 from tests.test_peers import SIZE, start_server_with
 
@@ -52,7 +52,7 @@ async def test_piece_server_refuses_unsigned_requests(
 ) -> None:
     auth = ClusterAuth(SECRET)
     address, digest, data = await start_server_with(nursery, tmp_path, auth=auth)
-    buf = bytearray(SIZE - 2 * MIN_PIECE_SIZE)
+    buf = bytearray(SIZE - 2 * SMALLEST_PIECE_SIZE)
     with pytest.raises(PieceFetchError, match="answered 401"):
         await PieceClient().fetch(address, digest, 2, memoryview(buf))
     with pytest.raises(PieceFetchError, match="answered 401"):

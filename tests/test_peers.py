@@ -18,7 +18,7 @@ import trio
 from p2pd.blobs import BlobManager
 from p2pd.clusterauth import ClusterAuth
 from p2pd.core.digest import Digest
-from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
+from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
 from p2pd.http.server import FileRegion, Request, ServerLimits, bound_port, serve
 from p2pd.peers import (
     BODY_LOWAT,
@@ -32,7 +32,7 @@ from p2pd.peers import (
 )
 from p2pd.store import BlobStore
 
-SIZE = 2 * MIN_PIECE_SIZE + 1000
+SIZE = 2 * SMALLEST_PIECE_SIZE + 1000
 
 
 def put_complete(store: BlobStore, data: bytes) -> Digest:
@@ -142,7 +142,7 @@ async def test_a_pooled_connection_the_server_closed_is_retried_fresh(
     await trio.sleep(0.3)  # the server has dropped the idle connection by now
     buf[:] = bytes(len(buf))
     await client.fetch(address, digest, 2, memoryview(buf))
-    assert buf == data[2 * MIN_PIECE_SIZE :]
+    assert buf == data[2 * SMALLEST_PIECE_SIZE :]
     await client.aclose()
 
 

@@ -15,8 +15,10 @@ from p2pd.core.digest import Digest, DigestError
 from p2pd.core.layout import (
     MAX_BLOB_SIZE,
     MAX_PIECES,
-    MIN_PIECE_SIZE,
+    PIECE_SIZE,
+    SMALLEST_PIECE_SIZE,
     TARGET_MAX_PIECES,
+    TARGET_MIN_PIECES,
     LayoutError,
     PieceLayout,
 )
@@ -72,7 +74,7 @@ def test_digest_rejects_non_str_and_wrong_length_bytes() -> None:
 def test_layout_empty_blob_has_no_pieces() -> None:
     lay = PieceLayout.for_size(0)
     assert lay.count == 0
-    assert lay.piece_size == MIN_PIECE_SIZE
+    assert lay.piece_size == SMALLEST_PIECE_SIZE
     with pytest.raises(LayoutError):
         lay.length(0)
 
@@ -82,23 +84,34 @@ def test_layout_one_byte() -> None:
     assert (lay.count, lay.span(0)) == (1, (0, 1))
 
 
-@pytest.mark.parametrize("k", [1, 2, 7, TARGET_MAX_PIECES])
+@pytest.mark.parametrize("k", [TARGET_MIN_PIECES, 300, TARGET_MAX_PIECES])
 def test_layout_exact_multiple_has_full_last_piece(k: int) -> None:
-    lay = PieceLayout.for_size(k * MIN_PIECE_SIZE)
-    assert lay.piece_size == MIN_PIECE_SIZE
+    lay = PieceLayout.for_size(k * PIECE_SIZE)
+    assert lay.piece_size == PIECE_SIZE
     assert lay.count == k
-    assert lay.length(k - 1) == MIN_PIECE_SIZE
+    assert lay.length(k - 1) == PIECE_SIZE
 
 
 def test_layout_one_past_a_multiple() -> None:
-    lay = PieceLayout.for_size(3 * MIN_PIECE_SIZE + 1)
+    lay = PieceLayout.for_size(3 * SMALLEST_PIECE_SIZE + 1)
     assert lay.count == 4
-    assert lay.span(3) == (3 * MIN_PIECE_SIZE, 1)
+    assert lay.span(3) == (3 * SMALLEST_PIECE_SIZE, 1)
+
+
+def test_layout_small_blobs_get_smaller_pieces_down_to_the_smallest() -> None:
+    # 2 MiB pieces from TARGET_MIN_PIECES of them up
+    assert PieceLayout.for_size(TARGET_MIN_PIECES * PIECE_SIZE).piece_size == PIECE_SIZE
+    assert PieceLayout.for_size((TARGET_MIN_PIECES - 1) * PIECE_SIZE).piece_size == PIECE_SIZE // 2
+    # Storm-A's 30 MiB layer: 120 pieces of 256 KiB; its 200 MiB one: 200 of 1 MiB
+    assert PieceLayout.for_size(30 << 20) == PieceLayout(30 << 20, SMALLEST_PIECE_SIZE)
+    assert PieceLayout.for_size(200 << 20).count == 200
+    # never below the smallest, however few pieces that leaves
+    assert PieceLayout.for_size(5 * SMALLEST_PIECE_SIZE).count == 5
 
 
 def test_layout_piece_size_doubles_past_target_count() -> None:
-    lay = PieceLayout.for_size(TARGET_MAX_PIECES * MIN_PIECE_SIZE + 1)
-    assert lay.piece_size == 2 * MIN_PIECE_SIZE
+    lay = PieceLayout.for_size(TARGET_MAX_PIECES * PIECE_SIZE + 1)
+    assert lay.piece_size == 2 * PIECE_SIZE
     assert lay.count == TARGET_MAX_PIECES // 2 + 1
 
 
@@ -139,11 +152,15 @@ def test_layout_index_and_offset_checks() -> None:
 def test_layout_rule_invariants(size: int) -> None:
     lay = PieceLayout.for_size(size)
     assert lay.count <= TARGET_MAX_PIECES
-    assert lay.piece_size >= MIN_PIECE_SIZE
+    assert lay.piece_size >= SMALLEST_PIECE_SIZE
     assert lay.piece_size & (lay.piece_size - 1) == 0
-    # the smallest power-of-two piece size that keeps the count under the target
-    if lay.piece_size > MIN_PIECE_SIZE:
+    # 2 MiB, unless that gives too few pieces (then the largest size that gives enough, or
+    # the smallest) or too many (then the smallest size that keeps the count under the target)
+    if lay.piece_size > PIECE_SIZE:
         assert -(-size // (lay.piece_size // 2)) > TARGET_MAX_PIECES
+    elif lay.piece_size < PIECE_SIZE:
+        assert -(-size // (lay.piece_size * 2)) < TARGET_MIN_PIECES
+        assert lay.count >= TARGET_MIN_PIECES or lay.piece_size == SMALLEST_PIECE_SIZE
     if size:
         assert sum(lay.length(i) for i in (0, lay.count - 1)) <= 2 * lay.piece_size
         assert lay.offset(lay.count - 1) + lay.length(lay.count - 1) == size

@@ -24,7 +24,7 @@ from p2pd.clusterauth import ClusterAuth
 from p2pd.config import P2pdConfig
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
-from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
+from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
 from p2pd.daemon import Running, run_daemon
 from p2pd.http.server import Request, Response, ServerLimits, bound_port, serve
 from p2pd.peers import PieceServer
@@ -213,13 +213,16 @@ async def test_lean_and_general_answers_are_the_same_bytes(
     assert lean[1].endswith(s.data[off : off + n])
     assert b"x-p2p-uploads: 1\r\n" in lean[0]
     assert [r.split(b" ", 2)[1] for r in lean] == [b"200", b"200", b"400", b"404", b"200"]
-    # busy: 503 with its retry-after, the same bytes again
+    # busy: 503 with its retry-after, the same bytes again (once the uploads above have
+    # given their slots back: the server may finish one after the client has read it all)
+    await trio.testing.wait_all_tasks_blocked()
+    assert s.server.busy == 0
     s.server.busy = s.server.slots
     busy = [get(piece(s.digest, 0))]
     assert (await exchange(s.lean, busy)) == (await exchange(s.general, busy))
     assert (await exchange(s.lean, busy))[0].startswith(b"HTTP/1.1 503 \r\n")
     s.server.busy = 0
-    assert s.server.bytes_served == 2 * (2 * MIN_PIECE_SIZE + (SIZE - 2 * MIN_PIECE_SIZE))
+    assert s.server.bytes_served == 2 * (2 * SMALLEST_PIECE_SIZE + (SIZE - 2 * SMALLEST_PIECE_SIZE))
 
 
 async def test_connection_close_is_honoured_with_the_same_head(
@@ -259,7 +262,7 @@ async def test_cluster_auth_is_checked_on_the_lean_path(
     assert lean == await exchange(s.general, requests)
     assert [r.split(b" ", 2)[1] for r in lean] == [b"401", b"401", b"401", b"200"]
     assert s.handed == []
-    assert lean[3].endswith(s.data[:MIN_PIECE_SIZE])
+    assert lean[3].endswith(s.data[:SMALLEST_PIECE_SIZE])
 
 
 async def test_pipelined_requests_are_answered_in_order_and_the_rest_by_the_general_server(
@@ -295,7 +298,7 @@ async def test_a_request_trickling_in_byte_by_byte_is_answered(
             await conn.send(request[i : i + 1])
             await trio.sleep(0.001)
         answer = await conn.response()
-    assert answer.endswith(s.data[2 * MIN_PIECE_SIZE :])
+    assert answer.endswith(s.data[2 * SMALLEST_PIECE_SIZE :])
     assert s.handed == []
 
 
@@ -367,7 +370,7 @@ async def test_a_receiver_that_stops_reading_is_dropped_and_its_slot_freed(
     sock.close()  # a reset
     await wait_until(lambda: s.server.busy == 0)
     assert (await exchange(s.lean, [get(piece(s.digest, 2))]))[0].endswith(
-        s.data[2 * MIN_PIECE_SIZE :]
+        s.data[2 * SMALLEST_PIECE_SIZE :]
     )
 
 
@@ -400,7 +403,7 @@ async def test_a_download_in_progress_serves_the_pieces_it_holds(
         assert lean == await exchange(s.general, requests)
         assert [r.split(b" ", 2)[1] for r in lean] == [b"404", b"200", b"400"]
         assert b"not held yet" in lean[0]
-        assert lean[1].endswith(s.data[MIN_PIECE_SIZE : 2 * MIN_PIECE_SIZE])
+        assert lean[1].endswith(s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE])
         assert s.server.busy == 0
         assert s.handed == []
     finally:
@@ -436,7 +439,7 @@ async def test_the_daemons_peer_port_serves_pieces_and_its_other_routes(
         digest = put_complete(running.daemon.store, data)
         requests = [get(piece(digest, 2)), get("/stats"), get("/healthz")]
         answers = await exchange(running.ports.peer, requests)
-        assert answers[0].endswith(data[2 * MIN_PIECE_SIZE :])
+        assert answers[0].endswith(data[2 * SMALLEST_PIECE_SIZE :])
         assert b'"bytes_to_peers": 1000' in answers[1]
         assert answers[2].endswith(b"\r\n\r\nok\n")
         nursery.cancel_scope.cancel()
@@ -456,6 +459,6 @@ async def test_a_stream_that_is_no_socket_goes_to_the_general_server(
     nursery.start_soon(piecehttp.serve_connection, server_end, s.server, fallback, ServerLimits())
     conn = Conn(client)  # type: ignore[arg-type]
     await client.send_all(get(piece(s.digest, 2)))
-    assert (await conn.response()).endswith(s.data[2 * MIN_PIECE_SIZE :])
+    assert (await conn.response()).endswith(s.data[2 * SMALLEST_PIECE_SIZE :])
     assert s.handed == [piece(s.digest, 2)]
     await client.aclose()

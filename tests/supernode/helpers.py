@@ -21,7 +21,7 @@ import trio
 from p2pd import wire
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
-from p2pd.core.layout import MIN_PIECE_SIZE, PieceLayout
+from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
 from p2pd.core.manifest import PieceManifest
 from supernode.config import from_mapping
 from supernode.seeder import Task
@@ -29,7 +29,7 @@ from supernode.server import Supernode
 
 UPSTREAM = "https://registry.test"
 REPO = "team/app"
-PIECE = MIN_PIECE_SIZE
+PIECE = SMALLEST_PIECE_SIZE
 
 
 def make_blob(size: int, seed: int = 7) -> tuple[Digest, bytes]:
@@ -38,7 +38,7 @@ def make_blob(size: int, seed: int = 7) -> tuple[Digest, bytes]:
 
 
 # Three pieces: two full ones and a short last one.
-SIZE = 2 * PIECE + 1_000_003
+SIZE = 2 * PIECE + 100_003
 DIGEST, BLOB = make_blob(SIZE)
 LAYOUT = PieceLayout.for_size(SIZE)
 assert LAYOUT.count == 3 and LAYOUT.piece_size == PIECE

@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from p2pd import wire
+from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import piece_hash
 from p2pd.http.server import ResponseAborted, bound_port
 from p2pd.store import BlobStore
@@ -236,7 +237,8 @@ async def test_a_slow_registry_body_is_read_in_few_large_reads(
             await h.register("a", digest=digest, size=len(blob), upstream=upstream)
             task = await h.wait_done(digest)  # within 20 s
             assert task.failure is None
-            assert (await h.piece(0, digest)).content == blob
+            first = PieceLayout.for_size(len(blob)).length(0)
+            assert (await h.piece(0, digest)).content == blob[:first]
             await h.register("a", digest=missing, size=10, upstream=upstream)
             task = await h.wait_done(missing)  # the read timeout is 30 s
             assert isinstance(task.failure, UpstreamRefused) and task.failure.status == 404

@@ -15,7 +15,7 @@ from p2pd.status import human
 from supernode import cli
 from tests.supernode.helpers import BLOB, DIGEST, PIECE, SIZE, FakeRegistry, make_blob, running
 
-OTHER_SIZE = 1_500_000
+OTHER_SIZE = PIECE - 12_345  # under hold_after: never held
 OTHER, OTHER_BLOB = make_blob(OTHER_SIZE, seed=11)
 MISSING, _ = make_blob(1000, seed=12)
 
