@@ -1175,14 +1175,17 @@ class Scheduler:
         holders = task.holders
         floor = self._config.borrow_from
         offers: list[tuple[int, float, int, _Peer, _Peer]] = []
+        # looked up once: a storm short of parents borrows on most calls
+        draw_index, peers, zone = self._rng.randrange, task.peers, child.zone
+        parents, seeder_id = child.parents, task.seeder.peer_id
         for draw in range(min(self._config.borrow_sample, len(holders))):
-            lender = holders[self._rng.randrange(len(holders))]
+            lender = holders[draw_index(len(holders))]
             if (
-                lender.zone != child.zone
+                lender.zone != zone
                 or lender is child
-                or task.peers.get(lender.peer_id) is not lender
+                or peers.get(lender.peer_id) is not lender
                 or lender.peer_id in task.banned
-                or lender.peer_id in child.parents
+                or lender.peer_id in parents
                 or lender.peer_id in child.shunned
                 or not lender.pieces.bits & lacking
             ):
@@ -1190,7 +1193,7 @@ class Scheduler:
             richest: _Peer | None = None
             most = floor - 1
             for other in lender.children.values():
-                count = len(other.parents) - (task.seeder.peer_id in other.parents)
+                count = len(other.parents) - (seeder_id in other.parents)
                 if count > most:
                     richest, most = other, count
             if richest is not None:
