@@ -474,7 +474,8 @@ class Network:
         down_share = self._down_share
         sooner = self._sooner
         for g in group:
-            if g.rate <= above:
+            rate = g.rate
+            if rate <= above:
                 continue  # the caller knows its rate cannot have changed
             # Comparisons, not min(): this loop is the simulator's hot spot.
             r = up_share[g.src]
@@ -483,12 +484,12 @@ class Network:
             link = g.link
             if link is not None and link.share < r:
                 r = link.share
-            if r == g.rate:
+            if r == rate:
                 continue
             if now >= g.finish:
                 g.remaining = 0.0  # see _left
-            elif now > g.last and g.rate > 0:
-                left = g.remaining - g.rate * (now - g.last)
+            elif now > g.last and rate > 0:
+                left = g.remaining - rate * (now - g.last)
                 g.remaining = left if left > 0 else 0.0
             g.last = now
             g.rate = r

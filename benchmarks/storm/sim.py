@@ -63,7 +63,6 @@ from p2pd.core.scheduler import Assignment, Scheduler, SchedulerConfig
 from p2pd.core.session import (
     REPORT_UNREACHABLE,
     DownloadSession,
-    ParentView,
     SessionConfig,
 )
 from p2pd.core.uplink import upload_slots_for
@@ -357,9 +356,8 @@ class Sim:
             self._drive(pull)
 
     def _apply(self, pull: _Pull, assignment: Assignment) -> None:
-        parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
         pull.session.apply(
-            assignment.state.value, pull.layer.known, parents, self.now, assignment.pace
+            assignment.state.value, pull.layer.known, assignment.parents, self.now, assignment.pace
         )
 
     def _drive(self, pull: _Pull) -> None:
@@ -381,13 +379,15 @@ class Sim:
                     self.tags.pop(flow, None)
             for request in out.fetch:
                 self._fetch(pull, request)
-            announce = out.announce and out.gave_up is None and not session.is_complete()
+            # only a verdict completes a layer, and none comes in this loop
+            complete = session.is_complete()
+            announce = out.announce and out.gave_up is None and not complete
             if out.reports or announce:
                 self._report_and_announce(pull, out.reports, announce)
             if out.gave_up is not None:
                 self._fall_back(pull)
                 return
-            if session.is_complete():
+            if complete:
                 self._last_announce(pull)
                 self._layer_done(pull)
                 return

@@ -117,7 +117,10 @@ class FreePeers:
             slot = self._slot[peer_id] = len(self._ids)
             self._ids.append(peer_id)
             self._masked.append(0)
-        self._present |= 1 << slot
+        if old is None:
+            # a slot's bit is set exactly while its peer is in the index: an int as wide as
+            # the task's peers, not rebuilt for each of their updates
+            self._present |= 1 << slot
         masked = self._masked[slot]
         if bits != masked:
             holders = self._holders

@@ -309,6 +309,8 @@ class PiecePicker:
             raise PickerError(f"verifiable count {known!r} out of range 0..{self._n}")
         if known < self._verifiable:
             raise PickerError(f"verifiable count went back from {self._verifiable} to {known}")
+        if known == self._verifiable:
+            return  # most replies: no new hash
         new = ((1 << known) - (1 << self._verifiable)) & ~self._have.bits
         self._verifiable = known
         self._free |= new
@@ -379,6 +381,11 @@ class PiecePicker:
             again = []
             progress = False
             for name, p in turn:
+                if not p.bits & self._free and self._free_r & ~self._by_avail_r[0]:
+                    # nothing fresh for it while others have some (`_choose`'s first test,
+                    # inline: idle parents are asked again in every round)
+                    again.append((name, p))
+                    continue
                 index = self._choose(p, window)
                 if index is None:
                     if self._free_r & ~self._by_avail_r[0]:
@@ -608,8 +615,10 @@ class PiecePicker:
         rank = self._rank
         if bits.bit_count() < 16:
             out = 0
-            for i in iter_bits(bits):
-                out |= 1 << rank[i]
+            while bits:  # iter_bits, inline: most calls move a few pieces
+                low = bits & -bits
+                out |= 1 << rank[low.bit_length() - 1]
+                bits ^= low
             return out
         # Dense sets: permute the binary digits instead of a big-int operation per piece.
         # Read least significant first, digit i is piece i, and output digit r is the digit

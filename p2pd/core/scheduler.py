@@ -243,6 +243,7 @@ class _Peer:
         "ordinal",
         "parents",
         "peer_id",
+        "peer_parents",
         "pieces",
         "shunned",
         "slots",
@@ -267,6 +268,7 @@ class _Peer:
         # Both sides of every link, insertion-ordered so that reports and releases are stable.
         self.parents: dict[str, _Peer] = {}
         self.children: dict[str, _Peer] = {}
+        self.peer_parents = 0  # its parents but the seeder: what `_borrow` weighs
         self.shunned: set[str] = set()  # membership only, never iterated
         # the rare pieces the seeder offers this peer (its last assignment): _seeder_offer
         self.claimed = 0
@@ -291,6 +293,7 @@ class _Task:
         "progress_at",
         "ranked",
         "rare",
+        "rich",
         "seeder",
         "state",
         "streaming",
@@ -327,6 +330,8 @@ class _Task:
         # peers that held a piece when they called, in that order (some may have left since):
         # where Scheduler._borrow samples from
         self.holders: list[_Peer] = []
+        # peers with at least borrow_from peer parents: with none, `_borrow` finds no slot
+        self.rich = 0
         # zone -> piece -> how many of the zone's peers the seeder offers it to as rare, and
         # the pieces it offers to at least one of them
         self.claims: dict[str, dict[int, int]] = {}
@@ -927,6 +932,10 @@ class Scheduler:
             self._feed(child.peer_id, 1)
         parent.children[child.peer_id] = child
         child.parents[parent.peer_id] = parent
+        if not parent.is_seeder:
+            child.peer_parents += 1
+            if child.peer_parents == self._config.borrow_from:
+                task.rich += 1
         self._stats["links"] += 1
         self._reindex(task, parent)
 
@@ -942,6 +951,10 @@ class Scheduler:
             self._feed(child.peer_id, -1)
         del parent.children[child.peer_id]
         del child.parents[parent.peer_id]
+        if not parent.is_seeder:
+            if child.peer_parents == self._config.borrow_from:
+                task.rich -= 1
+            child.peer_parents -= 1
         self._stats["releases"] += 1
         self._reindex(task, parent)
 
@@ -1174,15 +1187,26 @@ class Scheduler:
         """
         holders = task.holders
         floor = self._config.borrow_from
+        draws = min(self._config.borrow_sample, len(holders))
+        draw_index = self._rng.randrange
+        if floor and not task.rich:
+            # No child has a slot to lend (a storm's first seconds, when most calls come
+            # here): the same draws all the same, so that the rng's stream, and every later
+            # decision, is what the full look would have left.
+            for _ in range(draws):
+                draw_index(len(holders))
+            return
         offers: list[tuple[int, float, int, _Peer, _Peer]] = []
-        for draw in range(min(self._config.borrow_sample, len(holders))):
-            lender = holders[self._rng.randrange(len(holders))]
+        # looked up once: a storm short of parents borrows on most calls
+        peers, zone, parents = task.peers, child.zone, child.parents
+        for draw in range(draws):
+            lender = holders[draw_index(len(holders))]
             if (
-                lender.zone != child.zone
+                lender.zone != zone
                 or lender is child
-                or task.peers.get(lender.peer_id) is not lender
+                or peers.get(lender.peer_id) is not lender
                 or lender.peer_id in task.banned
-                or lender.peer_id in child.parents
+                or lender.peer_id in parents
                 or lender.peer_id in child.shunned
                 or not lender.pieces.bits & lacking
             ):
@@ -1190,9 +1214,8 @@ class Scheduler:
             richest: _Peer | None = None
             most = floor - 1
             for other in lender.children.values():
-                count = len(other.parents) - (task.seeder.peer_id in other.parents)
-                if count > most:
-                    richest, most = other, count
+                if other.peer_parents > most:
+                    richest, most = other, other.peer_parents
             if richest is not None:
                 offers.append((-most, lender.tie, draw, lender, richest))
         offers.sort(key=lambda offer: offer[:3])

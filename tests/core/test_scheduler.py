@@ -529,9 +529,15 @@ events = st.lists(
 
 
 def check_books(s: Scheduler, digest: Digest) -> None:
-    """A zone's claims on pieces from outside, the pacing count and the count of the seeder's
-    children per host agree with the peers."""
+    """A zone's claims on pieces from outside, the pacing count, the count of the seeder's
+    children per host and the counts of peer parents `_borrow` reads agree with the peers."""
     task = s._tasks[digest]
+    seeder = task.seeder.peer_id
+    for p in task.peers.values():
+        assert p.peer_parents == len(p.parents) - (seeder in p.parents), p.peer_id
+    floor = s.config.borrow_from
+    if floor:
+        assert task.rich == sum(p.peer_parents >= floor for p in task.peers.values())
     counts: dict[str, dict[int, int]] = {}
     for p in task.peers.values():
         zone = counts.setdefault(p.zone, {})
@@ -1000,12 +1006,18 @@ def _storm_start(**cfg: Any) -> Scheduler:
 
 def test_a_child_without_parents_borrows_a_slot_from_a_child_with_several() -> None:
     s = _storm_start(borrow_below=1, borrow_from=2)
+    check_books(s, D)  # `rich` has parents to spare...
+    assert s._tasks[D].rich == 1
     poor = s.register(D, "poor", "", "a", 1.0)
     assert len(names(poor)) == 1  # one slot borrowed: enough to get going
     lender = names(poor)[0]
     assert s.children(D, lender) == ["poor"]
     assert s.parents_of(D, "rich") == [p for p in ("h1", "h2") if p != lender]
     check_links(s, D, {"h1": 1, "h2": 1, "rich": 8, "poor": 8})
+    check_books(s, D)  # ...and no longer
+    assert s._tasks[D].rich == 0
+    s.leave(D, lender)
+    check_books(s, D)
 
 
 def test_no_borrowing_from_a_child_without_parents_to_spare_or_when_off() -> None:
