@@ -26,7 +26,7 @@ Rules (as in `supernode.controlhttp`, the supernode's lean path for control POST
 * A request must arrive within ``head_timeout`` of when it is awaited (the idle time of a
   kept-alive connection included), watched by one task per connection; each write may stall
   ``send_timeout`` at most. Pipelined requests are answered in order; ``Connection: close``
-  is honoured after the answer. The task yields every `_STREAK` requests it serves without
+  is honoured after the answer. The task yields every `STREAK` requests it serves without
   waiting, so a client that pipelines without pause cannot starve the others.
 * Only socket streams come here (other streams go to the general server at once).
 """
@@ -42,6 +42,7 @@ import socket
 import trio
 
 from p2pd.clusterauth import HEADER
+from p2pd.http.lean import HEAD_END, STREAK, Closed, LeanConnection
 from p2pd.http.server import Handler, HTTPError, ServerLimits, error_response, serve_stream
 from p2pd.peers import UPLOADS_HEADER, PieceServer
 
@@ -58,9 +59,6 @@ _FIELDS = re.compile(rb"\r\n(" + _TOKEN + rb"):([\t -~]*)")
 _FALLBACK_NAMES = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
 _AUTH = HEADER.encode("ascii")
 _PREFIX = b"GET /pieces/"
-_HEAD_END = b"\r\n\r\n"
-_BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended by LF alone: h11 takes such heads
-_STREAK = 16
 # What h11 writes for `PieceServer.handle`'s 200 (its headers, then Content-Length).
 _OK = b"HTTP/1.1 200 \r\ncontent-type: application/octet-stream\r\n%s: %%d\r\n" % (
     UPLOADS_HEADER.encode("ascii")
@@ -119,16 +117,12 @@ def render_error(exc: HTTPError, *, close: bool) -> bytes:
     lines.append(b"content-length: %d" % len(body))
     if close:
         lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + _HEAD_END + body
+    return b"\r\n".join(lines) + HEAD_END + body
 
 
 def render_ok(uploads: int, length: int, *, close: bool) -> bytes:
     """The head of `PieceServer.handle`'s 200, as h11 writes it."""
     return _OK % uploads + (_LENGTH_CLOSE if close else _LENGTH_END) % length
-
-
-class _Closed(Exception):
-    """The client closed the connection."""
 
 
 async def serve_connection(
@@ -168,7 +162,7 @@ async def serve_connection(
         await serve_stream(stream, fallback, limits, initial=handed)
 
 
-class _Lean:
+class _Lean(LeanConnection):
     def __init__(
         self,
         stream: trio.SocketStream,
@@ -176,11 +170,9 @@ class _Lean:
         limits: ServerLimits,
         client: str,
     ) -> None:
+        super().__init__(limits, client, log)
         self.stream = stream
         self.pieces = pieces
-        self.limits = limits
-        self.client = client
-        self.buffer = bytearray()
         # The socket is read and written without trio's stream layer (whose every call
         # ends in a trip through the scheduler), through a duplicate as a plain socket
         # object: the one way to pass MSG_MORE. The duplicate is closed when this path is
@@ -188,52 +180,11 @@ class _Lean:
         self.raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self.raw.setblocking(False)
         self.fd = self.raw.fileno()
-        self.streak = 0  # requests served without waiting: yield now and then all the same
-        self.waited = False
-        self.scope = trio.CancelScope()  # around _serve: cancelled by _watch
-        self.since: float | None = None  # when the request now awaited was first awaited
-
-    async def run(self) -> bytes | None:
-        """Serve requests until the connection ends (None: close it) or one is not a plain
-        piece GET (the bytes read so far, for the general server)."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch)
-            handed = await self._run()
-            nursery.cancel_scope.cancel()
-        return handed
-
-    async def _watch(self) -> None:
-        """Cancel `self.scope` once a request has been awaited for ``head_timeout``: one
-        task per connection rather than a cancel scope per awaited request (as in
-        `supernode.controlhttp`)."""
-        timeout = self.limits.head_timeout
-        while True:
-            if self.since is None:
-                await trio.sleep(timeout)
-                continue
-            due = self.since + timeout
-            if trio.current_time() >= due:
-                self.scope.cancel()
-                return
-            await trio.sleep_until(due)
-
-    async def _run(self) -> bytes | None:
-        try:
-            with self.scope:
-                return await self._serve()
-            return None  # only the watchdog cancels the scope: too slow, or idle too long
-        except _Closed:
-            return None
-        except trio.TooSlowError:
-            log.info("response to %s timed out", self.client)
-            return None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return None
 
     async def _serve(self) -> bytes | None:
         buffer = self.buffer
         while True:
-            end = buffer.find(_HEAD_END)
+            end = buffer.find(HEAD_END)
             if end < 0:
                 self.since = trio.current_time()  # see _watch
                 end = await self._until_head()
@@ -249,7 +200,7 @@ class _Lean:
                 self.waited, self.streak = False, 0
             else:
                 self.streak += 1
-                if self.streak >= _STREAK:
+                if self.streak >= STREAK:
                     self.streak = 0
                     await trio.lowlevel.checkpoint()
 
@@ -283,24 +234,11 @@ class _Lean:
                 self.waited = True
                 await trio.lowlevel.wait_readable(self.fd)
         if not data:
-            raise _Closed
+            raise Closed
         self.buffer += data
 
-    async def _until_head(self) -> int:
-        """Where the head ends; -1 if it is over the size limit, or is plainly not a piece
-        GET already (no reason to wait for the rest of it)."""
-        buffer = self.buffer
-        while True:
-            end = buffer.find(_HEAD_END)
-            if end >= 0:
-                return end
-            if (
-                len(buffer) > self.limits.max_head
-                or not buffer.startswith(_PREFIX[: len(buffer)])
-                or _BARE_LF.search(buffer)
-            ):
-                return -1
-            await self._receive()
+    def _plausible(self, buffer: bytearray) -> bool:
+        return buffer.startswith(_PREFIX[: len(buffer)])
 
     async def _send(self, data: bytes, *, more: bool = False) -> None:
         flags = socket.MSG_MORE if more else 0

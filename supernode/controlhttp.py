@@ -24,7 +24,7 @@ Rules:
 * Pipelined requests are answered in order; ``Connection: close`` is honoured after the
   answer. A refused call (4xx) keeps the connection, as on the general server.
 * A socket is read and written without trio's stream layer (see `_Lean`); the task still
-  yields every `_STREAK` requests it serves without waiting, so a client that pipelines
+  yields every `STREAK` requests it serves without waiting, so a client that pipelines
   without pause cannot starve the others.
 """
 
@@ -38,6 +38,7 @@ from collections.abc import Callable
 import trio
 
 from p2pd import wire
+from p2pd.http.lean import HEAD_END, STREAK, Closed, LeanConnection
 from p2pd.http.server import Handler, ServerLimits, linger, serve_stream
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,7 @@ _HEAD = re.compile(
 )
 _FIELDS = re.compile(rb"\r\n(" + _TOKEN + rb"):([\t -~]*)")
 _FALLBACK_NAMES = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
-_HEAD_END = b"\r\n\r\n"
-_BARE_LF = re.compile(rb"(?<!\r)\n")  # a line ended by LF alone: h11 takes such heads
 _MAX_BODY = wire.MAX_MESSAGE_SIZE
-_STREAK = 16
 
 
 class _Head:
@@ -152,7 +150,7 @@ def render(status: int, headers: list[tuple[str, str]], body: bytes, *, close: b
         prefix = b"\r\n".join(lines)
         if len(_PREFIXES) < _PREFIXES_MAX:
             _PREFIXES[key] = prefix
-    end = b"\r\nconnection: close\r\n\r\n" if close else _HEAD_END
+    end = b"\r\nconnection: close\r\n\r\n" if close else HEAD_END
     return b"%s%d%s%s" % (prefix, len(body), end, body)
 
 
@@ -160,10 +158,6 @@ def render(status: int, headers: list[tuple[str, str]], body: bytes, *, close: b
 # a handful of different ones, and joining them for every answer was a few percent of its CPU.
 _PREFIXES: dict[tuple[object, ...], bytes] = {}
 _PREFIXES_MAX = 64
-
-
-class _Closed(Exception):
-    """The client closed the connection, or was too slow."""
 
 
 async def serve_connection(
@@ -190,7 +184,7 @@ async def serve_connection(
         await serve_stream(stream, fallback, limits, initial=handed)
 
 
-class _Lean:
+class _Lean(LeanConnection):
     def __init__(
         self,
         stream: trio.abc.HalfCloseableStream,
@@ -199,73 +193,26 @@ class _Lean:
         auth_header: bytes,
         client: str,
     ) -> None:
+        super().__init__(limits, client, log)
         self.stream = stream
         self.control = control
-        self.limits = limits
         self.auth_header = auth_header
-        self.client = client
-        self.buffer = bytearray()
         # A socket is read and written directly (os.read / os.write, waiting for readiness
         # only when it would block): trio's stream methods add a trip through the scheduler
         # after every successful call, two or three per request, about a tenth of a control
         # call's CPU. Other streams (the storm's in-memory network) use the stream methods.
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-        self.streak = 0  # requests served without waiting: yield now and then all the same
-        self.waited = False
-        self.scope = trio.CancelScope()  # around _serve: cancelled by _watch
-        self.since: float | None = None  # when the request now awaited was first awaited
 
-    async def run(self) -> bytes | None:
-        """Serve requests until the connection ends (None: close it) or one is not a control
-        POST (the bytes read so far, for the general server)."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch)
-            handed = await self._run()
-            nursery.cancel_scope.cancel()
-        return handed
-
-    async def _watch(self) -> None:
-        """Cancel `self.scope` once a request has been awaited for ``head_timeout``.
-
-        Why a watchdog: a cancel scope per awaited request (``move_on_after``), or a deadline
-        moved at each one, was a twentieth of a lone announce's CPU; `_serve` now only notes
-        when it starts and stops waiting. The watchdog wakes at the due time of the wait it
-        saw, or ``head_timeout`` after it saw none, so it is never late. (A request that comes
-        in the very scheduler tick its wait falls due may still be served, as it was under
-        ``move_on_after``; the connection then ends at its next wait.)"""
-        timeout = self.limits.head_timeout
-        while True:
-            if self.since is None:
-                await trio.sleep(timeout)
-                continue
-            due = self.since + timeout
-            if trio.current_time() >= due:
-                self.scope.cancel()
-                return
-            await trio.sleep_until(due)
-
-    async def _run(self) -> bytes | None:
-        try:
-            with self.scope:
-                return await self._serve()
-            # only the watchdog cancels the scope
-            if self.buffer:
-                log.info("control request from %s too slow; dropped", self.client)
-            return None
-        except _Closed:
-            return None
-        except trio.TooSlowError:
-            log.info("response to %s timed out", self.client)
-            return None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return None
+    def _dropped(self) -> None:
+        if self.buffer:
+            log.info("control request from %s too slow; dropped", self.client)
 
     async def _serve(self) -> bytes | None:
         """`run`'s loop, inside `self.scope`: `self.since` is set while a request is awaited
         (the watchdog's business) and None otherwise."""
         buffer = self.buffer
         while True:
-            end = buffer.find(_HEAD_END)
+            end = buffer.find(HEAD_END)
             head = self._parse(end) if end >= 0 else None
             if end >= 0 and head is None:
                 return bytes(buffer)
@@ -306,7 +253,7 @@ class _Lean:
             else:
                 # a client pipelining without pause must not starve the others
                 self.streak += 1
-                if self.streak >= _STREAK:
+                if self.streak >= STREAK:
                     self.streak = 0
                     await trio.lowlevel.checkpoint()
 
@@ -325,24 +272,11 @@ class _Lean:
                     self.waited = True
                     await trio.lowlevel.wait_readable(self.fd)
         if not data:
-            raise _Closed
+            raise Closed
         self.buffer += data
 
-    async def _until_head(self) -> int:
-        """Where the head ends; -1 if it is over the size limit, or is plainly not a control
-        POST already (no reason to wait for the rest of it)."""
-        buffer = self.buffer
-        while True:
-            end = buffer.find(_HEAD_END)
-            if end >= 0:
-                return end
-            if (
-                len(buffer) > self.limits.max_head
-                or (len(buffer) >= 5 and not buffer.startswith(b"POST "))
-                or _BARE_LF.search(buffer)
-            ):
-                return -1
-            await self._receive()
+    def _plausible(self, buffer: bytearray) -> bool:
+        return len(buffer) < 5 or buffer.startswith(b"POST ")
 
     async def _until(self, size: int) -> None:
         while len(self.buffer) < size:
