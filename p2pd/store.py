@@ -3,6 +3,7 @@
 Layout under the data directory::
 
     blobs/<hex>          complete blobs whose sha256 was checked; the only ones served as whole
+    layouts/<hex>        msgpack: size and piece size a complete blob was downloaded with
     partial/<hex>.part   a download in progress, preallocated to the blob's size
     partial/<hex>.meta   msgpack: size, piece size and the pieces written so far
 
@@ -27,6 +28,12 @@ Rules:
   and hands out duplicates: a piece server opens a blob a thousand times per GiB, and the
   open, the stamp and their paths were a tenth of a piece request's CPU. `remove` closes it;
   so does a blob whose file vanished behind the store's back (found at the next stamp).
+- A blob's layout is its supernode's (p2pd.core.layout), which need not be this version's
+  rule: ``.meta`` records it, a resumed download keeps it, and `PartialBlob.commit` writes it
+  to ``layouts/`` before the blob enters ``blobs/`` (the piece server answers requesters that
+  name no piece size in it). A complete blob without a usable record -- from an older version,
+  or a record that is unreadable or does not fit the blob (logged) -- has the rule's layout
+  (`PieceLayout.for_size`). The record is read once, at start-up; `layout_of` is a lookup.
 - Disk errors surface as `StorageError` subclasses (ENOSPC/EDQUOT as `StorageFull`).
 """
 
@@ -75,6 +82,7 @@ class StorageFull(StorageError):
 class _Entry:
     size: int
     atime: int  # nanoseconds; the blob file's mtime
+    layout: PieceLayout | None  # None: a size no layout fits (never served as pieces)
     stamped: int = 0  # time.monotonic_ns() when `open_reader` last stamped the file
 
 
@@ -84,8 +92,9 @@ class BlobStore:
         self.quota = quota_bytes
         self.blobs_dir = root / "blobs"
         self.partial_dir = root / "partial"
-        self.blobs_dir.mkdir(parents=True, exist_ok=True)
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.layouts_dir = root / "layouts"
+        for directory in (self.blobs_dir, self.partial_dir, self.layouts_dir):
+            directory.mkdir(parents=True, exist_ok=True)
         self._complete: dict[Digest, _Entry] = {}
         self._partial_bytes: dict[Digest, int] = {}
         self._partial_atime: dict[Digest, int] = {}
@@ -104,7 +113,12 @@ class BlobStore:
                 log.warning("ignoring stray file in the cache: %s", path)
                 continue
             st = path.stat()
-            self._complete[digest] = _Entry(st.st_size, st.st_mtime_ns)
+            layout = self._recorded_layout(digest, st.st_size)
+            self._complete[digest] = _Entry(st.st_size, st.st_mtime_ns, layout)
+        for path in self.layouts_dir.iterdir():
+            digest = _digest_from_name(path.name)
+            if digest is None or digest not in self._complete:
+                path.unlink(missing_ok=True)  # a temp file, or the record of a blob gone
         for path in self.partial_dir.iterdir():
             if path.suffix == ".tmp":
                 path.unlink(missing_ok=True)
@@ -127,6 +141,28 @@ class BlobStore:
         stamps = [e.atime for e in self._complete.values()] + list(self._partial_atime.values())
         self._clock = max(stamps, default=0)
 
+    def _recorded_layout(self, digest: Digest, size: int) -> PieceLayout | None:
+        """The layout `layouts/` records for complete blob `digest` of `size` bytes, else
+        the rule's (see the module docstring)."""
+        try:
+            default = PieceLayout.for_size(size)
+        except LayoutError:
+            return None
+        path = self.layouts_dir / digest.hex
+        try:
+            body = path.read_bytes()
+        except FileNotFoundError:
+            return default  # stored by an older version, or before the record was written
+        except OSError as exc:
+            log.warning("cannot read the layout of %s (%s): taking the rule's", digest, exc)
+            return default
+        layout = _layout_from(_unpack(body), size, default)
+        if layout is None:
+            log.warning("unusable layout record for %s: taking the rule's", digest)
+            path.unlink(missing_ok=True)
+            return default
+        return layout
+
     def _now(self) -> int:
         """A use's time stamp: wall-clock nanoseconds, strictly increasing."""
         self._clock = max(self._clock + 1, time.time_ns())
@@ -143,6 +179,11 @@ class BlobStore:
     def size_of(self, digest: Digest) -> int | None:
         entry = self._complete.get(digest)
         return entry.size if entry else None
+
+    def layout_of(self, digest: Digest) -> PieceLayout | None:
+        """The layout complete blob `digest` was downloaded with (None if it is not here)."""
+        entry = self._complete.get(digest)
+        return entry.layout if entry else None
 
     def touch(self, digest: Digest) -> None:
         """Mark a complete blob as just used (for LRU eviction)."""
@@ -211,6 +252,7 @@ class BlobStore:
     def remove(self, digest: Digest) -> None:
         self._forget_complete(digest)
         self.path_of(digest).unlink(missing_ok=True)
+        (self.layouts_dir / digest.hex).unlink(missing_ok=True)
 
     # -- leases and quota ---------------------------------------------------------------------
 
@@ -312,14 +354,16 @@ class BlobStore:
     # -- partial blobs ------------------------------------------------------------------------
 
     def open_partial(self, digest: Digest, layout: PieceLayout) -> PartialBlob:
-        """Start or resume the download of `digest`; claimed pieces still need `recheck`."""
+        """Start or resume the download of `digest`; claimed pieces still need `recheck`. A
+        resumed download keeps the layout it was started with (its supernode's, which may
+        differ from `layout`, the rule's): the blob's `PartialBlob.layout` says which."""
         part = self.partial_dir / f"{digest.hex}.part"
         meta = self.partial_dir / f"{digest.hex}.meta"
         have = Bitfield(layout.count)
         if part.exists() and meta.exists():
             resumed = _read_meta(meta, layout)
             if resumed is not None:
-                have = resumed
+                layout, have = resumed  # the layout it was started with, maybe not `layout`
             else:
                 log.warning("discarding the unusable partial download of %s", digest)
         try:
@@ -351,12 +395,12 @@ class BlobStore:
         else:
             self._open.pop(digest, None)
 
-    def _adopt(self, digest: Digest, size: int) -> None:
+    def _adopt(self, digest: Digest, layout: PieceLayout) -> None:
         self._forget_partial(digest)
         stale = self._readers.pop(digest, None)  # (none: a removal closed it)
         if stale is not None:
             os.close(stale)
-        entry = _Entry(size, self._now())
+        entry = _Entry(layout.total_size, self._now(), layout)
         self._complete[digest] = entry
         with contextlib.suppress(OSError):
             os.utime(self.path_of(digest), ns=(entry.atime, entry.atime))
@@ -431,6 +475,17 @@ class PartialBlob:
             self.have.discard(i)
         return dropped
 
+    def relayout(self, layout: PieceLayout) -> None:
+        """Cut the blob into `layout`'s pieces instead (same size), holding none of them:
+        the download's supernode chose another layout before any piece was counted."""
+        if layout.total_size != self.layout.total_size:
+            raise LayoutError(
+                f"a layout of {layout.total_size} bytes for a blob of {self.layout.total_size}"
+            )
+        self.layout = layout
+        self.have = Bitfield(layout.count)
+        self.save_meta()
+
     def save_meta(self) -> None:
         body = msgpack.packb(
             {
@@ -450,13 +505,26 @@ class PartialBlob:
     def commit(self) -> Path:
         """Move the verified blob into ``blobs/``; the fd stays valid for readers."""
         target = self.store.path_of(self.digest)
+        record = self.store.layouts_dir / self.digest.hex
+        tmp = record.with_suffix(".tmp")
+        body = msgpack.packb(
+            {
+                "v": _META_VERSION,
+                "size": self.layout.total_size,
+                "piece_size": self.layout.piece_size,
+            }
+        )
         try:
+            # the record first: a crash between the two leaves a record without its blob,
+            # which the next start-up deletes (not fsynced: one lost takes the rule's layout)
+            tmp.write_bytes(body)
+            tmp.replace(record)
             os.fsync(self.fd)
             self._part.replace(target)
         except OSError as exc:
             raise _storage_error(exc, f"cannot commit {self.digest}") from exc
         self._meta.unlink(missing_ok=True)
-        self.store._adopt(self.digest, self.layout.total_size)
+        self.store._adopt(self.digest, self.layout)
         return target
 
     def discard(self) -> None:
@@ -482,19 +550,40 @@ def _digest_from_name(name: str) -> Digest | None:
         return None
 
 
-def _read_meta(path: Path, layout: PieceLayout) -> Bitfield | None:
+def _read_meta(path: Path, default: PieceLayout) -> tuple[PieceLayout, Bitfield] | None:
+    """A partial download's layout and claimed pieces, if its ``.meta`` fits a blob of
+    `default`'s size."""
     try:
-        meta = msgpack.unpackb(path.read_bytes(), raw=False)
-        if (
-            not isinstance(meta, dict)
-            or meta.get("v") != _META_VERSION
-            or meta.get("size") != layout.total_size
-            or meta.get("piece_size") != layout.piece_size
-            or not isinstance(meta.get("have"), bytes)
-        ):
+        meta = _unpack(path.read_bytes())
+        layout = _layout_from(meta, default.total_size, default)
+        have = meta.get("have")
+        if layout is None or not isinstance(have, bytes):
             return None
-        return Bitfield.from_bytes(layout.count, meta["have"])
-    except (OSError, ValueError, LayoutError, msgpack.UnpackException):
+        return layout, Bitfield.from_bytes(layout.count, have)
+    except (OSError, ValueError):
+        return None
+
+
+def _unpack(body: bytes) -> dict[str, object]:
+    """A ``.meta`` or ``layouts/`` record's map ({} if it is none)."""
+    try:
+        meta = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _layout_from(meta: dict[str, object], size: int, default: PieceLayout) -> PieceLayout | None:
+    """The layout a ``.meta`` or ``layouts/`` record holds, if it is one for a blob of `size`
+    bytes: `default` or one that `PieceLayout.checked` takes; None if not."""
+    piece_size = meta.get("piece_size")
+    if meta.get("v") != _META_VERSION or meta.get("size") != size or type(piece_size) is not int:
+        return None
+    if piece_size == default.piece_size:
+        return default
+    try:
+        return PieceLayout.checked(size, piece_size)
+    except LayoutError:
         return None
 
 

@@ -299,3 +299,99 @@ def test_readers_kept_open_are_bounded(tmp_path: Path, monkeypatch: pytest.Monke
     # the least recently read (the second) was closed
     assert kept == {str(store.path_of(digests[0])), str(store.path_of(digests[2]))}
     store.close_readers()
+
+
+# -- a blob's layout: its supernode's, recorded with it -----------------------------------------
+
+# The rule cuts this blob in 3 pieces of 256 KiB; its supernode chose 10 of 64 KiB.
+CHOSEN = PieceLayout(600_000, 64 * 1024)
+RULES = PieceLayout.for_size(CHOSEN.total_size)
+assert RULES.piece_size == 256 * 1024 and RULES != CHOSEN
+
+
+def fill_in(store: BlobStore, layout: PieceLayout, seed: int = 3) -> tuple[Digest, bytes]:
+    digest, data = blob(layout.total_size, seed)
+    part = store.open_partial(digest, layout)
+    for i in range(layout.count):
+        off, n = layout.span(i)
+        part.write_piece(i, data[off : off + n])
+    part.commit()
+    part.close()
+    return digest, data
+
+
+def test_a_complete_blob_keeps_its_supernodes_layout_across_a_restart(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    digest, _ = fill_in(store, CHOSEN)
+    assert store.layout_of(digest) == CHOSEN
+    assert BlobStore(tmp_path).layout_of(digest) == CHOSEN
+    # a blob committed in the rule's layout is recorded too (the rule may change)
+    other, _ = fill_in(store, RULES, seed=4)
+    assert BlobStore(tmp_path).layout_of(other) == RULES
+    store.remove(digest)
+    assert not (tmp_path / "layouts" / digest.hex).exists()
+    assert BlobStore(tmp_path).layout_of(digest) is None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        None,  # an older version's blob
+        b"\xc1garbage",
+        b"",
+        store_module.msgpack.packb({"v": 1, "size": 600_001, "piece_size": 65536}),
+        store_module.msgpack.packb({"v": 1, "size": 600_000, "piece_size": 65535}),
+        store_module.msgpack.packb({"v": 1, "size": 600_000, "piece_size": 1024}),
+        store_module.msgpack.packb({"v": 1, "size": 600_000, "piece_size": "65536"}),
+        store_module.msgpack.packb({"v": 9, "size": 600_000, "piece_size": 65536}),
+        store_module.msgpack.packb([1, 600_000, 65536]),
+    ],
+)
+def test_a_blob_without_a_usable_layout_record_has_the_rules(
+    tmp_path: Path, record: bytes | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    digest, data = fill_in(BlobStore(tmp_path), CHOSEN)
+    path = tmp_path / "layouts" / digest.hex
+    if record is None:
+        path.unlink()
+    else:
+        path.write_bytes(record)
+    store = BlobStore(tmp_path)
+    assert store.layout_of(digest) == RULES
+    assert store.path_of(digest).read_bytes() == data  # the blob itself stays
+    assert ("unusable layout record" in caplog.text) == (record is not None)
+    assert not path.exists()  # an unusable record goes: the warning does not come back
+
+
+def test_layout_records_without_their_blob_are_removed_at_start(tmp_path: Path) -> None:
+    digest, _ = fill_in(BlobStore(tmp_path), CHOSEN)
+    store_module.os.unlink(tmp_path / "blobs" / digest.hex)  # gone behind the store's back
+    (tmp_path / "layouts" / "x.tmp").write_bytes(b"half written")
+    store = BlobStore(tmp_path)
+    assert not store.has(digest)
+    assert list((tmp_path / "layouts").iterdir()) == []
+
+
+def test_a_resumed_download_keeps_the_layout_it_was_started_with(tmp_path: Path) -> None:
+    digest, data = blob(CHOSEN.total_size, 3)
+    part = BlobStore(tmp_path).open_partial(digest, CHOSEN)
+    part.write_piece(1, data[65536:131072])
+    part.save_meta()
+    part.close()
+    # the restarted daemon offers the rule's layout; the download was cut otherwise
+    part = BlobStore(tmp_path).open_partial(digest, RULES)
+    assert part.layout == CHOSEN and list(part.have) == [1]
+    part.close()
+
+
+def test_a_partial_blob_is_cut_anew_before_it_holds_pieces(tmp_path: Path) -> None:
+    digest, _ = blob(CHOSEN.total_size, 3)
+    part = BlobStore(tmp_path).open_partial(digest, RULES)
+    part.relayout(CHOSEN)
+    assert part.layout == CHOSEN and part.have.length == CHOSEN.count
+    with pytest.raises(store_module.LayoutError, match="600001 bytes"):
+        part.relayout(PieceLayout(600_001, 65536))
+    part.close()
+    part = BlobStore(tmp_path).open_partial(digest, RULES)
+    assert part.layout == CHOSEN  # saved at once
+    part.close()

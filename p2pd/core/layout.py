@@ -25,8 +25,9 @@ pieces everywhere (1.166 / 1.175 / 1.176) for a third more pieces instead of twi
 Small pieces cost the daemons little since the piece path is lean (`p2pd.piecehttp`).
 
 Every piece is ``piece_size`` long except the last, which holds the remainder; a 0-byte blob
-has no pieces. Every member of a fleet must apply the same rule: p2pd checks the supernode's
-layout against its own and pulls a blob whose layout differs straight from the registry.
+has no pieces. The rule is the supernode's: it cuts each blob (task) by it and tells its peers
+the piece size, and a p2pd takes that layout (`PieceLayout.checked`) whatever its own version's
+rule, so a fleet whose members run different rules (mid-upgrade) still shares every blob.
 
 A layout can also be built with an explicit piece size (tests, the simulator, benchmarks); the
 wire layer bounds what it accepts from the network.
@@ -44,6 +45,8 @@ TARGET_MAX_PIECES = 1024
 MAX_PIECE_SIZE = 1 << 31
 MAX_PIECES = 1 << 16
 MAX_BLOB_SIZE = MAX_PIECE_SIZE * TARGET_MAX_PIECES
+# The smallest piece size a p2pd takes from elsewhere (`PieceLayout.checked`).
+MIN_CHOSEN_PIECE_SIZE = 16 * 1024
 
 
 class LayoutError(ValueError):
@@ -75,6 +78,22 @@ class PieceLayout:
             piece_size //= 2
         while -(-total_size // piece_size) > TARGET_MAX_PIECES:
             piece_size *= 2
+        return cls(total_size, piece_size)
+
+    @classmethod
+    def checked(cls, total_size: int, piece_size: int) -> PieceLayout:
+        """A layout another member of the fleet chose (a supernode's assignment, the piece
+        size a requester names, one recorded on disk): besides the protocol bounds, its piece
+        size must be a power of two of at least `MIN_CHOSEN_PIECE_SIZE`, as any rule gives."""
+        if (
+            type(piece_size) is not int
+            or piece_size < MIN_CHOSEN_PIECE_SIZE
+            or piece_size & (piece_size - 1)
+        ):
+            raise LayoutError(
+                f"piece size {piece_size!r} is not a power of two of at least "
+                f"{MIN_CHOSEN_PIECE_SIZE}"
+            )
         return cls(total_size, piece_size)
 
     @property
