@@ -45,7 +45,7 @@ import trio
 from p2pd import excgroups, offload
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
-from p2pd.core.layout import PieceLayout
+from p2pd.core.layout import LayoutError, PieceLayout
 from p2pd.http.server import FileRegion, ResponseAborted
 from p2pd.store import BlobStore, PartialBlob, StorageError, StorageFull
 
@@ -136,6 +136,20 @@ class Download:
         self._prefix_pieces = 0
 
     # -- what fillers use ---------------------------------------------------------------------
+
+    def relayout(self, layout: PieceLayout) -> None:
+        """Cut the blob into `layout`'s pieces, the layout its supernode chose (a filler calls
+        this before it writes anything). Claimed pieces carry over where the new pieces lie
+        wholly inside claimed old ones; they are still checked before they count.
+        `LayoutError` if `layout` is for another size or pieces are counted already."""
+        if layout == self.layout:
+            return
+        if self.state is not DownloadState.RUNNING or not self.have.is_empty():
+            raise LayoutError(f"{self.digest}: pieces already written in another layout")
+        self.partial.relayout(layout)
+        self.claimed = _recut(self.claimed, self.layout, layout)
+        self.layout = layout
+        self._prefix_pieces = 0
 
     @property
     def have(self) -> Bitfield:
@@ -292,6 +306,17 @@ class Download:
                     self._hashed = start
         finally:
             view.release()
+
+
+def _recut(claimed: Bitfield, old: PieceLayout, new: PieceLayout) -> Bitfield:
+    """The pieces of `new` whose bytes all lie in pieces of `old` that `claimed` holds."""
+    recut = Bitfield(new.count)
+    for index in range(new.count):
+        offset, length = new.span(index)
+        first, last = old.piece_at(offset), old.piece_at(offset + length - 1)
+        if all(i in claimed for i in range(first, last + 1)):
+            recut.add(index)
+    return recut
 
 
 class Filler(Protocol):

@@ -4,6 +4,15 @@ Wire: ``GET /pieces/<hex>/<index>`` answers 200 with exactly the piece's bytes, 
 host does not hold that piece (yet), 400 for a malformed digest or index, 503 when all upload
 slots are busy. The supernode's seeder serves the same route.
 
+A piece index means something only in a layout, and the layout is the supernode's, not a
+rule every version shares (p2pd.core.layout), so a requester names the piece size it cuts the
+blob by (`PIECE_SIZE_HEADER`). A complete blob is served in that layout, whatever the one it
+was downloaded with (the bytes of a piece follow from its offset and length alone); a blob
+still being downloaded here, cut otherwise, answers 409, which the requester takes as "does
+not have it". A request without the header (an older requester) gets the layout the blob is
+held in. An older server ignores the header: it is in the same task as the requester, so it
+holds the blob in the same layout.
+
 Serving uses ``os.sendfile`` (through `FileRegion` on the general HTTP server, directly on
 the lean path of `p2pd.piecehttp` that a daemon's peer port runs); receiving reads the head
 with a small parser and the body with ``recv_into`` straight into the caller's buffer -- the
@@ -27,12 +36,13 @@ import trio
 from p2pd.blobs import BlobManager
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
-from p2pd.core.layout import PieceLayout
+from p2pd.core.layout import LayoutError, PieceLayout
 from p2pd.http.server import FileRegion, HTTPError, Request, Response
 
 log = logging.getLogger(__name__)
 
 PIECE_PATH = re.compile(r"/pieces/([0-9a-f]{64})/(0|[1-9][0-9]{0,8})")
+_PIECE_SIZE_VALUE = re.compile(r"[1-9][0-9]{0,9}")
 _MAX_HEAD = 8192
 _HEAD_READ = 65536  # a response head is read with what follows of the body, up to this
 
@@ -101,6 +111,7 @@ class PieceServer:
             match.group(1),
             int(match.group(2)),
             request.header(HEADER),
+            named_piece_size(request),
         )
         if request.method == "HEAD":
             os.close(fd)
@@ -113,12 +124,20 @@ class PieceServer:
         )
 
     def check(
-        self, method: str, target: str, hex_digest: str, index: int, auth: str | None
+        self,
+        method: str,
+        target: str,
+        hex_digest: str,
+        index: int,
+        auth: str | None,
+        piece_size: int | None = None,
     ) -> tuple[int, int, int]:
         """``(fd, offset, length)`` of piece `index` of the blob `hex_digest` (64 lowercase
-        hex), requested as `method` `target` with cluster signature `auth`; the caller owns
-        the fd. `HTTPError` if it may not or cannot be served now: 401, 404 (not held here,
-        or not yet), 400 (past the blob's end), 503 (every upload slot busy)."""
+        hex), requested as `method` `target` with cluster signature `auth`, in the layout of
+        `piece_size` (None: the one the blob is held in); the caller owns the fd.
+        `HTTPError` if it may not or cannot be served now: 401, 404 (not held here, or not
+        yet), 409 (being downloaded here in another layout), 400 (past the blob's end, or a
+        piece size no layout has), 503 (every upload slot busy)."""
         try:
             self.auth.check(auth, method, target)
         except ClusterAuthError as exc:
@@ -127,6 +146,11 @@ class PieceServer:
         download = self.blobs.active(digest)
         if download is not None:
             layout = download.layout
+            if piece_size is not None and piece_size != layout.piece_size:
+                raise HTTPError(
+                    409,
+                    f"{digest} is cut in {layout.piece_size}-byte pieces here, not {piece_size}",
+                )
             if index < layout.count and index not in download.have:
                 raise HTTPError(404, f"piece {index} of {digest} not held yet")
             fd = -1
@@ -135,8 +159,9 @@ class PieceServer:
             if opened is None:
                 raise HTTPError(404, f"{digest} is not on this host")
             fd = opened
-            layout = _layout_for(self.blobs.store.size_of(digest) or 0)
         try:
+            if download is None:
+                layout = self._complete_layout(digest, piece_size)
             if index >= layout.count:
                 raise HTTPError(400, f"piece {index} out of range (blob has {layout.count})")
             if self.busy >= self.slots:
@@ -151,6 +176,19 @@ class PieceServer:
             fd = os.dup(download.partial.fd)
         offset, length = layout.span(index)
         return fd, offset, length
+
+    def _complete_layout(self, digest: Digest, piece_size: int | None) -> PieceLayout:
+        """The layout to serve complete blob `digest` in: the one named, else the one it was
+        downloaded with (`BlobStore.layout_of`, kept in memory)."""
+        held = self.blobs.store.layout_of(digest)
+        if held is None:
+            raise HTTPError(404, f"{digest} is not on this host")
+        if piece_size is None or piece_size == held.piece_size:
+            return held
+        try:
+            return _layout_for(held.total_size, piece_size)
+        except LayoutError as exc:
+            raise HTTPError(400, f"no layout of {digest}: {exc}") from None
 
     async def start_upload(self, fd: int, length: int) -> int:
         """Count an upload of `length` bytes from `fd` (after the upload limiter's wait);
@@ -171,10 +209,22 @@ class PieceServer:
         os.close(fd)
 
 
+def named_piece_size(request: Request) -> int | None:
+    """The piece size a piece request names (`PIECE_SIZE_HEADER`), None if none; 400 if it
+    is malformed or named twice."""
+    named = [v for k, v in request.headers if k == PIECE_SIZE_HEADER]
+    if not named:
+        return None
+    if len(named) > 1 or not _PIECE_SIZE_VALUE.fullmatch(named[0]):
+        raise HTTPError(400, f"want at most one {PIECE_SIZE_HEADER}, a decimal")
+    return int(named[0])
+
+
 @functools.lru_cache(maxsize=64)
-def _layout_for(size: int) -> PieceLayout:
-    """`PieceLayout.for_size`, remembered: a complete blob's layout, once per piece served."""
-    return PieceLayout.for_size(size)
+def _layout_for(size: int, piece_size: int) -> PieceLayout:
+    """A layout a requester names for a complete blob (`PieceLayout.checked`), remembered:
+    checked once, not per piece served."""
+    return PieceLayout.checked(size, piece_size)
 
 
 class PieceFetchError(Exception):
@@ -189,7 +239,9 @@ class PieceFetchError(Exception):
         unreachable: bool = False,
     ) -> None:
         super().__init__(message)
-        self.not_found = not_found  # it answered 404: it does not hold the piece (yet)
+        # it answered 404 (it does not hold the piece, yet) or 409 (it holds the blob cut
+        # otherwise, see PIECE_SIZE_HEADER)
+        self.not_found = not_found
         self.busy = busy  # it answered 503: all its upload slots are taken; try later
         self.unreachable = unreachable  # refused, reset or closed: it may be gone
 
@@ -220,6 +272,8 @@ LEAD_SECONDS = 0.15
 # simulator, Storm-A at 200 hosts with every body overlapped: 1.17x -> 1.25x the bound). So
 # `nearly_done` is called early only when this header says 1 (or is absent: an older peer).
 UPLOADS_HEADER = "x-p2p-uploads"
+# The piece size the requester cuts the blob by (see the module docstring).
+PIECE_SIZE_HEADER = "x-p2p-piece-size"
 
 # Pieces past its published prefix that a seeder serves cut-through, as they arrive from the
 # registry (supernode/seeder.py): the one it is reading and the next, so that a child's
@@ -324,8 +378,11 @@ class PieceClient:
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None = None,
+        *,
+        piece_size: int | None = None,
     ) -> None:
-        """Fill `buffer` (exactly the piece's length) with piece `index` from `address`.
+        """Fill `buffer` (exactly the piece's length) with piece `index` from `address`, the
+        blob cut in `piece_size`-byte pieces (`PIECE_SIZE_HEADER`; None: the parent's layout).
 
         `nearly_done` is called once when the rest of the body should arrive within
         `lead_seconds` at the rate it has come so far (or when it has all arrived): time to
@@ -333,16 +390,22 @@ class PieceClient:
         before this body's last bytes leave it, instead of idling for a round trip and the
         parent's reaction time after every piece. The transfer may still fail after it.
         """
+        target = f"/pieces/{digest.hex}/{index}"
+        signature = self.auth.sign("GET", target)
+        auth_line = f"{HEADER}: {signature}\r\n" if signature else ""
+        if piece_size is not None:
+            auth_line += f"{PIECE_SIZE_HEADER}: {piece_size}\r\n"
+        request = f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}\r\n".encode("ascii")
         conn = self._pooled(address)
         if conn is not None:
             try:
-                await self._attempt(conn, address, digest, index, buffer, nearly_done, pooled=True)
+                await self._attempt(conn, address, request, index, buffer, nearly_done, pooled=True)
                 return
             except _Stale:
                 pass
         conn = await self._connect(address)
         try:
-            await self._attempt(conn, address, digest, index, buffer, nearly_done, pooled=False)
+            await self._attempt(conn, address, request, index, buffer, nearly_done, pooled=False)
         except _Stale as exc:
             raise PieceFetchError(
                 f"{address}: connection closed before a response", unreachable=True
@@ -352,7 +415,7 @@ class PieceClient:
         self,
         conn: _Conn,
         address: str,
-        digest: Digest,
+        request: bytes,
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None,
@@ -361,7 +424,7 @@ class PieceClient:
     ) -> None:
         reusable = False
         try:
-            reusable = await self._exchange(conn, address, digest, index, buffer, nearly_done)
+            reusable = await self._exchange(conn, address, request, index, buffer, nearly_done)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if pooled:
                 raise _Stale from exc
@@ -404,16 +467,12 @@ class PieceClient:
         self,
         conn: _Conn,
         address: str,
-        digest: Digest,
+        request: bytes,
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None = None,
     ) -> bool:
-        target = f"/pieces/{digest.hex}/{index}"
-        signature = self.auth.sign("GET", target)
-        auth_line = f"{HEADER}: {signature}\r\n" if signature else ""
-        request = f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}\r\n"
-        await conn.stream.send_all(request.encode("ascii"))
+        await conn.stream.send_all(request)
         head = bytearray()
         chunk: bytes | bytearray = b""
         while b"\r\n\r\n" not in head:
@@ -431,7 +490,8 @@ class PieceClient:
         if status != 200:
             raise PieceFetchError(
                 f"{address}: piece {index} answered {status}",
-                not_found=status == 404,
+                # 409: it holds the blob cut otherwise (PIECE_SIZE_HEADER), so not this piece
+                not_found=status in (404, 409),
                 busy=status == 503,
             )
         if length != len(buffer):

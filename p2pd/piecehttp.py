@@ -13,7 +13,8 @@ Rules (as in `supernode.controlhttp`, the supernode's lean path for control POST
 * Recognise, never guess. A request head is served here only if every line of it is plainly
   well-formed: the request line is ``GET`` of `PIECE_PATH` with no query, over HTTP/1.1; every
   header is ``token: visible-ASCII``; there is exactly one ``Host``, at most one cluster
-  signature, and no ``Content-Length``, ``Transfer-Encoding``, ``Expect`` or ``Upgrade``.
+  signature, at most one piece size (`PIECE_SIZE_HEADER`, a decimal), and no
+  ``Content-Length``, ``Transfer-Encoding``, ``Expect`` or ``Upgrade``.
   Anything else -- /stats, /metrics, /healthz, HEAD, a malformed or unusual head, a head over
   `ServerLimits.max_head` -- hands the connection, with the bytes read so far, to the general
   server (`p2pd.http.server.serve_stream`) for the rest of its life; it answers as before.
@@ -44,7 +45,7 @@ import trio
 from p2pd.clusterauth import HEADER
 from p2pd.http.lean import HEAD_END, STREAK, Closed, LeanConnection
 from p2pd.http.server import Handler, HTTPError, ServerLimits, error_response, serve_stream
-from p2pd.peers import UPLOADS_HEADER, PieceServer
+from p2pd.peers import PIECE_SIZE_HEADER, UPLOADS_HEADER, PieceServer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ _HEAD = re.compile(
 _FIELDS = re.compile(rb"\r\n(" + _TOKEN + rb"):([\t -~]*)")
 _FALLBACK_NAMES = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
 _AUTH = HEADER.encode("ascii")
+_PIECE_SIZE = PIECE_SIZE_HEADER.encode("ascii")
+_DECIMAL = re.compile(rb"[1-9][0-9]{0,9}")
 _PREFIX = b"GET /pieces/"
 # What h11 writes for `PieceServer.handle`'s 200 (its headers, then Content-Length).
 _OK = b"HTTP/1.1 200 \r\ncontent-type: application/octet-stream\r\n%s: %%d\r\n" % (
@@ -70,14 +73,23 @@ _LENGTH_CLOSE = b"content-length: %d\r\nConnection: close\r\n\r\n"
 class _Head:
     """A recognised piece request head."""
 
-    __slots__ = ("auth", "close", "digest", "index", "target")
+    __slots__ = ("auth", "close", "digest", "index", "piece_size", "target")
 
-    def __init__(self, target: str, digest: str, index: int, auth: str | None, close: bool):
+    def __init__(
+        self,
+        target: str,
+        digest: str,
+        index: int,
+        auth: str | None,
+        close: bool,
+        piece_size: int | None = None,
+    ):
         self.target = target
         self.digest = digest
         self.index = index
         self.auth = auth
         self.close = close
+        self.piece_size = piece_size
 
 
 def parse_head(head: bytes) -> _Head | None:
@@ -88,6 +100,7 @@ def parse_head(head: bytes) -> _Head | None:
         return None
     hosts = 0
     auth: str | None = None
+    piece_size: int | None = None
     close = False
     for raw_name, raw_value in _FIELDS.findall(match[4]):
         name = raw_name.lower()
@@ -97,6 +110,11 @@ def parse_head(head: bytes) -> _Head | None:
             if auth is not None:
                 return None
             auth = raw_value.strip(b" \t").decode("ascii")
+        elif name == _PIECE_SIZE:
+            value = raw_value.strip(b" \t")
+            if piece_size is not None or not _DECIMAL.fullmatch(value):
+                return None
+            piece_size = int(value)
         elif name == b"connection":
             # any "close" among them closes, as h11 does
             close = close or b"close" in (t.strip(b" \t").lower() for t in raw_value.split(b","))
@@ -104,7 +122,9 @@ def parse_head(head: bytes) -> _Head | None:
             return None
     if hosts != 1:
         return None
-    return _Head(match[1].decode("ascii"), match[2].decode("ascii"), int(match[3]), auth, close)
+    return _Head(
+        match[1].decode("ascii"), match[2].decode("ascii"), int(match[3]), auth, close, piece_size
+    )
 
 
 def render_error(exc: HTTPError, *, close: bool) -> bytes:
@@ -208,7 +228,7 @@ class _Lean(LeanConnection):
         pieces = self.pieces
         try:
             fd, offset, length = pieces.check(
-                "GET", head.target, head.digest, head.index, head.auth
+                "GET", head.target, head.digest, head.index, head.auth, head.piece_size
             )
         except HTTPError as exc:
             log.info("%s GET %s -> %d %s", self.client, head.target, exc.status, exc.reason)

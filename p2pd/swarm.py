@@ -13,6 +13,9 @@ child tasks and report back over a memory channel, so the session sees events in
           supernode: p2pd.coalescer) and reports ──▶ supernode ──▶ new assignment ──▶ session
 
 Rules:
+- The blob is cut the way its supernode says (`_take_layout`), whatever this version's rule:
+  the download is re-cut before its first piece; the pieces are asked for naming that piece
+  size, so a parent that holds the blob cut otherwise answers that it does not have them.
 - A piece is written only after its xxh3-128 matches the manifest; a mismatch is reported to
   the supernode (the parent is blamed) and the piece is fetched again elsewhere. A piece the
   seeder streamed before its hash was known waits, bytes in hand, for a reply that brings
@@ -39,6 +42,7 @@ from p2pd import offload, wire
 from p2pd.blobs import BlobSource, Download, DownloadState, FillerGaveUp
 from p2pd.clusterauth import ClusterAuth
 from p2pd.coalescer import Coalescer, Item, Outcome
+from p2pd.core.layout import LayoutError, PieceLayout
 from p2pd.core.manifest import ManifestError, PieceManifest
 from p2pd.core.picker import Request
 from p2pd.core.session import DownloadSession, ParentView, SessionConfig
@@ -134,6 +138,7 @@ class Swarm:
         except (TrackerUnavailable, TrackerRejected) as exc:
             raise FillerGaveUp(f"supernode: {exc}") from exc
         try:
+            _take_layout(download, assignment)
             await _Run(self, download, session).run(assignment)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -173,6 +178,28 @@ class Swarm:
             free.append(buffer)
 
 
+def _take_layout(download: Download, assignment: wire.Assignment) -> None:
+    """Cut the download the way its supernode cuts the blob, whatever this version's rule
+    (p2pd.core.layout); a layout that is no sane one for the blob hands it to the registry."""
+    ours = download.layout
+    if assignment.layout == ours:
+        return
+    try:
+        if assignment.size != ours.total_size:
+            raise LayoutError(f"the blob is {ours.total_size} bytes")
+        download.relayout(PieceLayout.checked(ours.total_size, assignment.piece_size))
+    except LayoutError as exc:
+        raise FillerGaveUp(
+            f"supernode's layout {assignment.size}/{assignment.piece_size} refused: {exc}"
+        ) from None
+    log.info(
+        "%s: cut in %d-byte pieces, as its supernode says (not %d)",
+        download.digest,
+        assignment.piece_size,
+        ours.piece_size,
+    )
+
+
 class _Run:
     """One blob's download: drives its `DownloadSession` with real transfers and replies."""
 
@@ -193,11 +220,6 @@ class _Run:
         self.send, self.receive = trio.open_memory_channel[_Result | _Reply](math.inf)
 
     async def run(self, assignment: wire.Assignment) -> None:
-        if assignment.layout != self.layout:
-            raise FillerGaveUp(
-                f"supernode's layout {assignment.size}/{assignment.piece_size} does not match "
-                f"the blob's {self.layout.total_size}/{self.layout.piece_size}"
-            )
         self._extend_manifest(assignment)
         # pieces on disk from before a restart count only once their hash matches
         good = await offload.run_sync(self._recheck_claims)
@@ -306,10 +328,15 @@ class _Run:
 
     def _apply(self, assignment: wire.Assignment, now: float) -> None:
         assert self.session is not None
-        if assignment.digest != self.download.digest or (
-            assignment.state != "failed" and assignment.layout != self.layout
-        ):
+        if assignment.digest != self.download.digest:
             raise FillerGaveUp(f"supernode answered about another blob: {assignment.digest}")
+        if assignment.state != "failed" and assignment.layout != self.layout:
+            # (a failover to a supernode that cuts the blob otherwise: the pieces held are
+            # in this layout, so the registry has the rest)
+            raise FillerGaveUp(
+                f"supernode's layout {assignment.size}/{assignment.piece_size} changed from "
+                f"{self.layout.total_size}/{self.layout.piece_size} mid-download"
+            )
         if assignment.state != "failed":
             self._extend_manifest(assignment)
         parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
@@ -404,6 +431,7 @@ class _Run:
                         # the parent's slot is free from here: its next request overlaps
                         # the end of this body (see `PieceClient.fetch`)
                         lambda: self.send.send_nowait(_Result(request, token)),
+                        piece_size=self.layout.piece_size,
                     )
                 except PieceFetchError as exc:
                     self.send.send_nowait(_Result(request, token, error=exc))

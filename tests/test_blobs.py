@@ -16,7 +16,7 @@ import trio.testing
 from p2pd import offload
 from p2pd.blobs import BackSource, BlobManager, BlobSource, Download, FillerGaveUp
 from p2pd.core.digest import Digest
-from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
+from p2pd.core.layout import SMALLEST_PIECE_SIZE, LayoutError, PieceLayout
 from p2pd.http.server import FileRegion, ResponseAborted
 from p2pd.store import BlobStore, StorageFull
 
@@ -278,3 +278,23 @@ async def test_no_commit_before_every_piece_is_marked_written(tmp_path: Path) ->
             download.mark_written(1, "peer:p")
     assert download.state.value == "complete"
     assert sorted(download.have) == [0, 1]
+
+
+def test_a_download_cut_anew_keeps_only_claims_its_old_pieces_cover(tmp_path: Path) -> None:
+    digest, data = make_blob(600_000, seed=12)
+    rules = PieceLayout.for_size(len(data))  # 3 pieces of 256 KiB
+    chosen = PieceLayout(len(data), 64 * 1024)  # the supernode's: 10 pieces
+    part = BlobStore(tmp_path).open_partial(digest, rules)
+    part.have.add(0)  # bytes 0..262143: new pieces 0-3
+    part.have.add(2)  # bytes 524288..599999: new pieces 8 and 9
+    part.save_meta()
+    part.close()
+    download = Download(digest, BlobStore(tmp_path).open_partial(digest, rules))
+    download.relayout(chosen)
+    assert download.layout == chosen == download.partial.layout
+    assert list(download.claimed) == [0, 1, 2, 3, 8, 9]
+    assert download.have.length == chosen.count and download.have.is_empty()
+    download.put_piece(4, data[4 * 65536 : 5 * 65536], "peer:x")
+    with pytest.raises(LayoutError, match="already written"):
+        download.relayout(rules)  # a piece counted: too late to cut it otherwise
+    download.partial.close()

@@ -345,6 +345,8 @@ class Pieces(PieceClient):
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None = None,
+        *,
+        piece_size: int | None = None,
     ) -> None:
         await trio.sleep(self.seconds)
         offset, length = LAYOUT.span(index)

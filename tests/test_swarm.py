@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import trio
 import trio.testing
 
 from p2pd import offload, wire
-from p2pd.blobs import BlobSource, Download
+from p2pd.blobs import BlobSource, Download, FillerGaveUp
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
@@ -86,6 +87,8 @@ class FakePieces(PieceClient):
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None = None,
+        *,
+        piece_size: int | None = None,
     ) -> None:
         self.starts[index] = trio.current_time()
         await trio.sleep(self.body - self.tail)
@@ -232,6 +235,8 @@ class StreamedPieces(FakePieces):
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None = None,
+        *,
+        piece_size: int | None = None,
     ) -> None:
         self.starts[index] = now = trio.current_time()
         end = max(now + self.body, (index + 1) * PUBLISH_EVERY + 0.001)
@@ -276,3 +281,112 @@ async def test_streamed_pieces_are_fetched_early_and_written_only_once_their_has
         publish = (index + 1) * PUBLISH_EVERY
         assert pieces.starts[index] < publish  # asked for before its hash existed
         assert publish <= written[index] < publish + 0.1  # checked once it came, promptly
+
+
+# -- the layout is the supernode's -----------------------------------------------------------
+
+# The rule (this version's) cuts this blob in 3 pieces of 256 KiB; the supernode in 10 of 64 KiB.
+CUT = PieceLayout(600_000, 64 * 1024)
+CUT_DATA = random.Random(6).randbytes(CUT.total_size)
+CUT_DIGEST = Digest.from_bytes(hashlib.sha256(CUT_DATA).digest())
+
+
+class CuttingSupernode(FakeSupernode):
+    """Answers with its own piece size for CUT_DIGEST and the matching hashes."""
+
+    def __init__(self, piece_size: int, size: int = CUT.total_size) -> None:
+        super().__init__()
+        self.piece_size = piece_size
+        self.size = size
+
+    async def post(
+        self, base: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        msg = wire.decode(body, (wire.Register, wire.Announce, wire.Leave, wire.Report))
+        if isinstance(msg, wire.Leave):
+            return 200, wire.encode(wire.Ack())
+        layout = PieceLayout(self.size, self.piece_size)
+        spans = map(layout.span, range(layout.count))
+        reply = wire.Assignment(
+            digest=CUT_DIGEST,
+            state="ready",
+            size=self.size,
+            piece_size=self.piece_size,
+            manifest_start=0,
+            hashes=b"".join(piece_hash(CUT_DATA[o : o + n]) for o, n in spans),
+            sealed=True,
+            parents=(wire.ParentInfo("seed", "10.0.0.9:65003", "", Bitfield.full(layout.count)),),
+        )
+        return 200, wire.encode(reply)
+
+
+class CutPieces(PieceClient):
+    """A parent holding CUT_DATA, cutting it by the piece size each request names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.named: set[int | None] = set()
+
+    async def fetch(
+        self,
+        address: str,
+        digest: Digest,
+        index: int,
+        buffer: memoryview,
+        nearly_done: Callable[[], None] | None = None,
+        *,
+        piece_size: int | None = None,
+    ) -> None:
+        self.named.add(piece_size)
+        assert piece_size is not None
+        await trio.sleep(0.01)
+        offset, length = PieceLayout(CUT.total_size, piece_size).span(index)
+        buffer[:] = CUT_DATA[offset : offset + length]
+
+
+async def cut_fill(tmp_path: Path, control: FakeSupernode, pieces: PieceClient) -> Download:
+    rules = PieceLayout.for_size(CUT.total_size)
+    assert rules.piece_size == 256 * 1024
+    download = Download(CUT_DIGEST, BlobStore(tmp_path).open_partial(CUT_DIGEST, rules))
+    source = BlobSource("http://registry.test", "library/x", None, CUT.total_size)
+    config = SwarmConfig(peer_id="me", advertise="10.0.0.1:65003", seed_time=0.0)
+    gave_up: FillerGaveUp | None = None
+    with offload.inline():
+        async with trio.open_nursery() as nursery:
+            swarm = Swarm(config, control, pieces, ["http://sn.test"], nursery, random.Random(1))
+            try:
+                await swarm.fill(download, source)
+            except FillerGaveUp as exc:
+                gave_up = exc  # (raised out of the nursery it would come in a group)
+            nursery.cancel_scope.cancel()
+    if gave_up is not None:
+        download.partial.close()
+        raise gave_up
+    return download
+
+
+async def test_the_download_takes_the_supernodes_layout_not_its_own_rule(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    pieces = CutPieces()
+    download = await cut_fill(tmp_path, CuttingSupernode(CUT.piece_size), pieces)
+    assert download.layout == CUT == download.partial.layout
+    assert download.have.is_full()  # every piece verified against the supernode's hashes
+    assert pieces.named == {CUT.piece_size}
+    assert os.pread(download.partial.fd, CUT.total_size, 0) == CUT_DATA
+    download.partial.close()
+
+
+@pytest.mark.parametrize(
+    ("piece_size", "size", "why"),
+    [
+        (100_000, CUT.total_size, "not a power of two"),
+        (1024, CUT.total_size, "not a power of two of at least 16384"),
+        (CUT.piece_size, CUT.total_size + 1, "the blob is 600000 bytes"),
+    ],
+)
+async def test_a_nonsense_layout_hands_the_blob_to_the_registry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, piece_size: int, size: int, why: str
+) -> None:
+    with pytest.raises(FillerGaveUp, match=f"layout {size}/{piece_size} refused: .*{why}"):
+        await cut_fill(tmp_path, CuttingSupernode(piece_size, size), CutPieces())

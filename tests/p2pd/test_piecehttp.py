@@ -27,7 +27,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
 from p2pd.daemon import Running, run_daemon
 from p2pd.http.server import Request, Response, ServerLimits, bound_port, serve
-from p2pd.peers import PieceServer
+from p2pd.peers import PieceClient, PieceFetchError, PieceServer
 from p2pd.store import BlobStore
 from tests.test_peers import SIZE, put_complete
 
@@ -151,7 +151,11 @@ def test_plain_piece_gets_are_recognised() -> None:
         b"Connection: keep-alive, Close\r\nUser-Agent: a b\tc"
     )
     assert head is not None
-    assert (head.index, head.auth, head.close) == (0, "12.ab", True)
+    assert (head.index, head.auth, head.close, head.piece_size) == (0, "12.ab", True, None)
+    head = piecehttp.parse_head(
+        get(piece("ab" * 32, 3), "X-P2P-Piece-Size:  65536 ").partition(b"\r\n\r\n")[0]
+    )
+    assert head is not None and (head.index, head.piece_size) == (3, 65536)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +176,12 @@ def test_plain_piece_gets_are_recognised() -> None:
         b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\nUpgrade: h2c",
         b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\nx-p2p-auth: 1\r\nX-P2P-Auth: 2",
         b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\nBad Name: y",
+        b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\nx-p2p-piece-size: 0x10",
+        b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\nx-p2p-piece-size: 065536",
+        b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\nx-p2p-piece-size: 12345678901",
+        b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\nx-p2p-piece-size:",
+        b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: x\r\n"
+        b"x-p2p-piece-size: 65536\r\nX-P2P-Piece-Size: 65536",
         b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\nHost: \xff",
         b"GET /pieces/" + b"ab" * 32 + b"/0 HTTP/1.1\r\n Host: x",
         b"GET /stats HTTP/1.1\r\nHost: x",
@@ -462,3 +472,79 @@ async def test_a_stream_that_is_no_socket_goes_to_the_general_server(
     assert (await conn.response()).endswith(s.data[2 * SMALLEST_PIECE_SIZE :])
     assert s.handed == [piece(s.digest, 2)]
     await client.aclose()
+
+
+# -- the layout a requester names -----------------------------------------------------------
+
+
+async def test_a_complete_blob_is_served_in_the_layout_the_requester_names(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    s = await start(nursery, tmp_path)  # held in the rule's 256 KiB pieces
+    small = PieceLayout(SIZE, 64 * 1024)  # 9 pieces, the last 1000 bytes
+    named = "x-p2p-piece-size: 65536"
+    requests = [
+        get(piece(s.digest, 5), named),
+        get(piece(s.digest, 8), named),  # the short last piece of that layout
+        get(piece(s.digest, 9), named),  # 400: past the end in that layout
+        get(piece(s.digest, 1), f"x-p2p-piece-size: {SMALLEST_PIECE_SIZE}"),
+        get(piece(s.digest, 1)),  # none named: the layout it is held in
+        get(piece(s.digest, 0), "x-p2p-piece-size: 65535"),  # no layout has it: 400
+    ]
+    lean = await exchange(s.lean, requests)
+    assert lean == await exchange(s.general, requests)
+    assert s.handed == []
+    assert [r.split(b" ", 2)[1] for r in lean] == [b"200", b"200", b"400", b"200", b"200", b"400"]
+    for answer, (offset, length) in zip(lean[:2], map(small.span, (5, 8)), strict=True):
+        assert answer.endswith(b"\r\n\r\n" + s.data[offset : offset + length])
+    held = s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE]
+    assert lean[3].endswith(b"\r\n\r\n" + held) and lean[4].endswith(b"\r\n\r\n" + held)
+    assert b"not a power of two" in lean[5]
+    # a malformed piece size goes to the general server, which refuses it
+    (bad,) = await exchange(s.lean, [get(piece(s.digest, 0), "x-p2p-piece-size: 0x10")])
+    assert bad.startswith(b"HTTP/1.1 400 ") and s.handed == [piece(s.digest, 0)]
+
+
+async def test_a_download_cut_otherwise_is_refused_and_the_client_takes_it_as_not_held(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    s = await start(nursery, tmp_path)
+    layout = PieceLayout.for_size(SIZE)
+    part_path = tmp_path / "partial.bin"
+    part_path.write_bytes(s.data)
+    fd = os.open(part_path, os.O_RDONLY)
+
+    @dataclass
+    class Partial:
+        fd: int
+
+    @dataclass
+    class InProgress:
+        layout: PieceLayout
+        have: Bitfield
+        partial: Partial
+
+    digest = Digest("ef" * 32)
+    s.server.blobs.downloads[digest] = InProgress(layout, Bitfield.full(layout.count), Partial(fd))  # type: ignore[assignment]
+    client = PieceClient()
+    try:
+        requests = [
+            get(piece(digest, 1), "x-p2p-piece-size: 65536"),
+            get(piece(digest, 1), f"x-p2p-piece-size: {SMALLEST_PIECE_SIZE}"),
+        ]
+        lean = await exchange(s.lean, requests)
+        assert lean == await exchange(s.general, requests)
+        assert [r.split(b" ", 2)[1] for r in lean] == [b"409", b"200"]
+        assert b"cut in 262144-byte pieces here, not 65536" in lean[0]
+        address = f"127.0.0.1:{s.lean}"
+        with pytest.raises(PieceFetchError, match="answered 409") as info:
+            await client.fetch(address, digest, 1, memoryview(bytearray(65536)), piece_size=65536)
+        assert info.value.not_found and not info.value.busy
+        buf = bytearray(SMALLEST_PIECE_SIZE)
+        await client.fetch(address, digest, 1, memoryview(buf), piece_size=SMALLEST_PIECE_SIZE)
+        assert buf == s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE]
+        await wait_until(lambda: s.server.busy == 0)
+    finally:
+        await client.aclose()
+        del s.server.blobs.downloads[digest]
+        os.close(fd)
