@@ -17,7 +17,8 @@ message, index out of range, size mismatch), 403 ``upstream_not_allowed``, 404
 ``unknown_task`` / ``unknown_peer``, 405 ``method_not_allowed``, 413 ``too_large`` (bodies are
 capped at ``wire.MAX_MESSAGE_SIZE``), or 503 ``unavailable`` (a register during shutdown).
 Piece and other routes answer errors in plain text: 400 for a malformed path or an index out
-of range, 404 for an unknown task or a piece not held yet, 405 for another method. The piece
+of range, 404 for an unknown task or a piece not held yet, 409 for a piece size named
+(p2pd.peers.PIECE_SIZE_HEADER) that is not the task's, 405 for another method. The piece
 path is matched whole against a strict pattern on the undecoded path, so ``..``,
 percent-encoded slashes or upper-case hex never reach a file name.
 
@@ -30,6 +31,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Callable
 
 import httpx
 import trio
@@ -37,6 +39,7 @@ import trio
 from p2pd import __version__, metrics, wire
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
 from p2pd.core.digest import Digest
+from p2pd.core.layout import PieceLayout
 from p2pd.http.server import (
     PIECE_CONGESTION,
     FileRegion,
@@ -47,7 +50,7 @@ from p2pd.http.server import (
     bound_port,
     prefer_congestion,
 )
-from p2pd.peers import UPLOADS_HEADER
+from p2pd.peers import UPLOADS_HEADER, named_piece_size
 from p2pd.store import BlobStore
 from supernode import controlhttp
 from supernode.config import SupernodeConfig
@@ -74,7 +77,8 @@ class Supernode:
     """Store, upstream client, tracker and HTTP server of one supernode.
 
     `transport` replaces the network for the upstream client (tests pass an
-    ``httpx.MockTransport``); everything else comes from `config`.
+    ``httpx.MockTransport``), `layout_rule` the rule that cuts new tasks' blobs (see
+    `Tracker`); everything else comes from `config`.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Supernode:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         limits: ServerLimits | None = None,
+        layout_rule: Callable[[int], PieceLayout] = PieceLayout.for_size,
     ) -> None:
         self.config = config
         self.limits = limits
@@ -95,7 +100,7 @@ class Supernode:
             trust_env=fetch.trust_env,
             headers={"User-Agent": f"p2p-supernode/{__version__}"},
         )
-        self.tracker = Tracker(config, self.store, self.client)
+        self.tracker = Tracker(config, self.store, self.client, layout_rule=layout_rule)
         self.auth = ClusterAuth.from_file(config.cluster_secret_file)
         if not self.auth.enabled:
             log.warning("no cluster_secret_file: anyone who reaches this port may fetch pieces")
@@ -248,7 +253,7 @@ class Supernode:
             raise HTTPError(400, "malformed piece path: want /pieces/<64 lowercase hex>/<index>")
         digest, index = Digest.parse(f"sha256:{match[1]}"), int(match[2])
         try:
-            region = self.tracker.open_piece(digest, index)
+            region = self.tracker.open_piece(digest, index, named_piece_size(request))
         except ApiError as exc:
             status, _, message = _refusal(exc)
             raise HTTPError(status, message) from None

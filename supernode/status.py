@@ -99,9 +99,14 @@ def _fetching(status: Mapping[str, Any]) -> bool:
 
 
 def seeded_bytes(task: Mapping[str, Any]) -> int:
-    """Bytes of the pieces the supernode holds (its `seeded` count of pieces)."""
+    """Bytes of the pieces the supernode holds (its `seeded` count of pieces), cut by the
+    task's piece size (a supernode before 'piece_size' was in /status: the rule's)."""
     try:
-        layout = PieceLayout.for_size(int(task["size"]))
+        size = int(task["size"])
+        piece_size = task.get("piece_size")
+        layout = (
+            PieceLayout.for_size(size) if piece_size is None else PieceLayout(size, int(piece_size))
+        )
     except (LayoutError, ValueError, TypeError):
         return 0
     seeded = int(task.get("seeded", 0))

@@ -43,7 +43,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import httpx
 import trio
@@ -75,10 +75,20 @@ def _bad_request(message: str) -> ApiError:
 
 
 class Tracker:
+    """`layout_rule` cuts a new task's blob (`PieceLayout.for_size` unless a test or a
+    benchmark injects another): the supernode is the one authority on a blob's layout, its
+    peers take it from the Assignment whatever their own version's rule."""
+
     def __init__(
-        self, config: SupernodeConfig, store: BlobStore, client: httpx.AsyncClient
+        self,
+        config: SupernodeConfig,
+        store: BlobStore,
+        client: httpx.AsyncClient,
+        *,
+        layout_rule: Callable[[int], PieceLayout] = PieceLayout.for_size,
     ) -> None:
         self.config = config
+        self.layout_rule = layout_rule
         self.store = store
         self.scheduler = Scheduler(
             random.Random(config.seed),
@@ -142,6 +152,7 @@ class Tracker:
                     "repository": task.source.repository,
                     "size": task.layout.total_size,
                     "pieces": task.layout.count,
+                    "piece_size": task.layout.piece_size,
                     "seeded": task.manifest.known,
                     "state": state,
                     "peers": len(peers),
@@ -192,7 +203,7 @@ class Tracker:
                 )
         else:
             try:
-                layout = PieceLayout.for_size(msg.size)
+                layout = self.layout_rule(msg.size)
             except LayoutError as exc:
                 raise _bad_request(str(exc)) from None
         if msg.have is not None and msg.have.length != layout.count:
@@ -304,13 +315,23 @@ class Tracker:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def open_piece(self, digest: Digest, index: int) -> FileRegion | AsyncIterator[FileRegion]:
+    def open_piece(
+        self, digest: Digest, index: int, piece_size: int | None = None
+    ) -> FileRegion | AsyncIterator[FileRegion]:
         """The region of piece `index` to send; the fd and lease go with its ``on_done``. A
         piece still arriving from the registry (`Task.streamable`) comes as an iterator of
-        regions instead, which closes its fd when it ends."""
+        regions instead, which closes its fd when it ends. `piece_size`: the one the
+        requester cuts the blob by (p2pd.peers.PIECE_SIZE_HEADER); another than the task's
+        is a 409 (a peer of an earlier task, cut otherwise, before it learns of this one)."""
         task = self._tasks.get(digest)
         if task is None:
             raise ApiError(404, "unknown_task", f"no task for {digest}")
+        if piece_size is not None and piece_size != task.layout.piece_size:
+            raise ApiError(
+                409,
+                "layout_mismatch",
+                f"{digest} is cut in {task.layout.piece_size}-byte pieces here, not {piece_size}",
+            )
         if not 0 <= index < task.layout.count:
             raise _bad_request(f"piece index {index} out of range 0..{task.layout.count - 1}")
         state = self.scheduler.task_state(digest)

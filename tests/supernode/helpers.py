@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,13 +224,16 @@ def register_msg(
 async def running(
     data_dir: Path,
     registry: FakeRegistry | None,
+    *,
+    layout_rule: Callable[[int], PieceLayout] = PieceLayout.for_size,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
     """A supernode on 127.0.0.1:0 whose upstream is `registry`, or the real network (for a
-    real registry on loopback, named in ``allowed_upstreams``) when it is None."""
+    real registry on loopback, named in ``allowed_upstreams``) when it is None; it cuts blobs
+    by `layout_rule`."""
     config = config_for(data_dir, **overrides)
     transport = None if registry is None else registry.transport()
-    supernode = Supernode(config, transport=transport)
+    supernode = Supernode(config, transport=transport, layout_rule=layout_rule)
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(supernode.run)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:

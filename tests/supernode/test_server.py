@@ -486,3 +486,29 @@ async def test_replies_pace_downloading_peers_to_the_control_rate(tmp_path: Path
         await h.wait_done()
         done = await h.announce("a", tuple(range(a.layout.count)))
         assert done.pace_ms == 250  # "a" holds everything: only "b" still calls
+
+
+async def test_a_supernode_cuts_blobs_by_its_own_rule_and_refuses_pieces_cut_otherwise(
+    tmp_path: Path,
+) -> None:
+    small = PieceLayout(SIZE, 64 * 1024)
+    assert small != LAYOUT  # the rule's
+    async with running(
+        tmp_path, registry(), layout_rule=lambda size: PieceLayout(size, 65536)
+    ) as h:
+        first = await h.register("a")
+        assert (first.size, first.piece_size) == (SIZE, 65536)
+        await h.wait_done()
+        manifest = manifest_of(await h.announce("a"))
+        assert manifest.known == small.count
+        status = (await h.http.get("/status")).json()["tasks"]
+        assert [(t["pieces"], t["piece_size"]) for t in status] == [(small.count, 65536)]
+        path = f"/pieces/{DIGEST.hex}/{small.count - 1}"
+        for named in ({"x-p2p-piece-size": "65536"}, {}):
+            r = await h.http.get(path, headers=named)
+            assert r.status_code == 200 and manifest.verify(small.count - 1, r.content)
+        r = await h.http.get(path, headers={"x-p2p-piece-size": str(PIECE)})
+        assert r.status_code == 409
+        assert "cut in 65536-byte pieces here, not 262144" in r.text
+        r = await h.http.get(path, headers={"x-p2p-piece-size": "lots"})
+        assert r.status_code == 400

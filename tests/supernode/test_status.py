@@ -12,7 +12,7 @@ import trio
 
 from benchmarks.harness.procs import free_port
 from p2pd.status import human
-from supernode import cli
+from supernode import cli, status
 from tests.supernode.helpers import BLOB, DIGEST, PIECE, SIZE, FakeRegistry, make_blob, running
 
 OTHER_SIZE = PIECE - 12_345  # under hold_after: never held
@@ -88,3 +88,12 @@ def test_status_finds_the_address_in_the_environment_and_the_file(
     assert f"http://127.0.0.1:{port}" in capsys.readouterr().err
     assert cli.main(["status", "--listen", "nonsense"]) == 1
     assert "bad listen address" in capsys.readouterr().err
+
+
+def test_progress_counts_the_tasks_own_pieces() -> None:
+    task = {"size": 600_000, "seeded": 2, "piece_size": 65536}
+    assert status.seeded_bytes(task) == 2 * 65536
+    # a supernode from before /status named the piece size: the rule's (256 KiB here)
+    assert status.seeded_bytes({"size": 600_000, "seeded": 2}) == 2 * PIECE
+    assert status.seeded_bytes({**task, "seeded": 10}) == 600_000
+    assert status.seeded_bytes({**task, "piece_size": "x"}) == 0
