@@ -243,12 +243,18 @@ def _have_bytes(layout: PieceLayout, have: Bitfield) -> int:
 
 
 async def run_daemon(
-    config: P2pdConfig, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED
+    config: P2pdConfig,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled; `task_status` receives the daemon once both listeners listen."""
-    async with trio.open_nursery() as nursery:
-        daemon = Daemon(config, nursery)
-        try:
+    """Run until cancelled; `task_status` receives the daemon once both listeners listen.
+    `transport`: for the registry and the supernodes (see `Daemon`), the real network if
+    None."""
+    daemon: Daemon | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            daemon = Daemon(config, nursery, transport=transport)
             mirror = await nursery.start(
                 _serve, daemon.mirror.handle, config.mirror_listen.host, config.mirror_listen.port
             )
@@ -266,7 +272,9 @@ async def run_daemon(
             )
             task_status.started(Running(daemon, Ports(mirror, peer)))
             await trio.sleep_forever()
-        finally:
+    finally:
+        # once every task is done: seeding tasks send their leave on the way out
+        if daemon is not None:
             with trio.CancelScope(shield=True):
                 await daemon.aclose()
 
