@@ -517,6 +517,8 @@ class BlobManager:
 
     def _start(self, digest: Digest, source: BlobSource) -> Download:
         """Start the download (StorageError if the cache has no room for it)."""
+        # the rule's layout until a filler learns the blob's supernode's (`Download.relayout`);
+        # a resumed download keeps the one it had (`BlobStore.open_partial`)
         layout = PieceLayout.for_size(source.size)
         # a resumed partial is counted already
         self.store.reserve(layout.total_size - self.store.partial_size(digest), keep=digest)
