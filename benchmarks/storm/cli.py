@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.storm.compare import compare, format_comparison
+from benchmarks.storm.network import SHARING
 from benchmarks.storm.presets import GBIT, MBIT, PRESETS, MiB
 from benchmarks.storm.report import (
     ProgressBar,
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="control messages one supernode answers per second; calls queue behind "
         "(default: no limit; fast engine only)",
+    )
+    p.add_argument(
+        "--sharing",
+        choices=SHARING,
+        help="how a host's capacity is shared among its transfers: 'fill' (water-filling, "
+        "near max-min fair, as competing TCP flows; the default) or 'equal' (an equal split; "
+        "pessimistic: a transfer held back elsewhere leaves its share unused)",
     )
     p.add_argument(
         "--no-batch",
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         changes["supernode_rate"] = args.supernode_msgs_per_s
     if args.seed is not None:
         changes["seed"] = args.seed
+    if args.sharing is not None:
+        changes["sharing"] = args.sharing
     scenario = replace(s, **changes) if changes else s  # type: ignore[arg-type]
     if scenario.latency < 0 or scenario.supernode_rate < 0:
         print("p2p-bench storm: latency and supernode rate must not be negative", file=sys.stderr)

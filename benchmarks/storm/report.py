@@ -109,6 +109,10 @@ class Scenario:
     # at a supernode that is behind. Fast engine only.
     supernode_rate: float = 0.0
     seed: int = 1
+    # How a host's (or zone link's) capacity is shared among its flows: "fill" (water-filling,
+    # near max-min fair: what competing TCP flows approach) or "equal" (an equal split, the
+    # model before; pessimistic). See benchmarks.storm.network.
+    sharing: str = "fill"
 
     @property
     def image_size(self) -> int:

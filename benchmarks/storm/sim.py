@@ -159,7 +159,7 @@ class Sim:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.upload_slots = upload_slots
         self.progress = progress
-        self.net = Network()
+        self.net = Network(scenario.sharing)
         self.registry = self.net.add_host(scenario.registry_up, math.inf, zone=0)
         if scenario.zones > 1 and scenario.zone_link is not None:
             for a in range(scenario.zones):
@@ -828,7 +828,7 @@ def naive_completion(
     )
     if symmetric and scenario.nodes:
         return _naive_symmetric(scenario, node_down[0])
-    net = Network()
+    net = Network(scenario.sharing)
     registry = net.add_host(scenario.registry_up, math.inf, zone=0)
     if scenario.zones > 1 and scenario.zone_link is not None:
         for a in range(scenario.zones):

@@ -1,8 +1,10 @@
 """Tests of the storm simulator's network model: exact small cases, then properties.
 
 The property tests drive the network with a tiny event loop that integrates every flow's rate
-itself, so completion times and cancelled byte counts are checked against an independent sum,
-and every rate against the equal-split formula recomputed from scratch.
+itself, so completion times and cancelled byte counts are checked against an independent sum;
+with the equal split every rate is checked against its formula recomputed from scratch, with
+water-filling every side against its capacity, every flow against starving, and small static
+flow sets against max-min fair rates computed independently (progressive filling).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.storm.network import Network
+from benchmarks.storm.network import SHARING, Network
 
 MB = 1_000_000.0
 
 
-def net_with(*hosts: tuple[float, float, int]) -> Network:
-    net = Network()
+def net_with(*hosts: tuple[float, float, int], sharing: str = "fill") -> Network:
+    net = Network(sharing)
     for up, down, zone in hosts:
         net.add_host(up, down, zone)
     return net
@@ -98,16 +100,48 @@ def test_download_side_splits_too() -> None:
 def test_equal_split_leaves_unused_share_unused() -> None:
     # Documented pessimism: host 0's second flow is held to 1 by host 2's download, but the
     # first flow still only gets half of host 0's upload (max-min would give it 9).
-    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 1.0, 0))
+    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 1.0, 0), sharing="equal")
     a = net.start_flow(0, 1, 100.0, now=0.0)
     b = net.start_flow(0, 2, 100.0, now=0.0)
     assert (net.rate(a), net.rate(b)) == (5.0, 1.0)
 
 
+def test_water_filling_gives_what_a_flow_held_elsewhere_leaves_to_the_others() -> None:
+    # the same flows: b is held to 1 by host 2's download, a takes the other 9 (max-min)
+    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 1.0, 0))
+    a = net.start_flow(0, 1, 100.0, now=0.0)
+    b = net.start_flow(0, 2, 100.0, now=0.0)
+    assert (net.rate(a), net.rate(b)) == (9.0, 1.0)
+    # b ends: a gets all of host 0's upload; a third flow halves it again
+    net.cancel_flow(b, now=1.0)
+    assert net.rate(a) == 10.0
+    assert net.remaining(a, 1.0) == 91.0
+    c = net.start_flow(0, 2, 100.0, now=2.0)
+    assert (net.rate(a), net.rate(c)) == (9.0, 1.0)
+
+
+def test_water_filling_reaches_a_neighbour_when_a_flow_ends() -> None:
+    # host 2 downloads b (from host 0, shared with a) and c (from host 3): b is held to 5 by
+    # host 0, so c gets the other 5 of host 2's 10. When a ends, b may take host 0's whole
+    # upload; host 2 is refilled then and splits its download between b and c: 5 and 5.
+    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 10.0, 0), (100.0, 0.0, 0))
+    a = net.start_flow(0, 1, 100.0, now=0.0)
+    b = net.start_flow(0, 2, 100.0, now=0.0)
+    c = net.start_flow(3, 2, 100.0, now=0.0)
+    assert (net.rate(a), net.rate(b), net.rate(c)) == (5.0, 5.0, 5.0)
+    net.cancel_flow(c, now=1.0)  # host 2's download is b's alone now: b gets host 0's 5 ...
+    assert net.rate(b) == 5.0
+    net.cancel_flow(a, now=2.0)  # ... and host 0's whole upload once a has gone
+    assert net.rate(b) == 10.0
+    assert net.remaining(b, 2.0) == 90.0
+
+
 def test_only_flows_a_changed_share_limited_or_tied_change_rate() -> None:
     # host 0 uploads a (to a fast host) and b (to host 2, whose download c shares): all at 5,
     # b tied between host 0's upload share and host 2's download share.
-    net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 10.0, 0), (100.0, 0.0, 0))
+    net = net_with(
+        (10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 10.0, 0), (100.0, 0.0, 0), sharing="equal"
+    )
     a = net.start_flow(0, 1, 100.0, now=0.0)
     b = net.start_flow(0, 2, 100.0, now=0.0)
     c = net.start_flow(3, 2, 100.0, now=0.0)
@@ -123,12 +157,17 @@ def test_only_flows_a_changed_share_limited_or_tied_change_rate() -> None:
     assert finish(net) == (19.0, b)
 
 
-def test_zone_link_limits_cross_flows_only_and_each_direction_separately() -> None:
-    net = net_with((100.0, 100.0, 0), (100.0, 100.0, 1), (100.0, 100.0, 0), (100.0, 100.0, 1))
+@pytest.mark.parametrize(("sharing", "local_rate"), [("equal", 50.0), ("fill", 90.0)])
+def test_zone_link_limits_cross_flows_only_and_each_direction_separately(
+    sharing: str, local_rate: float
+) -> None:
+    hosts = [(100.0, 100.0, 0), (100.0, 100.0, 1), (100.0, 100.0, 0), (100.0, 100.0, 1)]
+    net = net_with(*hosts, sharing=sharing)
     net.set_link(0, 1, 10.0)
     cross = net.start_flow(0, 1, 100.0, now=0.0)
     local = net.start_flow(0, 2, 100.0, now=0.0)
-    assert (net.rate(cross), net.rate(local)) == (10.0, 50.0)
+    # the cross flow is held to the link's 10; the local one gets half the upload, or the rest
+    assert (net.rate(cross), net.rate(local)) == (10.0, local_rate)
     cross2 = net.start_flow(2, 3, 100.0, now=0.0)
     assert net.rate(cross) == net.rate(cross2) == 5.0
     back = net.start_flow(1, 0, 100.0, now=0.0)  # the other direction has its own 10
@@ -296,7 +335,8 @@ class Driver:
     """A tiny event loop that checks the network against its own bookkeeping."""
 
     hosts: list[tuple[float, float, int]]
-    net: Network = field(default_factory=Network)
+    sharing: str = "fill"
+    net: Network = field(init=False)
     now: float = 0.0
     flows: dict[int, tuple[int, int, float]] = field(default_factory=dict)
     delivered: dict[int, float] = field(default_factory=dict)
@@ -307,6 +347,7 @@ class Driver:
     cancelled_bytes: float = 0.0
 
     def __post_init__(self) -> None:
+        self.net = Network(self.sharing)
         for up, down, zone in self.hosts:
             self.net.add_host(up, down, zone)
 
@@ -415,7 +456,12 @@ class Driver:
             if key in self.links:
                 shares.append(self.links[key] / n_link[key])
             rate = self.net.rate(fid)
-            assert rate == min(shares)
+            if self.sharing == "equal":
+                assert rate == min(shares)
+            else:
+                # every side's capacity is checked below; none starves a flow it could carry
+                assert rate <= min(self.caps(src, dst))
+                assert rate > 0 or min(self.caps(src, dst)) == 0
             up_sum[src] = up_sum.get(src, 0.0) + rate
             down_sum[dst] = down_sum.get(dst, 0.0) + rate
             link_sum[key] = link_sum.get(key, 0.0) + rate
@@ -429,6 +475,14 @@ class Driver:
         nc = self.net.next_completion()
         assert nc is None or nc[0] >= self.now
 
+    def caps(self, src: int, dst: int) -> list[float]:
+        """The capacities of the sides a flow from `src` to `dst` crosses."""
+        key = (self.zone(src), self.zone(dst))
+        caps = [self.hosts[src][0], self.hosts[dst][1]]
+        if key in self.links:
+            caps.append(self.links[key])
+        return caps
+
     def check_totals(self) -> None:
         n = len(self.hosts)
         received = sum(self.net.bytes_received(h) for h in range(n))
@@ -439,26 +493,54 @@ class Driver:
         assert self.net.bytes_between_zones <= received * (1 + 1e-9) + 1e-9
 
 
+@pytest.mark.parametrize("sharing", SHARING)
 @settings(max_examples=300, deadline=None)
-@given(scenarios())
+@given(scenario=scenarios())
 def test_random_runs_keep_rates_capacities_and_bytes_right(
+    sharing: str,
     scenario: tuple[list[tuple[float, float, int]], list[Op], list[Op]],
 ) -> None:
     hosts, links, ops = scenario
-    Driver(hosts).run(links, ops)
+    Driver(hosts, sharing).run(links, ops)
 
 
+@pytest.mark.parametrize("sharing", SHARING)
 @settings(max_examples=50, deadline=None)
-@given(scenarios())
+@given(scenario=scenarios())
 def test_same_ops_give_same_results(
+    sharing: str,
     scenario: tuple[list[tuple[float, float, int]], list[Op], list[Op]],
 ) -> None:
     hosts, links, ops = scenario
-    first, second = Driver(hosts), Driver(hosts)
+    first, second = Driver(hosts, sharing), Driver(hosts, sharing)
     first.run(links, ops)
     second.run(links, ops)
     assert first.log == second.log
     assert first.net.bytes_between_zones == second.net.bytes_between_zones
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hosts=st.lists(st.tuples(CAPS, CAPS), min_size=2, max_size=7),
+    pairs=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), max_size=14),
+)
+def test_water_filling_gives_every_flow_at_least_its_equal_split(
+    hosts: list[tuple[float, float]], pairs: list[tuple[int, int]]
+) -> None:
+    # Flows that only start (none ends): every side's level is at least its capacity over its
+    # flows, and a cap a side took from a neighbour was the neighbour's level when it had no
+    # more flows than now, so each allotment is at least the equal split's share.
+    flows = [(a % len(hosts), b % len(hosts)) for a, b in pairs if a % len(hosts) != b % len(hosts)]
+    nets = {sharing: Network(sharing) for sharing in SHARING}
+    for net in nets.values():
+        for up, down in hosts:
+            net.add_host(up, down)
+    ids = {
+        sharing: [net.start_flow(s, d, 1e9, now=0.0) for s, d in flows]
+        for sharing, net in nets.items()
+    }
+    for fill, equal in zip(ids["fill"], ids["equal"], strict=True):
+        assert nets["fill"].rate(fill) >= nets["equal"].rate(equal)
 
 
 # -- throughput (printed, not asserted) -----------------------------------------------------

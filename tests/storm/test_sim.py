@@ -84,8 +84,9 @@ def test_the_closed_form_naive_time_matches_the_flow_model() -> None:
 
 def test_a_dead_supernode_hands_its_layers_to_the_next_one() -> None:
     """Supernode 0 (layers 0 and 2) dies mid-storm: its pulls register with supernode 1,
-    whose seeder fetches those layers again; nobody falls back to the registry."""
-    sim = Sim(replace(SMALL, supernodes=2, supernode_failure_at=0.1))
+    whose seeder fetches those layers again; nobody falls back to the registry. It dies
+    while every host still pulls layer 0 (2 MiB; the first host has it at ~0.1 s)."""
+    sim = Sim(replace(SMALL, supernodes=2, supernode_failure_at=0.05))
     r = sim.run()
     assert all(c is not None for c in r.completion)
     lost = SMALL.layers[0] + SMALL.layers[2]

@@ -253,7 +253,7 @@ class FullStorm:
     async def _main(self, root: Path) -> StormResult:
         s = self.s
         with offload.inline():
-            fabric = Fabric(self.free_below)
+            fabric = Fabric(self.free_below, self.s.sharing)
             registry_host = fabric.add_host(REGISTRY, s.registry_up, math.inf, zone=0)
             if s.zones > 1 and s.zone_link is not None:
                 for a in range(s.zones):

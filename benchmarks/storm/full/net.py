@@ -175,8 +175,8 @@ class Fabric:
     `on_sent(src, dst, bytes, now)` is called for every completed flow between two hosts.
     """
 
-    def __init__(self, free_below: int = 0) -> None:
-        self.net = Network()
+    def __init__(self, free_below: int = 0, sharing: str = "fill") -> None:
+        self.net = Network(sharing)
         self.free_below = free_below
         self._hosts: dict[str, _Host] = {}
         self._by_index: dict[int, _Host] = {}
