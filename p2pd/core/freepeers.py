@@ -172,7 +172,11 @@ class FreePeers:
     ) -> list[Key]:
         """The `wanted` smallest keys, smallest first, of the peers holding some piece of
         `lacking` (raw bits) that are in neither `parents` nor `shunned`."""
-        most = (self.pieces & lacking).bit_count()
+        # Only the lacking pieces some peer here holds count. As a non-negative int: the
+        # scheduler passes ``~pieces``, negative, and a big int's `&` with a negative one
+        # costs a two's complement copy of each (a quarter of the walk's time at 10 000 hosts)
+        lacking &= self.pieces
+        most = lacking.bit_count()
         if not most or wanted <= 0:
             return []
         entries = self._entries
@@ -186,7 +190,7 @@ class FreePeers:
         end = len(entries)
         while start < end:
             if start == _FIRST_SLICE:
-                held = self._holders_of(self.pieces & lacking)
+                held = self._holders_of(lacking)
                 if held.bit_count() * _UNION_SHARE <= end - start:
                     return self._rank(held, lacking, wanted, parents, shunned)
             stop = start + step
