@@ -439,29 +439,30 @@ class Network:
             self._fill_down(h, rose)
         for link in links_filled.values():
             self._fill_link(link, rose)
-        # A side filled above may be asked again: it was filled with its neighbours' levels
-        # from before this call (uploads are filled before the downloads they feed).
-        ups_again: set[int] = set()
-        downs_again: set[int] = set()
-        links_again: set[int] = set()
-        for g in rose:
-            # only the sides that allot it less than the most it may now get are asked
-            most = g.a_down if g.a_down > g.a_up else g.a_up
-            if g.a_link > most and g.link is not None:
-                most = g.a_link
-            if g.a_up < most and g.src not in ups_again:
-                ups_again.add(g.src)
-                ups_filled[g.src] = None
-                self._fill_up(g.src, None)
-            if g.a_down < most and g.dst not in downs_again:
-                downs_again.add(g.dst)
-                downs_filled[g.dst] = None
-                self._fill_down(g.dst, None)
-            cross = g.link
-            if cross is not None and g.a_link < most and id(cross) not in links_again:
-                links_again.add(id(cross))
-                links_filled[id(cross)] = cross
-                self._fill_link(cross, None)
+        if rose:
+            # A side filled above may be asked again: it was filled with its neighbours' levels
+            # from before this call (uploads are filled before the downloads they feed).
+            ups_again: set[int] = set()
+            downs_again: set[int] = set()
+            links_again: set[int] = set()
+            for g in rose:
+                # only the sides that allot it less than the most it may now get are asked
+                most = g.a_down if g.a_down > g.a_up else g.a_up
+                if g.a_link > most and g.link is not None:
+                    most = g.a_link
+                if g.a_up < most and g.src not in ups_again:
+                    ups_again.add(g.src)
+                    ups_filled[g.src] = None
+                    self._fill_up(g.src, None)
+                if g.a_down < most and g.dst not in downs_again:
+                    downs_again.add(g.dst)
+                    downs_filled[g.dst] = None
+                    self._fill_down(g.dst, None)
+                cross = g.link
+                if cross is not None and g.a_link < most and id(cross) not in links_again:
+                    links_again.add(id(cross))
+                    links_filled[id(cross)] = cross
+                    self._fill_link(cross, None)
         for h in ups_filled:
             self._rerate(self._ups[h].values(), now)
         for h in downs_filled:
@@ -482,14 +483,19 @@ class Network:
                 g.a_up = level
             return
         down_level = self._down_level
-        caps = []
-        for g in ups.values():
-            c = down_level[g.dst]
-            link = g.link
-            if link is not None and link.level < c:
-                c = link.level
-            caps.append(c)
-        self._up_level[host] = level = _water_level(capacity, caps)
+        if self._links:
+            caps = [_cap(down_level[g.dst], g.link) for g in ups.values()]
+        else:
+            caps = [down_level[g.dst] for g in ups.values()]
+        level = capacity / len(caps)
+        if min(caps) < level:
+            level = _water_level(capacity, caps)
+        elif rose is None:  # no flow held below an equal share: most sides, most of the time
+            self._up_level[host] = level
+            for g in ups.values():
+                g.a_up = level
+            return
+        self._up_level[host] = level
         for g, c in zip(ups.values(), caps, strict=True):
             a = c if c < level else level
             if rose is not None and a > g.a_up:
@@ -506,14 +512,19 @@ class Network:
                 g.a_down = level
             return
         up_level = self._up_level
-        caps = []
-        for g in downs.values():
-            c = up_level[g.src]
-            link = g.link
-            if link is not None and link.level < c:
-                c = link.level
-            caps.append(c)
-        self._down_level[host] = level = _water_level(capacity, caps)
+        if self._links:
+            caps = [_cap(up_level[g.src], g.link) for g in downs.values()]
+        else:
+            caps = [up_level[g.src] for g in downs.values()]
+        level = capacity / len(caps)
+        if min(caps) < level:
+            level = _water_level(capacity, caps)
+        elif rose is None:
+            self._down_level[host] = level
+            for g in downs.values():
+                g.a_down = level
+            return
+        self._down_level[host] = level
         for g, c in zip(downs.values(), caps, strict=True):
             a = c if c < level else level
             if rose is not None and a > g.a_down:
@@ -601,14 +612,16 @@ class Network:
         heapq.heapify(self._heap)
 
 
+def _cap(level: float, link: _Link | None) -> float:
+    """A flow's cap from its other host side's `level` and its zone link, if any."""
+    return link.level if link is not None and link.level < level else level
+
+
 def _water_level(capacity: float, caps: list[float]) -> float:
     """The level L of one side: its flows held to ``caps`` elsewhere take
     ``sum(min(cap, L)) == capacity`` -- each gets its cap or L, whichever is less. When the
     caps leave capacity over, L is the largest cap plus what is left (what one flow could take
     if it alone were free to grow). ``capacity`` may be 0 or inf."""
-    share = capacity / len(caps)
-    if min(caps) >= share:
-        return share  # no flow is held below an equal share (most sides, most of the time)
     ordered = sorted(caps)
     left = capacity
     n = len(ordered)
