@@ -65,6 +65,16 @@ def cached(data_dir: Path) -> set[str]:
     return {f"sha256:{p.name}" for p in (data_dir / "blobs").iterdir()}
 
 
+def supernode_cached(data_dir: Path, expected: set[str], timeout: float = 10.0) -> set[str]:
+    """The supernode's cache once it holds `expected` (or after `timeout`): its seeder commits
+    a blob after checking the whole blob's sha256, which may come a moment after a p2pd that
+    pulled it through the seeder's pieces has finished (the last piece is served as read)."""
+    deadline = time.monotonic() + timeout
+    while (found := cached(data_dir)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def hold_open(p2pd: P2pdProcess, digest: str) -> socket.socket:
     """A runtime that starts reading a blob and stalls: a tiny receive buffer, the head and a
     few bytes read, the rest left in flight (the daemon is still serving it)."""
@@ -104,7 +114,7 @@ def test_quota_on_both_daemons(workdir: Path, registry: Registry, image: Image) 
         pull(h1, a)
         pull(h1, b)
         assert cached(h1.data_dir) == {a, b}
-        assert cached(supernode.data_dir) == {a, b}
+        assert supernode_cached(supernode.data_dir, {a, b}) == {a, b}
 
         # -- p2pd: LRU first, never a blob being served ------------------------------------
         reader = hold_open(h1, b)  # B is being served (and so its least recent use is now)
@@ -124,13 +134,13 @@ def test_quota_on_both_daemons(workdir: Path, registry: Registry, image: Image) 
         # h1 seeded A and B, yet the supernode made room for C by evicting A (least recently
         # used), whose task h1 went on seeding; when h1 wanted A back, nobody held it any
         # more, so the supernode fetched it again, evicting B (seeded by h1) this time.
-        assert cached(supernode.data_dir) == {c, a}
+        assert supernode_cached(supernode.data_dir, {c, a}) == {c, a}
         h1.stop()  # h1 leaves the swarm
         h2 = p2pd_host("h2")
         pull(h2, c)
         assert h2.stats()["bytes_from_peers"] == image.blobs[c].size  # from the supernode
         pull(h2, b)  # nobody holds B: fetched again, evicting A (LRU, no peers: forgotten)
-        assert cached(supernode.data_dir) == {c, b}
+        assert supernode_cached(supernode.data_dir, {c, b}) == {c, b}
         assert cached(h2.data_dir) == {c, b}
 
         status = subprocess.run(
