@@ -28,9 +28,13 @@ least of its allotments:
     rate = min(allot_up[src], allot_down[dst], allot_link)
 
 Every side's allotments sum to at most its capacity, so the rates never overbook a side,
-whatever the order in which sides were refilled. A side is refilled when a flow starts or ends
-on it (its own flows re-rated then); its neighbours are not, they refill at their own next
-start or end, with the level this side has now. When nothing changes for a while this is the
+whatever the order in which sides were refilled. A side is refilled when its flows change --
+at the next query (`next_completion`, `rate`, `remaining`) or before the next change at a
+later time, so that a piece ending and the next starting at one instant refill it once -- and
+its flows are re-rated then. Its neighbours are refilled too, but only those that give a flow
+less than this side now offers it (else a flow ending would never speed up its neighbours'
+flows held back here); the others refill at their own next change, with the level this side
+has now. When nothing changes for a while this is the
 asynchronous form of the classic iteration towards max-min fairness (each side's level
 computed from its neighbours'); in a storm every side changes every few milliseconds, so
 levels stay close to the max-min ones (the fair share that competing TCP flows approach).
