@@ -26,15 +26,20 @@ def brute(
     return heapq.nsmallest(wanted, keys)
 
 
-@pytest.mark.parametrize("union_share", [0, None, 10**9])
+# (_UNION_SHARE, _COUNT_MOST) forcing each way of answering after the first slice
+PATHS = {
+    "walk": (10**9, 0),
+    "union": (0, 0),  # ranking the holders of the lacking pieces
+    "count": (10**9, 10**9),  # counting the lacking pieces each holder holds
+}
+
+
+@pytest.mark.parametrize("path", [*PATHS, "own choice"])
 @pytest.mark.parametrize("seed", range(40))
-def test_best_matches_a_full_sort(
-    seed: int, union_share: int | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # both ways of answering, forced: ranking the holders of the lacking pieces after the
-    # first slice (0), walking on (10**9), and the index's own choice (None)
-    if union_share is not None:
-        monkeypatch.setattr(freepeers, "_UNION_SHARE", union_share)
+def test_best_matches_a_full_sort(seed: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path in PATHS:
+        monkeypatch.setattr(freepeers, "_UNION_SHARE", PATHS[path][0])
+        monkeypatch.setattr(freepeers, "_COUNT_MOST", PATHS[path][1])
     rng = random.Random(seed)
     count = rng.choice([1, 3, 8, 50])
     full = (1 << count) - 1
