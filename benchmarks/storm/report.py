@@ -434,9 +434,11 @@ def _mib(v: float | None) -> str:
 def _control_model(scenario: dict[str, Any]) -> str:
     latency = scenario.get("latency", 0.0)
     rate = scenario.get("supernode_rate", 0.0)
+    sharing = {"fill": "water-filling", "equal": "equal split"}
     return (
         f"round trip {latency * 1000:g} ms  "
-        f"supernode {f'{rate:g} messages/s' if rate else 'answers at once'}"
+        f"supernode {f'{rate:g} messages/s' if rate else 'answers at once'}  "
+        f"links shared by {sharing.get(scenario.get('sharing', 'equal'), '?')}"
     )
 
 

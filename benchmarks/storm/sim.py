@@ -867,9 +867,10 @@ def naive_completion(
 def _naive_symmetric(scenario: Scenario, down: float) -> list[float]:
     """The naive storm when every host is alike and starts at once, without N x L flows.
 
-    On the equal-split model every host then runs the same schedule: its m active layer
-    flows each get min(registry_up / (N * m), down / m); the smallest layer ends first and
-    the rest speed up. (Host upload capacity plays no part: the registry sends everything.)
+    Every host then runs the same schedule: its m active layer flows each get
+    min(registry_up / (N * m), down / m) -- with every flow alike, water-filling and an equal
+    split agree; the smallest layer ends first and the rest speed up. (Host upload capacity
+    plays no part: the registry sends everything.)
     """
     n = scenario.nodes
     now = 0.0

@@ -4,8 +4,8 @@ The full-stack storm engine runs every daemon of a storm in one trio run on a vi
 (`trio.testing.MockClock` with autojump). Their sockets are replaced by `MemoryStream` pairs
 that a `Fabric` connects; every ``send_all`` between two hosts is one *flow* on the fast
 simulator's own network model (`benchmarks.storm.network.Network`: per-host upload and download
-capacity split equally among active flows, zone links), and its bytes reach the other end when
-the model says the flow is complete. Using the very same model is deliberate: when the two
+capacity shared among active flows by water-filling, zone links), and its bytes reach the other
+end when the model says the flow is complete. Using the very same model is deliberate: when the two
 engines disagree, the difference is in the daemons' code (HTTP, the swarm loop, the seeder),
 not in two ideas of a network.
 
