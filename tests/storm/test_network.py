@@ -3,8 +3,8 @@
 The property tests drive the network with a tiny event loop that integrates every flow's rate
 itself, so completion times and cancelled byte counts are checked against an independent sum;
 with the equal split every rate is checked against its formula recomputed from scratch, with
-water-filling every side against its capacity, every flow against starving, and small static
-flow sets against max-min fair rates computed independently (progressive filling).
+water-filling every side against its capacity and every flow against starving; flows that only
+start get at least their equal-split rate; small hand cases have their max-min answers.
 """
 
 from __future__ import annotations
@@ -121,9 +121,10 @@ def test_water_filling_gives_what_a_flow_held_elsewhere_leaves_to_the_others() -
 
 
 def test_water_filling_reaches_a_neighbour_when_a_flow_ends() -> None:
-    # host 2 downloads b (from host 0, shared with a) and c (from host 3): b is held to 5 by
-    # host 0, so c gets the other 5 of host 2's 10. When a ends, b may take host 0's whole
-    # upload; host 2 is refilled then and splits its download between b and c: 5 and 5.
+    # host 2 downloads b (from host 0, shared with a) and c (from host 3): all at 5. When c
+    # ends, b is still held to 5 by host 0; when a ends too, b may take host 0's whole upload,
+    # which it gets only if host 2 -- whose download no flow started or ended on -- is asked
+    # again: it had allotted b no more than host 0's level then (5).
     net = net_with((10.0, 0.0, 0), (0.0, 100.0, 0), (0.0, 10.0, 0), (100.0, 0.0, 0))
     a = net.start_flow(0, 1, 100.0, now=0.0)
     b = net.start_flow(0, 2, 100.0, now=0.0)
