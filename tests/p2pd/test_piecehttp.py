@@ -9,8 +9,8 @@ import logging
 import os
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,14 +384,10 @@ async def test_a_receiver_that_stops_reading_is_dropped_and_its_slot_freed(
     )
 
 
-async def test_a_download_in_progress_serves_the_pieces_it_holds(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    s = await start(nursery, tmp_path)
-    layout = PieceLayout.for_size(SIZE)
-    part_path = tmp_path / "partial.bin"
-    part_path.write_bytes(s.data)
-    fd = os.open(part_path, os.O_RDONLY)
+@contextmanager
+def in_progress(s: Setup, tmp_path: Path, layout: PieceLayout, have: Bitfield) -> Iterator[Digest]:
+    """A download in progress of `s.data` under a digest of its own, holding `have` in
+    `layout`, as the piece server sees one (`BlobManager.downloads`); its digest."""
 
     @dataclass
     class Partial:
@@ -403,11 +399,26 @@ async def test_a_download_in_progress_serves_the_pieces_it_holds(
         have: Bitfield
         partial: Partial
 
+    part_path = tmp_path / "partial.bin"
+    part_path.write_bytes(s.data)
+    fd = os.open(part_path, os.O_RDONLY)
     digest = Digest("ef" * 32)
-    have = Bitfield(layout.count)
-    have.add(1)
     s.server.blobs.downloads[digest] = InProgress(layout, have, Partial(fd))  # type: ignore[assignment]
     try:
+        yield digest
+    finally:
+        del s.server.blobs.downloads[digest]
+        os.close(fd)
+
+
+async def test_a_download_in_progress_serves_the_pieces_it_holds(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    s = await start(nursery, tmp_path)
+    layout = PieceLayout.for_size(SIZE)
+    have = Bitfield(layout.count)
+    have.add(1)
+    with in_progress(s, tmp_path, layout, have) as digest:
         requests = [get(piece(digest, 0)), get(piece(digest, 1)), get(piece(digest, 3))]
         lean = await exchange(s.lean, requests)
         assert lean == await exchange(s.general, requests)
@@ -416,9 +427,6 @@ async def test_a_download_in_progress_serves_the_pieces_it_holds(
         assert lean[1].endswith(s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE])
         assert s.server.busy == 0
         assert s.handed == []
-    finally:
-        del s.server.blobs.downloads[digest]
-        os.close(fd)
 
 
 async def test_a_blob_deleted_behind_the_store_is_404_not_500(
@@ -510,41 +518,26 @@ async def test_a_download_cut_otherwise_is_refused_and_the_client_takes_it_as_no
 ) -> None:
     s = await start(nursery, tmp_path)
     layout = PieceLayout.for_size(SIZE)
-    part_path = tmp_path / "partial.bin"
-    part_path.write_bytes(s.data)
-    fd = os.open(part_path, os.O_RDONLY)
-
-    @dataclass
-    class Partial:
-        fd: int
-
-    @dataclass
-    class InProgress:
-        layout: PieceLayout
-        have: Bitfield
-        partial: Partial
-
-    digest = Digest("ef" * 32)
-    s.server.blobs.downloads[digest] = InProgress(layout, Bitfield.full(layout.count), Partial(fd))  # type: ignore[assignment]
     client = PieceClient()
     try:
-        requests = [
-            get(piece(digest, 1), "x-p2p-piece-size: 65536"),
-            get(piece(digest, 1), f"x-p2p-piece-size: {SMALLEST_PIECE_SIZE}"),
-        ]
-        lean = await exchange(s.lean, requests)
-        assert lean == await exchange(s.general, requests)
-        assert [r.split(b" ", 2)[1] for r in lean] == [b"409", b"200"]
-        assert b"cut in 262144-byte pieces here, not 65536" in lean[0]
-        address = f"127.0.0.1:{s.lean}"
-        with pytest.raises(PieceFetchError, match="answered 409") as info:
-            await client.fetch(address, digest, 1, memoryview(bytearray(65536)), piece_size=65536)
-        assert info.value.not_found and not info.value.busy
-        buf = bytearray(SMALLEST_PIECE_SIZE)
-        await client.fetch(address, digest, 1, memoryview(buf), piece_size=SMALLEST_PIECE_SIZE)
-        assert buf == s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE]
-        await wait_until(lambda: s.server.busy == 0)
+        with in_progress(s, tmp_path, layout, Bitfield.full(layout.count)) as digest:
+            requests = [
+                get(piece(digest, 1), "x-p2p-piece-size: 65536"),
+                get(piece(digest, 1), f"x-p2p-piece-size: {SMALLEST_PIECE_SIZE}"),
+            ]
+            lean = await exchange(s.lean, requests)
+            assert lean == await exchange(s.general, requests)
+            assert [r.split(b" ", 2)[1] for r in lean] == [b"409", b"200"]
+            assert b"cut in 262144-byte pieces here, not 65536" in lean[0]
+            address = f"127.0.0.1:{s.lean}"
+            with pytest.raises(PieceFetchError, match="answered 409") as info:
+                await client.fetch(
+                    address, digest, 1, memoryview(bytearray(65536)), piece_size=65536
+                )
+            assert info.value.not_found and not info.value.busy
+            buf = bytearray(SMALLEST_PIECE_SIZE)
+            await client.fetch(address, digest, 1, memoryview(buf), piece_size=SMALLEST_PIECE_SIZE)
+            assert buf == s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE]
+            await wait_until(lambda: s.server.busy == 0)
     finally:
         await client.aclose()
-        del s.server.blobs.downloads[digest]
-        os.close(fd)
