@@ -31,15 +31,19 @@ def manifest_for(digest: Digest, data: bytes, layout: PieceLayout) -> PieceManif
 
 
 def fill(store: BlobStore, seed: int, size: int = 1000) -> Digest:
-    digest, data = blob(size, seed)
-    layout = PieceLayout(size, 256)
+    return fill_in(store, PieceLayout(size, 256), seed)[0]
+
+
+def fill_in(store: BlobStore, layout: PieceLayout, seed: int = 3) -> tuple[Digest, bytes]:
+    """A complete blob stored piece by piece in `layout`: its digest and bytes."""
+    digest, data = blob(layout.total_size, seed)
     part = store.open_partial(digest, layout)
     for i in range(layout.count):
         off, n = layout.span(i)
         part.write_piece(i, data[off : off + n])
     part.commit()
     part.close()
-    return digest
+    return digest, data
 
 
 def test_write_commit_and_read_back(tmp_path: Path) -> None:
@@ -307,17 +311,6 @@ def test_readers_kept_open_are_bounded(tmp_path: Path, monkeypatch: pytest.Monke
 CHOSEN = PieceLayout(600_000, 64 * 1024)
 RULES = PieceLayout.for_size(CHOSEN.total_size)
 assert RULES.piece_size == 256 * 1024 and RULES != CHOSEN
-
-
-def fill_in(store: BlobStore, layout: PieceLayout, seed: int = 3) -> tuple[Digest, bytes]:
-    digest, data = blob(layout.total_size, seed)
-    part = store.open_partial(digest, layout)
-    for i in range(layout.count):
-        off, n = layout.span(i)
-        part.write_piece(i, data[off : off + n])
-    part.commit()
-    part.close()
-    return digest, data
 
 
 def test_a_complete_blob_keeps_its_supernodes_layout_across_a_restart(tmp_path: Path) -> None:
