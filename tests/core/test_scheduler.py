@@ -549,6 +549,12 @@ def check_books(s: Scheduler, digest: Digest) -> None:
     downloading = sum(not p.pieces.is_full() for t in s._tasks.values() for p in t.peers.values())
     assert s._downloaders == downloading
     assert s._fed == fed(s)
+    hosts: dict[str, int] = {}
+    for t in s._tasks.values():
+        for p in t.peers.values():
+            if p.peer_parents:
+                hosts[p.peer_id] = hosts.get(p.peer_id, 0) + p.peer_parents
+    assert s._host_parents == hosts  # what `_even_out` weighs
 
 
 def play(
@@ -1022,7 +1028,7 @@ def test_a_child_without_parents_borrows_a_slot_from_a_child_with_several() -> N
 
 def test_no_borrowing_from_a_child_without_parents_to_spare_or_when_off() -> None:
     for cfg in ({"borrow_below": 0}, {"borrow_below": 1, "borrow_from": 3}):
-        s = _storm_start(**cfg)
+        s = _storm_start(even_out=False, **cfg)  # evening out: its own tests below
         assert names(s.register(D, "poor", "", "a", 1.0)) == [], cfg
         assert sorted(s.parents_of(D, "rich")) == ["h1", "h2"], cfg
 
@@ -1037,6 +1043,52 @@ def test_no_borrowing_from_a_holder_with_nothing_the_child_lacks() -> None:
 def test_no_borrowing_across_zones() -> None:
     s = _storm_start(borrow_below=1, borrow_from=2)
     assert names(s.register(D, "poor", "", "b", 1.0)) == []
+
+
+def _two_rich(holders: int = 8, **cfg: Any) -> Scheduler:
+    """One-slot holders, every slot taken by `rich1` and `rich2` (half each); borrowing
+    below 1 from 2, at most 4 parents; task D2 (2 pieces) exists too."""
+    cfg = {"max_parents": 4, "borrow_below": 1, "borrow_from": 2, "borrow_sample": 64, **cfg}
+    s = sched(seeder_upload_slots=0, **cfg)
+    s.add_task(D2, PieceLayout(2, 1), 0.0)
+    for i in range(holders):
+        s.register(D, f"h{i}", "", "a", 0.0, upload_slots=1, have=bf("11.."))
+    for rich in ("rich1", "rich2"):
+        assert len(names(s.register(D, rich, "", "a", 0.0))) == holders // 2
+    return s
+
+
+def rich_parents(s: Scheduler) -> list[int]:
+    return sorted(len(s.parents_of(D, r)) for r in ("rich1", "rich2"))
+
+
+def test_a_hosts_only_download_evens_out_with_hosts_that_have_two_more_parents() -> None:
+    s = _two_rich()
+    # one slot by borrowing (from a child with 4 >= 2), one by evening out (from the other,
+    # still at 4 against its 1); not a third: 3 against its 2 is not two more
+    assert len(names(s.register(D, "poor", "", "a", 1.0))) == 2
+    assert rich_parents(s) == [3, 3]
+    check_links(s, D, {**{f"h{i}": 1 for i in range(8)}, "rich1": 8, "rich2": 8, "poor": 8})
+    check_books(s, D)
+    s.leave(D, "rich1")
+    check_books(s, D)
+
+    s = _two_rich(holders=6, max_parents=3)  # three parents each
+    assert len(names(s.register(D, "poor", "", "a", 1.0))) == 2
+    assert rich_parents(s) == [2, 2]  # evened out: nobody has two more than another
+
+    s = _two_rich(even_out=False)
+    assert len(names(s.register(D, "poor", "", "a", 1.0))) == 1  # borrowing only
+    assert rich_parents(s) == [3, 4]
+
+
+def test_a_host_with_another_download_here_evens_out_once_that_one_is_done() -> None:
+    s = _two_rich()
+    s.register(D2, "poor", "", "a", 1.0)  # downloading D2 at this supernode too
+    assert len(names(s.register(D, "poor", "", "a", 1.0))) == 1
+    s.announce(D2, "poor", [0, 1], 2.0)  # D2 complete: D is its only download here
+    assert len(names(s.announce(D, "poor", [], 2.0))) == 2
+    check_books(s, D)
 
 
 def test_the_supernode_paces_its_downloading_peers_to_its_control_rate() -> None:
