@@ -140,8 +140,9 @@ class _Flow:
         self.link: _Link | None = None
         self.cross = False
         self.tag = tag
-        # what its upload side, download side and zone link allot it (see the module doc)
-        self.a_up = _INF
+        # what its upload side, download side and zone link allot it (see the module doc);
+        # -1 until its upload side first allots it: always a change, so it gets rated
+        self.a_up = -1.0
         self.a_down = _INF
         self.a_link = _INF
 
@@ -431,18 +432,16 @@ class Network:
         """Refill the sides whose flows changed, then the other sides of every flow one of
         them now allots more (else that flow stays held to what its other side allotted it
         while this one was short: one flow ending would never speed its neighbours up), then
-        re-rate every flow of every side refilled. Levels first, re-rating after: no flow is
+        re-rate every flow whose allotment changed. Levels first, re-rating after: no flow is
         rated from a half-updated view (a newcomer's instant rate would make it due at once)."""
-        ups_filled = dict.fromkeys(srcs)
-        downs_filled = dict.fromkeys(dsts)
-        links_filled = {id(link): link for link in links}
         rose: list[_Flow] = []
-        for h in ups_filled:
-            self._fill_up(h, rose)
-        for h in downs_filled:
-            self._fill_down(h, rose)
-        for link in links_filled.values():
-            self._fill_link(link, rose)
+        changed: list[_Flow] = []
+        for h in srcs:
+            self._fill_up(h, rose, changed)
+        for h in dsts:
+            self._fill_down(h, rose, changed)
+        for link in links:
+            self._fill_link(link, rose, changed)
         if rose:
             # A side filled above may be asked again: it was filled with its neighbours' levels
             # from before this call (uploads are filled before the downloads they feed).
@@ -456,35 +455,31 @@ class Network:
                     most = g.a_link
                 if g.a_up < most and g.src not in ups_again:
                     ups_again.add(g.src)
-                    ups_filled[g.src] = None
-                    self._fill_up(g.src, None)
+                    self._fill_up(g.src, None, changed)
                 if g.a_down < most and g.dst not in downs_again:
                     downs_again.add(g.dst)
-                    downs_filled[g.dst] = None
-                    self._fill_down(g.dst, None)
+                    self._fill_down(g.dst, None, changed)
                 cross = g.link
                 if cross is not None and g.a_link < most and id(cross) not in links_again:
                     links_again.add(id(cross))
-                    links_filled[id(cross)] = cross
-                    self._fill_link(cross, None)
-        for h in ups_filled:
-            self._rerate(self._ups[h].values(), now)
-        for h in downs_filled:
-            self._rerate(self._downs[h].values(), now)
-        for link in links_filled.values():
-            self._rerate(link.flows.values(), now)
+                    self._fill_link(cross, None, changed)
+        if changed:
+            self._rerate(changed, now)
         if len(self._heap) > 2 * len(self._flows) + 1024:
             self._compact()
 
-    def _fill_up(self, host: int, rose: list[_Flow] | None) -> None:
-        """Refill `host`'s upload: its level, and each upload's allotment (module doc); the
-        flows it now allots more go to `rose` (if given)."""
+    def _fill_up(self, host: int, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
+        """Refill `host`'s upload: its level, and each upload's allotment (module doc). The
+        flows whose allotment changed go to `changed` (to be re-rated), those it now allots
+        more to `rose` too (if given; not a newcomer, allotted nothing yet)."""
         ups = self._ups[host]
         capacity = self._up[host]
         if self._equal or not ups:
             self._up_level[host] = level = capacity / len(ups) if ups else capacity
             for g in ups.values():
-                g.a_up = level
+                if g.a_up != level:
+                    g.a_up = level
+                    changed.append(g)
             return
         down_level = self._down_level
         if self._links:
@@ -497,23 +492,30 @@ class Network:
         elif rose is None:  # no flow held below an equal share: most sides, most of the time
             self._up_level[host] = level
             for g in ups.values():
-                g.a_up = level
+                if g.a_up != level:
+                    g.a_up = level
+                    changed.append(g)
             return
         self._up_level[host] = level
         for g, c in zip(ups.values(), caps, strict=True):
             a = c if c < level else level
-            if rose is not None and a > g.a_up:
-                rose.append(g)
-            g.a_up = a
+            old = g.a_up
+            if a != old:
+                if rose is not None and old < a and old >= 0:
+                    rose.append(g)
+                g.a_up = a
+                changed.append(g)
 
-    def _fill_down(self, host: int, rose: list[_Flow] | None) -> None:
+    def _fill_down(self, host: int, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
         """Refill `host`'s download, as `_fill_up` its upload."""
         downs = self._downs[host]
         capacity = self._down[host]
         if self._equal or not downs:
             self._down_level[host] = level = capacity / len(downs) if downs else capacity
             for g in downs.values():
-                g.a_down = level
+                if g.a_down != level:
+                    g.a_down = level
+                    changed.append(g)
             return
         up_level = self._up_level
         if self._links:
@@ -526,23 +528,30 @@ class Network:
         elif rose is None:
             self._down_level[host] = level
             for g in downs.values():
-                g.a_down = level
+                if g.a_down != level:
+                    g.a_down = level
+                    changed.append(g)
             return
         self._down_level[host] = level
         for g, c in zip(downs.values(), caps, strict=True):
             a = c if c < level else level
-            if rose is not None and a > g.a_down:
-                rose.append(g)
-            g.a_down = a
+            old = g.a_down
+            if a != old:
+                if rose is not None and old < a:  # a newcomer's is inf: no rise
+                    rose.append(g)
+                g.a_down = a
+                changed.append(g)
 
-    def _fill_link(self, link: _Link, rose: list[_Flow] | None) -> None:
+    def _fill_link(self, link: _Link, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
         """Refill one direction of a zone link, as `_fill_up` a host's upload."""
         flows = link.flows
         capacity = link.capacity
         if self._equal or not flows:
             link.level = level = capacity / len(flows) if flows else capacity
             for g in flows.values():
-                g.a_link = level
+                if g.a_link != level:
+                    g.a_link = level
+                    changed.append(g)
             return
         up_level = self._up_level
         down_level = self._down_level
@@ -554,11 +563,14 @@ class Network:
         link.level = level = _water_level(capacity, caps)
         for g, c in zip(flows.values(), caps, strict=True):
             a = c if c < level else level
-            if rose is not None and a > g.a_link:
-                rose.append(g)
-            g.a_link = a
+            old = g.a_link
+            if a != old:
+                if rose is not None and old < a:
+                    rose.append(g)
+                g.a_link = a
+                changed.append(g)
 
-    def _rerate(self, group: Iterable[_Flow], now: float) -> None:
+    def _rerate(self, group: list[_Flow], now: float) -> None:
         """Rate the flows of ``group`` by their allotments; integrate and reschedule the ones
         whose rate changed."""
         sooner = self._sooner
