@@ -298,8 +298,10 @@ class Network:
         f = self._flows.get(flow)
         if f is None:
             raise KeyError(flow)
-        self._check_time(now)  # so also now >= f.last: what remaining() checks
-        self._touch(now)
+        if now < self._now:
+            self._check_time(now)  # so also now >= f.last: what remaining() checks
+        if now != self._dirty_at:
+            self._touch(now)
         if _left(f, now) > REL_TOL * f.size:
             raise ValueError(
                 f"flow {flow} is not complete at {now}: {self.remaining(flow, now)} of "
@@ -312,7 +314,8 @@ class Network:
 
     def next_completion(self) -> tuple[float, int] | None:
         """Earliest ``(time, flow id)`` among active flows, or None if none will complete."""
-        self._flush()
+        if self._dirty_ups or self._dirty_downs or self._dirty_links:
+            self._flush()
         if self._sooner:
             self._queue_sooner()
         heap = self._heap
@@ -377,11 +380,10 @@ class Network:
             raise ValueError(f"host {host} has been removed")
 
     def _release(self, gone: list[_Flow], now: float, *, credit_size: bool) -> None:
-        """Detach ended flows, credit their bytes, then refill every side they held a share
-        of (each once) and re-rate the flows left there."""
-        srcs: dict[int, None] = {}
-        dsts: dict[int, None] = {}
-        links: dict[int, _Link] = {}
+        """Detach ended flows, credit their bytes, and mark every side they held a share of
+        to be refilled (its flows re-rated) at the next query."""
+        dirty_ups = self._dirty_ups
+        dirty_downs = self._dirty_downs
         for f in gone:
             if credit_size:
                 done = f.size
@@ -396,17 +398,15 @@ class Network:
             if f.size == 0:
                 del self._instant[f.id]
                 continue  # never held a share
-            self._ups[f.src].pop(f.id)
-            self._downs[f.dst].pop(f.id)
-            srcs[f.src] = None
-            dsts[f.dst] = None
-            if f.link is not None:
-                f.link.flows.pop(f.id)
-                links[id(f.link)] = f.link
+            del self._ups[f.src][f.id]
+            del self._downs[f.dst][f.id]
+            dirty_ups[f.src] = None
+            dirty_downs[f.dst] = None
+            link = f.link
+            if link is not None:
+                del link.flows[f.id]
+                self._dirty_links[id(link)] = link
             f.rate = 0.0
-        self._dirty_ups.update(srcs)
-        self._dirty_downs.update(dsts)
-        self._dirty_links.update(links)
         if len(self._heap) > 2 * len(self._flows) + 1024:
             self._compact()
 
@@ -487,24 +487,38 @@ class Network:
         else:
             caps = [down_level[g.dst] for g in ups.values()]
         level = capacity / len(caps)
-        if min(caps) < level:
-            level = _water_level(capacity, caps)
-        elif rose is None:  # no flow held below an equal share: most sides, most of the time
+        if min(caps) >= level:  # no flow held below an equal share: no water level to find
             self._up_level[host] = level
-            for g in ups.values():
-                if g.a_up != level:
-                    g.a_up = level
-                    changed.append(g)
+            if rose is None:
+                for g in ups.values():
+                    if g.a_up != level:
+                        g.a_up = level
+                        changed.append(g)
+            else:
+                for g in ups.values():
+                    old = g.a_up
+                    if old != level:
+                        if old < level and old >= 0:
+                            rose.append(g)
+                        g.a_up = level
+                        changed.append(g)
             return
-        self._up_level[host] = level
-        for g, c in zip(ups.values(), caps, strict=True):
-            a = c if c < level else level
-            old = g.a_up
-            if a != old:
-                if rose is not None and old < a and old >= 0:
-                    rose.append(g)
-                g.a_up = a
-                changed.append(g)
+        self._up_level[host] = level = _water_level(capacity, caps)
+        if rose is None:
+            for g, c in zip(ups.values(), caps, strict=True):
+                a = c if c < level else level
+                if g.a_up != a:
+                    g.a_up = a
+                    changed.append(g)
+        else:
+            for g, c in zip(ups.values(), caps, strict=True):
+                a = c if c < level else level
+                old = g.a_up
+                if old != a:
+                    if old < a and old >= 0:
+                        rose.append(g)
+                    g.a_up = a
+                    changed.append(g)
 
     def _fill_down(self, host: int, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
         """Refill `host`'s download, as `_fill_up` its upload."""
@@ -523,24 +537,38 @@ class Network:
         else:
             caps = [up_level[g.src] for g in downs.values()]
         level = capacity / len(caps)
-        if min(caps) < level:
-            level = _water_level(capacity, caps)
-        elif rose is None:
+        if min(caps) >= level:  # no flow held below an equal share: no water level to find
             self._down_level[host] = level
-            for g in downs.values():
-                if g.a_down != level:
-                    g.a_down = level
-                    changed.append(g)
+            if rose is None:
+                for g in downs.values():
+                    if g.a_down != level:
+                        g.a_down = level
+                        changed.append(g)
+            else:
+                for g in downs.values():
+                    old = g.a_down
+                    if old != level:
+                        if old < level:
+                            rose.append(g)
+                        g.a_down = level
+                        changed.append(g)
             return
-        self._down_level[host] = level
-        for g, c in zip(downs.values(), caps, strict=True):
-            a = c if c < level else level
-            old = g.a_down
-            if a != old:
-                if rose is not None and old < a:  # a newcomer's is inf: no rise
-                    rose.append(g)
-                g.a_down = a
-                changed.append(g)
+        self._down_level[host] = level = _water_level(capacity, caps)
+        if rose is None:
+            for g, c in zip(downs.values(), caps, strict=True):
+                a = c if c < level else level
+                if g.a_down != a:
+                    g.a_down = a
+                    changed.append(g)
+        else:
+            for g, c in zip(downs.values(), caps, strict=True):
+                a = c if c < level else level
+                old = g.a_down
+                if old != a:
+                    if old < a:
+                        rose.append(g)
+                    g.a_down = a
+                    changed.append(g)
 
     def _fill_link(self, link: _Link, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
         """Refill one direction of a zone link, as `_fill_up` a host's upload."""
