@@ -483,7 +483,12 @@ class Network:
             return
         down_level = self._down_level
         if self._links:
-            caps = [_cap(down_level[g.dst], g.link) for g in ups.values()]
+            # the flow's cap: its other host side's level, or its zone link's if less
+            caps = [
+                c if (link := g.link) is None or c <= link.level else link.level
+                for g in ups.values()
+                for c in (down_level[g.dst],)
+            ]
         else:
             caps = [down_level[g.dst] for g in ups.values()]
         level = capacity / len(caps)
@@ -533,7 +538,12 @@ class Network:
             return
         up_level = self._up_level
         if self._links:
-            caps = [_cap(up_level[g.src], g.link) for g in downs.values()]
+            # the flow's cap: its other host side's level, or its zone link's if less
+            caps = [
+                c if (link := g.link) is None or c <= link.level else link.level
+                for g in downs.values()
+                for c in (up_level[g.src],)
+            ]
         else:
             caps = [up_level[g.src] for g in downs.values()]
         level = capacity / len(caps)
@@ -654,11 +664,6 @@ class Network:
             f.queued = f.finish
         self._heap = [(f.finish, f.id) for f in self._flows.values() if f.finish < _INF]
         heapq.heapify(self._heap)
-
-
-def _cap(level: float, link: _Link | None) -> float:
-    """A flow's cap from its other host side's `level` and its zone link, if any."""
-    return link.level if link is not None and link.level < level else level
 
 
 def _water_level(capacity: float, caps: list[float]) -> float:
