@@ -48,9 +48,10 @@ gives each of its flows ``capacity / n``, and a flow bottlenecked elsewhere leav
 share unused that nobody picks up (every rate at most its max-min rate: pessimistic, most when
 hosts differ or flows per host vary, as in a storm's first seconds).
 
-Refilling a side sorts its flows' caps: O(k log k) for its k flows, plus a re-rate of each
-(a flow whose rate did not change is left alone). Exact max-min (progressive filling) is not
-offered: one flow starting can change the fair rates of the whole connected component of the
+Refilling a side reads its k flows' caps (O(k)) and sorts them only when one is below an
+equal share (O(k log k)); only the flows whose allotment changed are re-rated (a flow keeps
+its allotments, so the others' rates cannot have moved). Exact max-min (progressive filling)
+is not offered: one flow starting can change the fair rates of the whole connected component of the
 flow graph, which in a storm is the whole swarm.
 
 *Progress* is integrated exactly: each flow keeps ``remaining``, ``last`` (time of its last rate
@@ -77,10 +78,14 @@ Life-cycle of a flow: ``start_flow`` -> (``complete`` at the time ``next_complet
 ``cancel_flow``, or ``remove_host`` of either end). Counters (``bytes_sent``, ``bytes_received``,
 ``bytes_between_zones``) include completed flows in full and cancelled flows up to their cut.
 
-Costs: start/end of a flow refills its sides, O(k log k) for a side's k flows, plus a re-rate
-(and a heap push if it now finishes earlier) per flow whose rate changed. A link carrying
-thousands of flows makes every start/end on it sort all of them: fine for a few hundred
-cross-zone flows, slow for a swarm whose peer choice ignores zones.
+Costs: start/end of a flow refills its sides, O(k) for a side's k flows (O(k log k) when one
+is held below an equal share), and the neighbours asked again, plus a re-rate (and a heap push
+if it now finishes earlier) per flow whose allotment changed. In Storm-A (300 hosts, ~10 flows
+a side) a start or end costs about 3.5 fills: 1.1 upload and 1 download side whose flows
+changed, 1.35 neighbours asked again; each fill is ~2-4 us, so the model's own time is about
+twice the equal split's. A link carrying thousands of flows makes every start/end on it read
+(and sort) all of them: fine for a few hundred cross-zone flows, slow for a swarm whose peer
+choice ignores zones.
 """
 
 from __future__ import annotations
@@ -140,8 +145,9 @@ class _Flow:
         self.link: _Link | None = None
         self.cross = False
         self.tag = tag
-        # what its upload side, download side and zone link allot it (see the module doc)
-        self.a_up = _INF
+        # what its upload side, download side and zone link allot it (see the module doc);
+        # -1 until its upload side first allots it: always a change, so it gets rated
+        self.a_up = -1.0
         self.a_down = _INF
         self.a_link = _INF
 
@@ -297,8 +303,10 @@ class Network:
         f = self._flows.get(flow)
         if f is None:
             raise KeyError(flow)
-        self._check_time(now)  # so also now >= f.last: what remaining() checks
-        self._touch(now)
+        if now < self._now:
+            self._check_time(now)  # so also now >= f.last: what remaining() checks
+        if now != self._dirty_at:
+            self._touch(now)
         if _left(f, now) > REL_TOL * f.size:
             raise ValueError(
                 f"flow {flow} is not complete at {now}: {self.remaining(flow, now)} of "
@@ -311,7 +319,8 @@ class Network:
 
     def next_completion(self) -> tuple[float, int] | None:
         """Earliest ``(time, flow id)`` among active flows, or None if none will complete."""
-        self._flush()
+        if self._dirty_ups or self._dirty_downs or self._dirty_links:
+            self._flush()
         if self._sooner:
             self._queue_sooner()
         heap = self._heap
@@ -376,11 +385,10 @@ class Network:
             raise ValueError(f"host {host} has been removed")
 
     def _release(self, gone: list[_Flow], now: float, *, credit_size: bool) -> None:
-        """Detach ended flows, credit their bytes, then refill every side they held a share
-        of (each once) and re-rate the flows left there."""
-        srcs: dict[int, None] = {}
-        dsts: dict[int, None] = {}
-        links: dict[int, _Link] = {}
+        """Detach ended flows, credit their bytes, and mark every side they held a share of
+        to be refilled (its flows re-rated) at the next query."""
+        dirty_ups = self._dirty_ups
+        dirty_downs = self._dirty_downs
         for f in gone:
             if credit_size:
                 done = f.size
@@ -395,17 +403,15 @@ class Network:
             if f.size == 0:
                 del self._instant[f.id]
                 continue  # never held a share
-            self._ups[f.src].pop(f.id)
-            self._downs[f.dst].pop(f.id)
-            srcs[f.src] = None
-            dsts[f.dst] = None
-            if f.link is not None:
-                f.link.flows.pop(f.id)
-                links[id(f.link)] = f.link
+            del self._ups[f.src][f.id]
+            del self._downs[f.dst][f.id]
+            dirty_ups[f.src] = None
+            dirty_downs[f.dst] = None
+            link = f.link
+            if link is not None:
+                del link.flows[f.id]
+                self._dirty_links[id(link)] = link
             f.rate = 0.0
-        self._dirty_ups.update(srcs)
-        self._dirty_downs.update(dsts)
-        self._dirty_links.update(links)
         if len(self._heap) > 2 * len(self._flows) + 1024:
             self._compact()
 
@@ -431,18 +437,16 @@ class Network:
         """Refill the sides whose flows changed, then the other sides of every flow one of
         them now allots more (else that flow stays held to what its other side allotted it
         while this one was short: one flow ending would never speed its neighbours up), then
-        re-rate every flow of every side refilled. Levels first, re-rating after: no flow is
+        re-rate every flow whose allotment changed. Levels first, re-rating after: no flow is
         rated from a half-updated view (a newcomer's instant rate would make it due at once)."""
-        ups_filled = dict.fromkeys(srcs)
-        downs_filled = dict.fromkeys(dsts)
-        links_filled = {id(link): link for link in links}
         rose: list[_Flow] = []
-        for h in ups_filled:
-            self._fill_up(h, rose)
-        for h in downs_filled:
-            self._fill_down(h, rose)
-        for link in links_filled.values():
-            self._fill_link(link, rose)
+        changed: list[_Flow] = []
+        for h in srcs:
+            self._fill_up(h, rose, changed)
+        for h in dsts:
+            self._fill_down(h, rose, changed)
+        for link in links:
+            self._fill_link(link, rose, changed)
         if rose:
             # A side filled above may be asked again: it was filled with its neighbours' levels
             # from before this call (uploads are filled before the downloads they feed).
@@ -456,93 +460,141 @@ class Network:
                     most = g.a_link
                 if g.a_up < most and g.src not in ups_again:
                     ups_again.add(g.src)
-                    ups_filled[g.src] = None
-                    self._fill_up(g.src, None)
+                    self._fill_up(g.src, None, changed)
                 if g.a_down < most and g.dst not in downs_again:
                     downs_again.add(g.dst)
-                    downs_filled[g.dst] = None
-                    self._fill_down(g.dst, None)
+                    self._fill_down(g.dst, None, changed)
                 cross = g.link
                 if cross is not None and g.a_link < most and id(cross) not in links_again:
                     links_again.add(id(cross))
-                    links_filled[id(cross)] = cross
-                    self._fill_link(cross, None)
-        for h in ups_filled:
-            self._rerate(self._ups[h].values(), now)
-        for h in downs_filled:
-            self._rerate(self._downs[h].values(), now)
-        for link in links_filled.values():
-            self._rerate(link.flows.values(), now)
+                    self._fill_link(cross, None, changed)
+        if changed:
+            self._rerate(changed, now)
         if len(self._heap) > 2 * len(self._flows) + 1024:
             self._compact()
 
-    def _fill_up(self, host: int, rose: list[_Flow] | None) -> None:
-        """Refill `host`'s upload: its level, and each upload's allotment (module doc); the
-        flows it now allots more go to `rose` (if given)."""
+    def _fill_up(self, host: int, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
+        """Refill `host`'s upload: its level, and each upload's allotment (module doc). The
+        flows whose allotment changed go to `changed` (to be re-rated), those it now allots
+        more to `rose` too (if given; not a newcomer, allotted nothing yet)."""
         ups = self._ups[host]
         capacity = self._up[host]
         if self._equal or not ups:
             self._up_level[host] = level = capacity / len(ups) if ups else capacity
             for g in ups.values():
-                g.a_up = level
+                if g.a_up != level:
+                    g.a_up = level
+                    changed.append(g)
             return
         down_level = self._down_level
         if self._links:
-            caps = [_cap(down_level[g.dst], g.link) for g in ups.values()]
+            # the flow's cap: its other host side's level, or its zone link's if less
+            caps = [
+                c if (link := g.link) is None or c <= link.level else link.level
+                for g in ups.values()
+                for c in (down_level[g.dst],)
+            ]
         else:
             caps = [down_level[g.dst] for g in ups.values()]
         level = capacity / len(caps)
-        if min(caps) < level:
-            level = _water_level(capacity, caps)
-        elif rose is None:  # no flow held below an equal share: most sides, most of the time
+        if min(caps) >= level:  # no flow held below an equal share: no water level to find
             self._up_level[host] = level
-            for g in ups.values():
-                g.a_up = level
+            if rose is None:
+                for g in ups.values():
+                    if g.a_up != level:
+                        g.a_up = level
+                        changed.append(g)
+            else:
+                for g in ups.values():
+                    old = g.a_up
+                    if old != level:
+                        if old < level and old >= 0:
+                            rose.append(g)
+                        g.a_up = level
+                        changed.append(g)
             return
-        self._up_level[host] = level
-        for g, c in zip(ups.values(), caps, strict=True):
-            a = c if c < level else level
-            if rose is not None and a > g.a_up:
-                rose.append(g)
-            g.a_up = a
+        self._up_level[host] = level = _water_level(capacity, caps)
+        if rose is None:
+            for g, c in zip(ups.values(), caps, strict=True):
+                a = c if c < level else level
+                if g.a_up != a:
+                    g.a_up = a
+                    changed.append(g)
+        else:
+            for g, c in zip(ups.values(), caps, strict=True):
+                a = c if c < level else level
+                old = g.a_up
+                if old != a:
+                    if old < a and old >= 0:
+                        rose.append(g)
+                    g.a_up = a
+                    changed.append(g)
 
-    def _fill_down(self, host: int, rose: list[_Flow] | None) -> None:
+    def _fill_down(self, host: int, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
         """Refill `host`'s download, as `_fill_up` its upload."""
         downs = self._downs[host]
         capacity = self._down[host]
         if self._equal or not downs:
             self._down_level[host] = level = capacity / len(downs) if downs else capacity
             for g in downs.values():
-                g.a_down = level
+                if g.a_down != level:
+                    g.a_down = level
+                    changed.append(g)
             return
         up_level = self._up_level
         if self._links:
-            caps = [_cap(up_level[g.src], g.link) for g in downs.values()]
+            # the flow's cap: its other host side's level, or its zone link's if less
+            caps = [
+                c if (link := g.link) is None or c <= link.level else link.level
+                for g in downs.values()
+                for c in (up_level[g.src],)
+            ]
         else:
             caps = [up_level[g.src] for g in downs.values()]
         level = capacity / len(caps)
-        if min(caps) < level:
-            level = _water_level(capacity, caps)
-        elif rose is None:
+        if min(caps) >= level:  # no flow held below an equal share: no water level to find
             self._down_level[host] = level
-            for g in downs.values():
-                g.a_down = level
+            if rose is None:
+                for g in downs.values():
+                    if g.a_down != level:
+                        g.a_down = level
+                        changed.append(g)
+            else:
+                for g in downs.values():
+                    old = g.a_down
+                    if old != level:
+                        if old < level:
+                            rose.append(g)
+                        g.a_down = level
+                        changed.append(g)
             return
-        self._down_level[host] = level
-        for g, c in zip(downs.values(), caps, strict=True):
-            a = c if c < level else level
-            if rose is not None and a > g.a_down:
-                rose.append(g)
-            g.a_down = a
+        self._down_level[host] = level = _water_level(capacity, caps)
+        if rose is None:
+            for g, c in zip(downs.values(), caps, strict=True):
+                a = c if c < level else level
+                if g.a_down != a:
+                    g.a_down = a
+                    changed.append(g)
+        else:
+            for g, c in zip(downs.values(), caps, strict=True):
+                a = c if c < level else level
+                old = g.a_down
+                if old != a:
+                    if old < a:
+                        rose.append(g)
+                    g.a_down = a
+                    changed.append(g)
 
-    def _fill_link(self, link: _Link, rose: list[_Flow] | None) -> None:
+    def _fill_link(self, link: _Link, rose: list[_Flow] | None, changed: list[_Flow]) -> None:
         """Refill one direction of a zone link, as `_fill_up` a host's upload."""
         flows = link.flows
         capacity = link.capacity
         if self._equal or not flows:
             link.level = level = capacity / len(flows) if flows else capacity
             for g in flows.values():
-                g.a_link = level
+                if g.a_link != level:
+                    g.a_link = level
+                    changed.append(g)
             return
         up_level = self._up_level
         down_level = self._down_level
@@ -554,11 +606,14 @@ class Network:
         link.level = level = _water_level(capacity, caps)
         for g, c in zip(flows.values(), caps, strict=True):
             a = c if c < level else level
-            if rose is not None and a > g.a_link:
-                rose.append(g)
-            g.a_link = a
+            old = g.a_link
+            if a != old:
+                if rose is not None and old < a:
+                    rose.append(g)
+                g.a_link = a
+                changed.append(g)
 
-    def _rerate(self, group: Iterable[_Flow], now: float) -> None:
+    def _rerate(self, group: list[_Flow], now: float) -> None:
         """Rate the flows of ``group`` by their allotments; integrate and reschedule the ones
         whose rate changed."""
         sooner = self._sooner
@@ -614,11 +669,6 @@ class Network:
             f.queued = f.finish
         self._heap = [(f.finish, f.id) for f in self._flows.values() if f.finish < _INF]
         heapq.heapify(self._heap)
-
-
-def _cap(level: float, link: _Link | None) -> float:
-    """A flow's cap from its other host side's `level` and its zone link, if any."""
-    return link.level if link is not None and link.level < level else level
 
 
 def _water_level(capacity: float, caps: list[float]) -> float:
