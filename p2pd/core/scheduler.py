@@ -83,7 +83,7 @@ from __future__ import annotations
 import enum
 import heapq
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -142,6 +142,9 @@ class SchedulerConfig:
     # The share of the seeder's slots in a task that a peer it already feeds in another task
     # may not take (0: none kept, first come first served); see Scheduler._seeder_slot.
     seeder_spread: float = 0.5
+    # Once the seeder holds the whole blob, up to this many children of its zone that registered
+    # first and still download are offered everything it has (0: never); see Scheduler._elder.
+    seeder_elders: int = 64
     # Each piece enters a zone about once: a child outside the seeder's zone is offered a
     # rare piece by the seeder, or by a parent in another zone, only while no other child of
     # its zone has it on offer from outside (see Scheduler._seeder_offer and _zone_scarce).
@@ -155,6 +158,7 @@ class SchedulerConfig:
             "borrow_below",
             "borrow_from",
             "borrow_sample",
+            "seeder_elders",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
@@ -291,6 +295,7 @@ class _Task:
         "call_gap",
         "claims",
         "digest",
+        "elders",
         "free",
         "holders",
         "joined",
@@ -299,6 +304,7 @@ class _Task:
         "peers",
         "piece_time",
         "progress_at",
+        "queue",
         "ranked",
         "rare",
         "rich",
@@ -335,6 +341,10 @@ class _Task:
         self.avail: dict[str, list[int]] = {}
         self.rare: dict[str, int] = {}
         self.joined = 0  # peers that ever registered
+        # peers in order of registration, and the first ones of them still downloading in the
+        # seeder's zone: those the complete seeder serves in full (Scheduler._elder)
+        self.queue: deque[_Peer] = deque()
+        self.elders: dict[str, _Peer] = {}
         # peers that held a piece when they called, in that order (some may have left since):
         # where Scheduler._borrow samples from
         self.holders: list[_Peer] = []
@@ -545,6 +555,7 @@ class Scheduler:
             peer.ordinal = task.joined
             task.joined += 1
             task.peers[peer_id] = peer
+            task.queue.append(peer)
         else:
             self._unindex(task, peer)
             if zone != peer.zone and peer.zone in task.ranked:
@@ -1069,7 +1080,7 @@ class Scheduler:
         upload, no faster, and the two storm engines then disagreed by 16-18% on a 16-host
         slow-seeder storm."""
         seeder = task.seeder.pieces.bits
-        if not self._config.seeder_rare_below:
+        if not self._config.seeder_rare_below or self._elder(task, child):
             return seeder
         rare = seeder & task.rare_in(child.zone) & ~child.pieces.bits
         # one copy at a time also for a child outside the seeder's zone: see _zone_scarce
@@ -1107,6 +1118,45 @@ class Scheduler:
         if taken or abroad or any(not p.is_seeder for p in child.parents.values()):
             return 0
         return seeder
+
+    def _elder(self, task: _Task, child: _Peer) -> bool:
+        """Whether the seeder, holding the whole blob, serves `child` everything: it is one of
+        the first ``seeder_elders`` peers of the seeder's zone, in order of registration, that
+        still download.
+
+        Why: once the blob is in, nothing is rare, the super-seeder offers nothing, and its
+        uplink (10 Gbit/s against the hosts' 1 in the presets) idles while the hosts that
+        started first are held back by a swarm whose uplinks also feed every newcomer. Rolling
+        storm (1000 hosts starting over 30 s): from 5 s on the first hosts ran at 0.6-0.75 of
+        their downlink on eight peer parents while the seeder sent nothing; they were the p99.
+        Offering its everything to any child went to newcomers (session 7); to the first ones
+        it goes where the wait is longest. Its own zone only: bytes between zones stay one
+        copy per zone.
+        """
+        limit = self._config.seeder_elders
+        seeder = task.seeder
+        if (
+            not limit
+            or child.zone != seeder.zone
+            or not seeder.pieces.is_full()
+            or task.rare_in(seeder.zone)  # first copies of rare pieces go first
+        ):
+            return False
+        elders = task.elders
+        if len(elders) >= limit and child.peer_id not in elders:
+            for peer_id, peer in list(elders.items()):
+                if task.peers.get(peer_id) is not peer or peer.pieces.is_full():
+                    del elders[peer_id]  # done or gone: its place goes to the next in line
+        queue = task.queue
+        while len(elders) < limit and queue:
+            peer = queue.popleft()
+            if (
+                task.peers.get(peer.peer_id) is peer
+                and not peer.pieces.is_full()
+                and peer.zone == seeder.zone
+            ):
+                elders[peer.peer_id] = peer
+        return elders.get(child.peer_id) is child
 
     def _streamed(self, task: _Task) -> int:
         """The pieces the seeder serves cut-through (see `seeder_progress`): while it is
@@ -1183,6 +1233,8 @@ class Scheduler:
             else:
                 cover |= self._offer_bits(task, parent, child)
         only_seeder = (self._seeder_offer(task, child) | self._streamed(task)) & lacking & ~cover
+        if self._elder(task, child):
+            only_seeder = lacking  # the seeder holds it all, and has bandwidth to spare
         if seeder.peer_id in child.parents:
             if not only_seeder:
                 self._unlink(task, seeder, child)

@@ -42,6 +42,7 @@ def sched(pieces: int = 4, *, ready: bool = True, seed: int = 0, **cfg: Any) -> 
     cfg.setdefault("seeder_stripes", 1)
     cfg.setdefault("control_rate", 0.0)  # pacing is tested on its own
     cfg.setdefault("zone_claims", False)  # and so are a zone's claims on pieces from outside
+    cfg.setdefault("seeder_elders", 0)  # and the complete seeder serving the first children
     s = Scheduler(random.Random(seed), SchedulerConfig(**cfg))
     s.add_task(D, PieceLayout(pieces, 1), 0.0)
     if ready:
@@ -1313,3 +1314,48 @@ def test_streamed_pieces_are_offered_to_no_swarm_and_not_by_default() -> None:
     assert not s.seeder_streams(D, 2)
     with pytest.raises(SchedulerError, match="streaming"):
         s.seeder_progress(D, 2, 0.4, streaming=-1)
+
+
+def test_the_complete_seeder_serves_the_first_children_still_downloading_everything() -> None:
+    s = sched(seeder_elders=2)
+    s.register(D, "full", "", "", 0.0, upload_slots=8, have=bf("1111"))  # complete: no elder
+    for c in ("c0", "c1", "c2", "c3"):
+        s.register(D, c, "", "", 0.0)
+    # "full" covers everything each child lacks: the super-seeder alone would offer nothing
+    served = {c: offers(s.announce(D, c, [], 1.0)) for c in ("c0", "c1", "c2", "c3")}
+    assert served["c0"][SEEDER] == served["c1"][SEEDER] == [0, 1, 2, 3]
+    assert SEEDER not in served["c2"] and SEEDER not in served["c3"]
+    s.announce(D, "c0", [0, 1, 2, 3], 2.0)  # done: its place goes to the next in line
+    assert offers(s.announce(D, "c2", [], 2.0))[SEEDER] == [0, 1, 2, 3]
+    assert SEEDER not in offers(s.announce(D, "c3", [], 2.0))
+    s.leave(D, "c1")  # gone: likewise
+    assert offers(s.announce(D, "c3", [], 3.0))[SEEDER] == [0, 1, 2, 3]
+    check_books(s, D)
+
+
+def test_the_seeder_serves_first_children_in_full_only_with_the_blob_and_nothing_rare() -> None:
+    s = sched(seeder_elders=2, ready=False)
+    s.seeder_progress(D, 2, 0.0)  # pieces 0 and 1 in
+    s.register(D, "p", "", "", 0.0, upload_slots=8, have=bf("11.."))
+    assert SEEDER not in offers(s.register(D, "c0", "", "", 0.0))  # p covers what it has
+    s.seeder_progress(D, 4, 1.0)
+    s.seeder_done(D, True)
+    # pieces 2 and 3 are rare (no peer holds them): the seeder offers just those
+    assert offers(s.announce(D, "c0", [], 1.0))[SEEDER] == [2, 3]
+    s.announce(D, "p", [2, 3], 2.0)  # now nothing is rare
+    assert offers(s.announce(D, "c0", [], 2.0))[SEEDER] == [0, 1, 2, 3]
+
+
+def test_the_seeder_serves_no_first_children_in_full_outside_its_zone() -> None:
+    s = Scheduler(
+        random.Random(0),
+        SchedulerConfig(seeder_stripes=1, control_rate=0.0, zone_claims=False, seeder_elders=2),
+        seeder_id=SEEDER,
+        seeder_zone="a",
+    )
+    s.add_task(D, PieceLayout(4, 1), 0.0)
+    s.seeder_done(D, True)
+    s.register(D, "fb", "", "b", 0.0, upload_slots=8, have=bf("1111"))
+    s.register(D, "fa", "", "a", 0.0, upload_slots=8, have=bf("1111"))
+    assert SEEDER not in offers(s.register(D, "b0", "", "b", 0.0))
+    assert offers(s.register(D, "a0", "", "a", 0.0))[SEEDER] == [0, 1, 2, 3]
