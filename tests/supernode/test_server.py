@@ -152,10 +152,13 @@ async def test_two_peers_become_each_others_parents(tmp_path: Path) -> None:
         assert list(by_id["b"].pieces) == [1]
         assert by_id["b"].address == register_msg("b").address
 
-        # Once "a" holds everything, peers cover a newcomer: the seeder is not needed.
+        # Once "a" holds everything, peers cover a newcomer; the seeder, holding the blob with
+        # nothing rare left, serves it in full too: it is among the first children still
+        # downloading (SchedulerConfig.seeder_elders).
         await h.announce("a", (1, 2))
         c = await h.register("c")
-        assert sorted(p.peer_id for p in c.parents) == ["a", "b"]
+        assert sorted(p.peer_id for p in c.parents) == ["a", "b", "supernode"]
+        assert list({p.peer_id: p for p in c.parents}["supernode"].pieces) == [0, 1, 2]
 
 
 async def test_leave_and_report(tmp_path: Path) -> None:
@@ -165,7 +168,8 @@ async def test_leave_and_report(tmp_path: Path) -> None:
         await h.wait_done()
         await h.announce("b", (0, 1, 2))
         a = await h.announce("a")
-        assert [p.peer_id for p in a.parents] == ["b"]
+        # (the complete seeder too: "a" is among its first children, seeder_elders)
+        assert [p.peer_id for p in a.parents] == ["b", "supernode"]
 
         report = wire.Report(DIGEST, "a", "b", 1, "xxh3 mismatch")
         after = await h.call("/v1/report", report)
