@@ -1271,19 +1271,9 @@ class Scheduler:
                 draw_index(len(holders))
             return
         offers: list[tuple[int, float, int, _Peer, _Peer]] = []
-        # looked up once: a storm short of parents borrows on most calls
-        peers, zone, parents = task.peers, child.zone, child.parents
         for draw in range(draws):
             lender = holders[draw_index(len(holders))]
-            if (
-                lender.zone != zone
-                or lender is child
-                or peers.get(lender.peer_id) is not lender
-                or lender.peer_id in task.banned
-                or lender.peer_id in parents
-                or lender.peer_id in child.shunned
-                or not lender.pieces.bits & lacking
-            ):
+            if not self._may_lend(task, lender, child, lacking):
                 continue
             richest: _Peer | None = None
             most = floor - 1
@@ -1303,6 +1293,20 @@ class Scheduler:
             self._unlink(task, lender, richest)
             self._link(task, lender, child)
             room -= 1
+
+    def _may_lend(self, task: _Task, lender: _Peer, child: _Peer, lacking: int) -> bool:
+        """Whether a holder drawn by `_borrow` or `_even_out` may give `child` a slot: in its
+        zone, still in the task, not banned, not shunned by it, not already its parent, not
+        itself, and holding a piece it lacks."""
+        return (
+            lender.zone == child.zone
+            and lender is not child
+            and task.peers.get(lender.peer_id) is lender
+            and lender.peer_id not in task.banned
+            and lender.peer_id not in child.parents
+            and lender.peer_id not in child.shunned
+            and bool(lender.pieces.bits & lacking)
+        )
 
     def _even_out(self, task: _Task, child: _Peer, lacking: int) -> None:
         """Give `child`, its host's only download here, slots taken from children whose host
@@ -1329,18 +1333,9 @@ class Scheduler:
         draw_index = self._rng.randrange
         mine = totals.get(child.peer_id, 0)
         offers: list[tuple[int, float, int, _Peer, _Peer]] = []
-        peers, zone, parents = task.peers, child.zone, child.parents
         for draw in range(min(config.borrow_sample, len(holders))):
             lender = holders[draw_index(len(holders))]
-            if (
-                lender.zone != zone
-                or lender is child
-                or peers.get(lender.peer_id) is not lender
-                or lender.peer_id in task.banned
-                or lender.peer_id in parents
-                or lender.peer_id in child.shunned
-                or not lender.pieces.bits & lacking
-            ):
+            if not self._may_lend(task, lender, child, lacking):
                 continue
             richest: _Peer | None = None
             most = mine + 1
