@@ -556,6 +556,10 @@ class Scheduler:
             task.joined += 1
             task.peers[peer_id] = peer
             task.queue.append(peer)
+            if len(task.queue) > 2 * len(task.peers) + 64:
+                # peers that left wait in the queue until their turn comes (`_elder`): while
+                # the seeder fetches, or the elders download on, drop them now and then
+                task.queue = deque(p for p in task.queue if task.peers.get(p.peer_id) is p)
         else:
             self._unindex(task, peer)
             if zone != peer.zone and peer.zone in task.ranked:

@@ -1359,3 +1359,13 @@ def test_the_seeder_serves_no_first_children_in_full_outside_its_zone() -> None:
     s.register(D, "fa", "", "a", 0.0, upload_slots=8, have=bf("1111"))
     assert SEEDER not in offers(s.register(D, "b0", "", "b", 0.0))
     assert offers(s.register(D, "a0", "", "a", 0.0))[SEEDER] == [0, 1, 2, 3]
+
+
+def test_peers_that_left_do_not_pile_up_in_the_seeders_queue() -> None:
+    s = sched(seeder_elders=2, ready=False)  # the seeder fetching: nobody is served in full
+    for i in range(1000):
+        s.register(D, f"p{i}", "", "", float(i))
+        s.leave(D, f"p{i}")
+    s.register(D, "stays", "", "", 1000.0)
+    assert len(s._tasks[D].queue) <= 2 * len(s.peers(D)) + 65
+    assert s._tasks[D].queue[-1].peer_id == "stays"
