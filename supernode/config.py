@@ -18,6 +18,7 @@ The file (every key optional unless marked; `load_config` documents the override
     [scheduler]                       # p2pd.core.scheduler.SchedulerConfig
     max_parents = 8
     seeder_upload_slots = 64
+    seeder_elders = 64                # first children it serves in full once it holds a blob
     peer_ttl = 60.0
     max_blame = 1
     control_rate = 7800.0             # messages/s it paces downloading peers to; 0 = no pacing
@@ -118,6 +119,11 @@ OPTIONS: tuple[Option, ...] = (
     _option("cluster_secret_file", str, "the fleet's shared secret: sign and check messages"),
     _option("scheduler.max_parents", int, "parents per peer (8)"),
     _option("scheduler.seeder_upload_slots", int, "peers the seeder feeds at once (64)"),
+    _option(
+        "scheduler.seeder_elders",
+        int,
+        "first children served in full once the seeder holds a blob; 0 = none (64)",
+    ),
     _option("scheduler.peer_ttl", float, "seconds a silent peer is kept (60)"),
     _option("scheduler.max_blame", int, "bad pieces before a parent is banned (1)"),
     _option(
@@ -433,6 +439,7 @@ def _scheduler_config(section: _Section) -> SchedulerConfig:
         config = SchedulerConfig(
             max_parents=section.get("max_parents", int, d.max_parents),
             seeder_upload_slots=section.get("seeder_upload_slots", int, d.seeder_upload_slots),
+            seeder_elders=section.get("seeder_elders", int, d.seeder_elders),
             peer_ttl=section.number("peer_ttl", d.peer_ttl, positive=True),
             max_blame=section.get("max_blame", int, d.max_blame),
             control_rate=section.number("control_rate", d.control_rate, positive=False),

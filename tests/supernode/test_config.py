@@ -34,6 +34,7 @@ zone = "eu-1"
 [scheduler]
 max_parents = 6
 peer_ttl = 20
+seeder_elders = 0
 
 [fetch]
 retries = 0
@@ -48,6 +49,7 @@ read_timeout = 2.5
     assert (config.quota_bytes, config.failed_task_ttl, config.seed) == (1_000_000, 5.0, 3)
     assert (config.scheduler.max_parents, config.scheduler.peer_ttl) == (6, 20.0)
     assert config.scheduler.seeder_upload_slots == 64  # default kept
+    assert config.scheduler.seeder_elders == 0
     assert (config.fetch.retries, config.fetch.read_timeout) == (0, 2.5)
 
     flagged = load_config(
