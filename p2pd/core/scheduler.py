@@ -1228,17 +1228,19 @@ class Scheduler:
             and self._host_parents.get(child.peer_id, 0) < self._config.max_parents
         ):
             self._even_out(task, child, lacking)
-        cover = 0
-        for parent in child.parents.values():
-            if parent.is_seeder:
-                continue
-            if parent.zone == zone:
-                cover |= parent.pieces.bits
-            else:
-                cover |= self._offer_bits(task, parent, child)
-        only_seeder = (self._seeder_offer(task, child) | self._streamed(task)) & lacking & ~cover
         if self._elder(task, child):
             only_seeder = lacking  # the seeder holds it all, and has bandwidth to spare
+        else:
+            cover = 0
+            for parent in child.parents.values():
+                if parent.is_seeder:
+                    continue
+                if parent.zone == zone:
+                    cover |= parent.pieces.bits
+                else:
+                    cover |= self._offer_bits(task, parent, child)
+            offer = self._seeder_offer(task, child) | self._streamed(task)
+            only_seeder = offer & lacking & ~cover
         if seeder.peer_id in child.parents:
             if not only_seeder:
                 self._unlink(task, seeder, child)
