@@ -24,6 +24,8 @@ Content-Length is an error and the connection is dropped.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import logging
 import os
@@ -35,6 +37,7 @@ import trio
 
 from p2pd.blobs import BlobManager
 from p2pd.clusterauth import HEADER, ClusterAuth, ClusterAuthError
+from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.layout import LayoutError, PieceLayout
 from p2pd.http.server import FileRegion, HTTPError, Request, Response
@@ -105,7 +108,7 @@ class PieceServer:
             )
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "pieces are read-only", [("allow", "GET, HEAD")])
-        fd, offset, length = self.check(
+        fd, offset, length, have = self.check(
             request.method,
             request.target,
             match.group(1),
@@ -119,7 +122,11 @@ class PieceServer:
         uploads = await self.start_upload(fd, length)
         return Response(
             200,
-            [("content-type", "application/octet-stream"), (UPLOADS_HEADER, str(uploads))],
+            [
+                ("content-type", "application/octet-stream"),
+                (UPLOADS_HEADER, str(uploads)),
+                (HAVE_HEADER, have),
+            ],
             FileRegion(fd, offset, length, on_done=functools.partial(self.finish_upload, fd)),
         )
 
@@ -131,10 +138,11 @@ class PieceServer:
         index: int,
         auth: str | None,
         piece_size: int | None = None,
-    ) -> tuple[int, int, int]:
-        """``(fd, offset, length)`` of piece `index` of the blob `hex_digest` (64 lowercase
-        hex), requested as `method` `target` with cluster signature `auth`, in the layout of
-        `piece_size` (None: the one the blob is held in); the caller owns the fd.
+    ) -> tuple[int, int, int, str]:
+        """``(fd, offset, length, have)`` of piece `index` of the blob `hex_digest` (64
+        lowercase hex), requested as `method` `target` with cluster signature `auth`, in the
+        layout of `piece_size` (None: the one the blob is held in); the caller owns the fd.
+        `have` is the `HAVE_HEADER` value: the pieces held here now, in that layout.
         `HTTPError` if it may not or cannot be served now: 401, 404 (not held here, or not
         yet), 409 (being downloaded here in another layout), 400 (past the blob's end, or a
         piece size no layout has), 503 (every upload slot busy)."""
@@ -153,6 +161,7 @@ class PieceServer:
                 )
             if index < layout.count and index not in download.have:
                 raise HTTPError(404, f"piece {index} of {digest} not held yet")
+            held = download.have
             fd = -1
         else:
             opened = self.blobs.store.open_reader(digest)  # (None: gone, maybe just now)
@@ -162,6 +171,7 @@ class PieceServer:
         try:
             if download is None:
                 layout = self._complete_layout(digest, piece_size)
+                held = Bitfield.full(layout.count)
             if index >= layout.count:
                 raise HTTPError(400, f"piece {index} out of range (blob has {layout.count})")
             if self.busy >= self.slots:
@@ -175,7 +185,7 @@ class PieceServer:
             # a private fd: the download may end (and close its own) while this is sent
             fd = os.dup(download.partial.fd)
         offset, length = layout.span(index)
-        return fd, offset, length
+        return fd, offset, length, encode_have(held)
 
     def _complete_layout(self, digest: Digest, piece_size: int | None) -> PieceLayout:
         """The layout to serve complete blob `digest` in: the one named, else the one it was
@@ -207,6 +217,22 @@ class PieceServer:
     def finish_upload(self, fd: int) -> None:
         self.busy -= 1
         os.close(fd)
+
+
+def encode_have(have: Bitfield) -> str:
+    """`HAVE_HEADER`'s value for `have`."""
+    return base64.b64encode(have.to_bytes()).decode("ascii")
+
+
+def decode_have(value: bytes | str, count: int) -> Bitfield | None:
+    """The bitfield of a blob of `count` pieces that a `HAVE_HEADER` value names, or None when
+    it names none (not base64, or another length): the header is advice, and a parent's
+    piece is judged by its hash, not by its headers."""
+    try:
+        data = base64.b64decode(value, validate=True)
+        return Bitfield.from_bytes(count, data)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def named_piece_size(request: Request) -> int | None:
@@ -272,6 +298,16 @@ LEAD_SECONDS = 0.15
 # simulator, Storm-A at 200 hosts with every body overlapped: 1.17x -> 1.25x the bound). So
 # `nearly_done` is called early only when this header says 1 (or is absent: an older peer).
 UPLOADS_HEADER = "x-p2p-uploads"
+# A piece response from a peer names the pieces of the blob its server holds, as the bytes of
+# a `Bitfield` in base64: the child learns of its parent's new pieces with every piece it
+# fetches instead of waiting for the parent's announce and then its own call to the supernode
+# (each paced by the supernode in a large fleet). Storm simulator, Storm-A: 1000 hosts
+# 1.098 / 1.108 / 1.117 -> 1.089 / 1.100 / 1.104 of the bound (71 -> 63 messages per host),
+# 3000 hosts 1.204 / 1.229 / 1.240 -> 1.175 / 1.199 / 1.219 (59 -> 43). The child takes it
+# only from a parent the supernode offers in full (a peer of its own zone); the seeder does
+# not send it (its offers are the supernode's rare-piece claims). Absent or unreadable: the
+# supernode's word alone, as before.
+HAVE_HEADER = "x-p2p-have"
 # The piece size the requester cuts the blob by (see the module docstring).
 PIECE_SIZE_HEADER = "x-p2p-piece-size"
 
@@ -337,6 +373,7 @@ class _Conn:
 
 
 _UPLOADS_NAME = UPLOADS_HEADER.encode("ascii")
+_HAVE_NAME = HAVE_HEADER.encode("ascii")
 
 
 class _Stale(Exception):
@@ -380,9 +417,10 @@ class PieceClient:
         nearly_done: Callable[[], None] | None = None,
         *,
         piece_size: int | None = None,
-    ) -> None:
+    ) -> bytes | None:
         """Fill `buffer` (exactly the piece's length) with piece `index` from `address`, the
         blob cut in `piece_size`-byte pieces (`PIECE_SIZE_HEADER`; None: the parent's layout).
+        Returns the response's `HAVE_HEADER` value (None without one): see `decode_have`.
 
         `nearly_done` is called once when the rest of the body should arrive within
         `lead_seconds` at the rate it has come so far (or when it has all arrived): time to
@@ -399,13 +437,16 @@ class PieceClient:
         conn = self._pooled(address)
         if conn is not None:
             try:
-                await self._attempt(conn, address, request, index, buffer, nearly_done, pooled=True)
-                return
+                return await self._attempt(
+                    conn, address, request, index, buffer, nearly_done, pooled=True
+                )
             except _Stale:
                 pass
         conn = await self._connect(address)
         try:
-            await self._attempt(conn, address, request, index, buffer, nearly_done, pooled=False)
+            return await self._attempt(
+                conn, address, request, index, buffer, nearly_done, pooled=False
+            )
         except _Stale as exc:
             raise PieceFetchError(
                 f"{address}: connection closed before a response", unreachable=True
@@ -421,10 +462,12 @@ class PieceClient:
         nearly_done: Callable[[], None] | None,
         *,
         pooled: bool,
-    ) -> None:
+    ) -> bytes | None:
         reusable = False
         try:
-            reusable = await self._exchange(conn, address, request, index, buffer, nearly_done)
+            have = await self._exchange(conn, address, request, index, buffer, nearly_done)
+            reusable = True
+            return have
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if pooled:
                 raise _Stale from exc
@@ -471,7 +514,9 @@ class PieceClient:
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None = None,
-    ) -> bool:
+    ) -> bytes | None:
+        """One request and its response on `conn`; the response's `HAVE_HEADER` value. The
+        connection may be kept if this returns."""
         await conn.stream.send_all(request)
         head = bytearray()
         chunk: bytes | bytearray = b""
@@ -485,7 +530,7 @@ class PieceClient:
                 raise PieceFetchError(f"{address}: connection closed in the response head")
             head += chunk
         end = head.index(b"\r\n\r\n")
-        status, length, uploads = _parse_head(bytes(head[:end]), address)
+        status, length, uploads, have = _parse_head(bytes(head[:end]), address)
         body = head[end + 4 :]
         if status != 200:
             raise PieceFetchError(
@@ -532,15 +577,16 @@ class PieceClient:
         self.bytes_received += length
         if nearly_done is not None:
             nearly_done()
-        return True
+        return have
 
 
 async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
     return await trio.open_tcp_stream(host, port)
 
 
-def _parse_head(head: bytes, address: str) -> tuple[int, int, int]:
-    """Status, Content-Length and the server's uploads (`UPLOADS_HEADER`; 0 when absent)."""
+def _parse_head(head: bytes, address: str) -> tuple[int, int, int, bytes | None]:
+    """Status, Content-Length, the server's uploads (`UPLOADS_HEADER`; 0 when absent) and
+    its `HAVE_HEADER` value (None when absent; not checked here)."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or parts[0] != b"HTTP/1.1" or not parts[1].isdigit():
@@ -548,6 +594,7 @@ def _parse_head(head: bytes, address: str) -> tuple[int, int, int]:
     status = int(parts[1])
     length = -1
     uploads = 0
+    have: bytes | None = None
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep:
@@ -564,6 +611,8 @@ def _parse_head(head: bytes, address: str) -> tuple[int, int, int]:
             if not text.isdigit() or len(text) > 9:
                 raise PieceFetchError(f"{address}: bad {UPLOADS_HEADER} {text[:20]!r}")
             uploads = int(text)
+        elif name.strip().lower() == _HAVE_NAME:
+            have = value.strip()
     if status == 200 and length < 0:
         raise PieceFetchError(f"{address}: no Content-Length")
-    return status, max(length, 0), uploads
+    return status, max(length, 0), uploads, have

@@ -45,7 +45,7 @@ import trio
 from p2pd.clusterauth import HEADER
 from p2pd.http.lean import HEAD_END, STREAK, Closed, LeanConnection
 from p2pd.http.server import Handler, HTTPError, ServerLimits, error_response, serve_stream
-from p2pd.peers import PIECE_SIZE_HEADER, UPLOADS_HEADER, PieceServer
+from p2pd.peers import HAVE_HEADER, PIECE_SIZE_HEADER, UPLOADS_HEADER, PieceServer
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ _PIECE_SIZE = PIECE_SIZE_HEADER.encode("ascii")
 _DECIMAL = re.compile(rb"[1-9][0-9]{0,9}")
 _PREFIX = b"GET /pieces/"
 # What h11 writes for `PieceServer.handle`'s 200 (its headers, then Content-Length).
-_OK = b"HTTP/1.1 200 \r\ncontent-type: application/octet-stream\r\n%s: %%d\r\n" % (
-    UPLOADS_HEADER.encode("ascii")
+_OK = b"HTTP/1.1 200 \r\ncontent-type: application/octet-stream\r\n%s: %%d\r\n%s: %%s\r\n" % (
+    UPLOADS_HEADER.encode("ascii"),
+    HAVE_HEADER.encode("ascii"),
 )
 _LENGTH_END = b"content-length: %d\r\n\r\n"
 _LENGTH_CLOSE = b"content-length: %d\r\nConnection: close\r\n\r\n"
@@ -140,9 +141,11 @@ def render_error(exc: HTTPError, *, close: bool) -> bytes:
     return b"\r\n".join(lines) + HEAD_END + body
 
 
-def render_ok(uploads: int, length: int, *, close: bool) -> bytes:
+def render_ok(uploads: int, have: str, length: int, *, close: bool) -> bytes:
     """The head of `PieceServer.handle`'s 200, as h11 writes it."""
-    return _OK % uploads + (_LENGTH_CLOSE if close else _LENGTH_END) % length
+    return (
+        _OK % (uploads, have.encode("ascii")) + (_LENGTH_CLOSE if close else _LENGTH_END) % length
+    )
 
 
 async def serve_connection(
@@ -227,7 +230,7 @@ class _Lean(LeanConnection):
     async def _answer(self, head: _Head) -> None:
         pieces = self.pieces
         try:
-            fd, offset, length = pieces.check(
+            fd, offset, length, have = pieces.check(
                 "GET", head.target, head.digest, head.index, head.auth, head.piece_size
             )
         except HTTPError as exc:
@@ -240,7 +243,7 @@ class _Lean(LeanConnection):
             return
         uploads = await pieces.start_upload(fd, length)
         try:
-            await self._send(render_ok(uploads, length, close=head.close), more=length > 0)
+            await self._send(render_ok(uploads, have, length, close=head.close), more=length > 0)
             await self._sendfile(fd, offset, length)
         finally:
             pieces.finish_upload(fd)

@@ -42,11 +42,12 @@ from p2pd import offload, wire
 from p2pd.blobs import BlobSource, Download, DownloadState, FillerGaveUp
 from p2pd.clusterauth import ClusterAuth
 from p2pd.coalescer import Coalescer, Item, Outcome
+from p2pd.core.bitfield import Bitfield
 from p2pd.core.layout import LayoutError, PieceLayout
 from p2pd.core.manifest import ManifestError, PieceManifest
 from p2pd.core.picker import Request
 from p2pd.core.session import DownloadSession, ParentView, SessionConfig
-from p2pd.peers import PieceClient, PieceFetchError
+from p2pd.peers import PieceClient, PieceFetchError, decode_have
 from p2pd.tracker import ControlClient, TrackerRejected, TrackerSession, TrackerUnavailable
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class _Result:
     token: int  # which transfer of that request: a re-issued request gets a new one
     ok: bool | None = None  # True: verified and written; False: failed verification
     error: PieceFetchError | None = None
+    parent_has: Bitfield | None = None  # with a verdict: the parent's `HAVE_HEADER`
 
 
 class Swarm:
@@ -214,6 +216,9 @@ class _Run:
         self.live: dict[Request, tuple[int, trio.CancelScope]] = {}
         self.tokens = 0
         self.released: set[Request] = set()  # slots freed early, verdicts pending
+        # Parents the last reply named in our zone: offered in full, so what their piece
+        # responses say they hold is taken (`HAVE_HEADER`, `DownloadSession.on_piece`).
+        self.full_offer: frozenset[str] = frozenset()
         self.announcing = False  # an announce is in flight (`_announce_in_background`)
         self.awaiting_hash = 0  # transfers whose bytes are in, waiting for their hash
         self.hashes = trio.Event()  # set (and replaced) when the manifest grows
@@ -340,6 +345,8 @@ class _Run:
         if assignment.state != "failed":
             self._extend_manifest(assignment)
         parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
+        zone = self.config.zone
+        self.full_offer = frozenset(p.peer_id for p in assignment.parents if p.zone == zone)
         self.session.apply(
             assignment.state, self.manifest.known, parents, now, assignment.pace_ms / 1000
         )
@@ -423,7 +430,7 @@ class _Run:
         try:
             with scope:
                 try:
-                    await self.swarm.pieces.fetch(
+                    have = await self.swarm.pieces.fetch(
                         self.session.addresses[request.parent],
                         self.download.digest,
                         request.index,
@@ -452,7 +459,10 @@ class _Run:
                     ok = await offload.run_sync(self._verify_and_write, request.index, piece)
                 finally:
                     piece.release()
-                self.send.send_nowait(_Result(request, token, ok=ok))
+                parent_has = None
+                if have is not None and request.parent in self.full_offer:
+                    parent_has = decode_have(have, self.layout.count)
+                self.send.send_nowait(_Result(request, token, ok=ok, parent_has=parent_has))
         finally:
             self.swarm.give_buffer(buffer)
 
@@ -487,7 +497,7 @@ class _Run:
                 request.parent,
             )
         slow = len(self.session.slow)
-        self.session.on_piece(request, bool(result.ok), trio.current_time())
+        self.session.on_piece(request, bool(result.ok), trio.current_time(), result.parent_has)
         if len(self.session.slow) > slow:
             log.info(
                 "%s: parent %s set aside, far slower than the others",

@@ -17,17 +17,20 @@ import trio
 
 from p2pd.blobs import BlobManager
 from p2pd.clusterauth import ClusterAuth
+from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
 from p2pd.http.server import FileRegion, Request, ServerLimits, bound_port, serve
 from p2pd.peers import (
     BODY_LOWAT,
+    HAVE_HEADER,
     UPLOADS_HEADER,
     PieceClient,
     PieceFetchError,
     PieceServer,
     RateLimiter,
     _Conn,
+    decode_have,
     set_lowat,
 )
 from p2pd.store import BlobStore
@@ -344,6 +347,33 @@ async def test_a_malformed_uploads_header_is_a_protocol_error(nursery: trio.Nurs
     await client.aclose()
 
 
+async def test_fetch_returns_what_the_parent_says_it_holds(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    address, digest, _ = await start_server(nursery, tmp_path)
+    layout = PieceLayout.for_size(SIZE)
+    client = PieceClient()
+    have = await client.fetch(address, digest, 1, memoryview(bytearray(layout.length(1))))
+    assert have is not None and decode_have(have, layout.count) == Bitfield.full(layout.count)
+    await client.aclose()
+
+
+@pytest.mark.parametrize("value", [b"not base64!", b"AAAA", b"/w=="])
+async def test_an_unreadable_have_header_is_ignored_not_an_error(
+    nursery: trio.Nursery, value: bytes
+) -> None:
+    # advice only (the piece is judged by its hash): not base64, another length, bits past
+    # the end -- the piece is delivered and the header names nothing
+    head = b"%s: %s\r\n" % (HAVE_HEADER.encode(), value)
+    address = await trickle_server(nursery, b"x" * 10, extra_head=head)
+    client = PieceClient()
+    buf = bytearray(10)
+    have = await client.fetch(address, Digest("ab" * 32), 0, memoryview(buf))
+    assert buf == b"x" * 10 and have == value
+    assert decode_have(have, 3) is None
+    await client.aclose()
+
+
 async def test_nearly_done_comes_at_the_end_of_a_short_body_and_never_on_an_error(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -372,7 +402,7 @@ async def test_an_upload_cancelled_in_the_limiters_wait_frees_its_slot_and_fd(
         server = PieceServer(
             BlobManager(store, nursery, []), upload_slots=2, limiter=RateLimiter(1000, burst=1)
         )
-        fd, _, length = server.check("GET", f"/pieces/{digest.hex}/0", digest.hex, 0, None)
+        fd, _, length, _ = server.check("GET", f"/pieces/{digest.hex}/0", digest.hex, 0, None)
         with trio.move_on_after(0.05):
             await server.start_upload(fd, length)  # ~35 min at 1000 bytes/s
         assert server.busy == 0

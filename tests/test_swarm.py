@@ -25,7 +25,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import piece_hash
 from p2pd.core.session import SessionConfig
-from p2pd.peers import PieceClient
+from p2pd.peers import PieceClient, encode_have
 from p2pd.store import BlobStore
 from p2pd.swarm import Swarm, SwarmConfig
 from p2pd.tracker import ControlClient
@@ -89,7 +89,7 @@ class FakePieces(PieceClient):
         nearly_done: Callable[[], None] | None = None,
         *,
         piece_size: int | None = None,
-    ) -> None:
+    ) -> bytes | None:
         self.starts[index] = trio.current_time()
         await trio.sleep(self.body - self.tail)
         if nearly_done is not None:
@@ -98,6 +98,7 @@ class FakePieces(PieceClient):
         offset, length = LAYOUT.span(index)
         buffer[:] = DATA[offset : offset + length]
         self.ends[index] = trio.current_time()
+        return None
 
 
 async def fill(tmp_path: Path, control: FakeSupernode, pieces: FakePieces) -> Download:
@@ -390,3 +391,68 @@ async def test_a_nonsense_layout_hands_the_blob_to_the_registry(
 ) -> None:
     with pytest.raises(FillerGaveUp, match=f"layout {size}/{piece_size} refused: .*{why}"):
         await cut_fill(tmp_path, CuttingSupernode(piece_size, size), CutPieces())
+
+
+class Outdated(FakeSupernode):
+    """Names one parent, in `zone`, and says it holds piece 0 only, however often asked."""
+
+    def __init__(self, zone: str) -> None:
+        super().__init__()
+        self.zone = zone
+
+    async def post(
+        self, base: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        msg = wire.decode(body, (wire.Register, wire.Announce, wire.Leave, wire.Report))
+        if isinstance(msg, wire.Leave | wire.Report):
+            return 200, wire.encode(wire.Ack())
+        reply = wire.Assignment(
+            digest=DIGEST,
+            state="ready",
+            size=LAYOUT.total_size,
+            piece_size=PIECE,
+            manifest_start=0,
+            hashes=HASHES,
+            sealed=True,
+            parents=(
+                wire.ParentInfo("peer", "10.0.0.8:65003", self.zone, Bitfield(LAYOUT.count, 1)),
+            ),
+        )
+        return 200, wire.encode(reply)
+
+
+class SaysItHoldsAll(FakePieces):
+    """A parent whose piece responses say it holds the whole blob (HAVE_HEADER)."""
+
+    async def fetch(
+        self,
+        address: str,
+        digest: Digest,
+        index: int,
+        buffer: memoryview,
+        nearly_done: Callable[[], None] | None = None,
+        *,
+        piece_size: int | None = None,
+    ) -> bytes | None:
+        await super().fetch(address, digest, index, buffer, nearly_done, piece_size=piece_size)
+        return encode_have(Bitfield.full(LAYOUT.count)).encode()
+
+
+async def test_a_parent_of_our_zone_is_asked_for_what_its_responses_say_it_holds(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    pieces = SaysItHoldsAll(body=0.1, tail=0.0)
+    download = await fill(tmp_path, Outdated(zone=""), pieces)  # our zone: ""
+    assert download.have.is_full()
+    assert sorted(pieces.starts) == list(range(LAYOUT.count))
+
+
+async def test_a_parent_in_another_zone_is_asked_only_for_what_the_supernode_offers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # the supernode rations what parents in other zones are asked for (zone claims)
+    pieces = SaysItHoldsAll(body=0.1, tail=0.0)
+    with pytest.raises(BaseExceptionGroup) as raised:  # (out of fill's nursery)
+        await fill(tmp_path, Outdated(zone="z1"), pieces)
+    assert raised.group_contains(FillerGaveUp, match="no piece arrived")
+    assert sorted(pieces.starts) == [0]

@@ -4,7 +4,9 @@ What is real: every scheduling decision. Each virtual host runs one `DownloadSes
 `PiecePicker`) per layer -- the very objects `p2pd` drives -- and each supernode is a real
 `Scheduler`. Layers get the daemon's `PieceLayout`; the seeder publishes pieces as its own
 fetch from the registry completes them, as the real seeder does; sessions batch announces at
-the daemon's intervals and report bad or unreachable parents.
+the daemon's intervals and report bad or unreachable parents, and a piece from a peer of the
+child's zone brings that peer's bitfield as it was when the transfer started, as the daemon's
+piece responses do (`p2pd.peers.HAVE_HEADER`; ``piggyback=False`` leaves it out).
 
 What is simulated: bytes. A transfer is a flow of a size on `Network` (per-host upload and
 download capacity shared among active flows, the registry's egress, zone links), and time is a
@@ -147,7 +149,7 @@ class Sim:
         session_config: SessionConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         upload_slots: int = 8,
-        piggyback: bool = False,
+        piggyback: bool = True,
         batch: bool = True,
         progress: Callable[[int, float], None] | None = None,
     ) -> None:
@@ -662,7 +664,7 @@ class Sim:
                 return
             src = parent.host
         size = pull.layer.sizes[request.index]
-        tag = (pull, request)
+        tag = (pull, request, self._holds(pull, request))
         flow = self.net.start_flow(src, node.host, size, self.now, tag)
         pull.flows[request] = flow
         self.tags[flow] = tag
@@ -724,7 +726,8 @@ class Sim:
                 self._drive(piece_pull)
                 if piece_pull.done or piece_pull.fallback_flow is not None:
                     return
-            holds = self._holds(piece_pull, request)
+            holds = tag[2]
+            assert holds is None or isinstance(holds, Bitfield)
             piece_pull.session.on_piece(request, True, self.now, holds)
             self._drive(piece_pull)
             return
@@ -747,15 +750,17 @@ class Sim:
         raise AssertionError(f"unknown flow tag {tag!r}")  # pragma: no cover
 
     def _holds(self, pull: _Pull, request: Request) -> Bitfield | None:
-        """The parent's bitfield as a piece response could carry it. Off by default, because
-        the daemon's piece server does not send it (measured: no gain on Storm-A shapes)."""
-        if not self.piggyback:
+        """The parent's bitfield as its piece response carries it (the response's headers,
+        so as it was when the transfer starts): only a peer of the child's zone sends it
+        (`p2pd.peers.HAVE_HEADER`; not the seeder, not a parent in another zone: their
+        offers are the supernode's to ration). Off with ``piggyback=False``."""
+        if not self.piggyback or request.parent == SEEDER:
             return None
-        layer = pull.layer
-        if request.parent == SEEDER:
-            return Bitfield(layer.layout.count, (1 << layer.known) - 1)
         parent = self.by_peer[request.parent]
-        return parent.pulls[layer.index].session.have if len(parent.pulls) > layer.index else None
+        if parent.zone != self.nodes[pull.node].zone:
+            return None
+        index = pull.layer.index
+        return parent.pulls[index].session.have if len(parent.pulls) > index else None
 
     def _fall_back(self, pull: _Pull) -> None:
         """The swarm gave up on this layer: fetch the missing bytes from the registry."""
@@ -794,7 +799,7 @@ class Sim:
         for tag in cut:
             if not isinstance(tag, tuple) or not isinstance(tag[0], _Pull):
                 continue
-            pull, request = tag
+            pull, request, _ = tag
             if not pull.done and pull.flows.pop(request, None) is not None:
                 failed.append((pull, request))
         for pull, request in failed:

@@ -336,6 +336,16 @@ class PiecePicker:
         p.reported = pieces.bits
         self._set_bits(p, p.reported & ~p.banned)
 
+    def add_pieces(self, parent: str, bits: int) -> None:
+        """Pieces `parent` has besides those reported so far (its own word, fresher than the
+        supernode's: see `DownloadSession.on_piece`)."""
+        p = self._parent(parent)
+        if bits & ~p.reported:
+            if bits < 0 or bits >> self._n:
+                raise PickerError(f"bits set beyond the blob's {self._n} pieces")
+            p.reported |= bits
+            self._set_bits(p, p.reported & ~p.banned)
+
     def remove_parent(self, parent: str) -> list[int]:
         """Drop `parent`; return the pieces that were in flight from it (now restored)."""
         self._parent(parent)

@@ -176,6 +176,9 @@ class DownloadSession:
         # the picker's books, offering nothing, until those verdicts are in (see `_let_go`).
         self.leaving: set[str] = set()
         self.failures: dict[str, int] = {}
+        # Pieces parents' own responses showed them to hold (`on_piece`'s parent_has), by
+        # parent: a reply's older view of them must not take these back.
+        self._fresh: dict[str, int] = {}
         self.known = 0
         self.requestable = 0  # >= known: also the pieces parents stream (see apply)
         self.failed_task = False
@@ -261,10 +264,13 @@ class DownloadSession:
         for parent in self.picker.parents():
             if parent not in wanted:
                 self._let_go(parent)
+        fresh = self._fresh
         for parent_id, info in wanted.items():
             self.addresses[parent_id] = info.address
             self.leaving.discard(parent_id)
             self.picker.add_parent(parent_id, info.pieces)
+            if parent_id in fresh:
+                self.picker.add_pieces(parent_id, fresh[parent_id])
 
     def on_received(self, request: Request) -> None:
         """A transfer's bytes arrived, or their last ones are about to (the daemon calls it
@@ -282,8 +288,12 @@ class DownloadSession:
     ) -> bool:
         """A transfer delivered its bytes; `ok` says they matched the manifest (the driver
         wrote them). `parent_has` is the parent's bitfield as its response carried it: fresher
-        than the supernode's, which lags by an announce interval. Returns True when this was
-        a new verified piece."""
+        than the supernode's, which lags by an announce interval; what it adds is kept
+        whatever later replies say of the parent (a parent's pieces only grow while it is
+        ours). The driver passes it only for a parent the supernode offers in full (a peer
+        of our zone: not the seeder, whose offers are its rare-piece claims, nor a parent in
+        another zone, whose offers are rationed). Returns True when this was a new verified
+        piece."""
         if request not in self.live:
             return False  # cancelled meanwhile: the picker has already moved on
         self.live.discard(request)
@@ -296,7 +306,9 @@ class DownloadSession:
             and request.parent in self.picker.parents()
             and request.parent not in self.leaving
         ):
-            self.picker.update_parent(request.parent, parent_has)
+            parent = request.parent
+            self._fresh[parent] = self._fresh.get(parent, 0) | parent_has.bits
+            self.picker.add_pieces(parent, parent_has.bits)
         for action in self.picker.on_piece(request.parent, request.index, ok, now):
             if isinstance(action, Cancel):
                 self._cancel(Request(action.parent, action.index))
@@ -525,9 +537,11 @@ class DownloadSession:
         if parent in self.leaving and not any(r.parent == parent for r in self.live):
             self.leaving.discard(parent)
             self.picker.remove_parent(parent)
+            self._fresh.pop(parent, None)
 
     def _drop_parent(self, parent: str) -> None:
         self.leaving.discard(parent)
+        self._fresh.pop(parent, None)
         if parent in self.picker.parents():
             self.picker.remove_parent(parent)
         for request in [r for r in self.live if r.parent == parent]:

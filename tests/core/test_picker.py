@@ -203,6 +203,20 @@ def test_parent_misuse() -> None:
         picker.update_parent("a", bf("11"))
 
 
+def test_add_pieces_only_adds_and_keeps_availability_in_step() -> None:
+    picker = make(3)
+    picker.add_parent("a", bf("1.."))
+    picker.add_pieces("a", bf(".1.").bits)
+    assert picker.offers("a") == bf("11.").bits
+    assert [picker.availability(i) for i in range(3)] == [1, 1, 0]
+    picker.add_pieces("a", bf("...").bits)  # nothing taken back
+    assert picker.offers("a") == bf("11.").bits
+    with pytest.raises(PickerError):
+        picker.add_pieces("a", 1 << 3)  # past the blob's end
+    with pytest.raises(PickerError):
+        picker.add_pieces("x", 1)
+
+
 def test_remove_parent_restores_its_pieces() -> None:
     picker = make(4, max_in_flight_per_parent=2, prefix_window=4)
     picker.add_parent("a", bf("1111"))

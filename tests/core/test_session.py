@@ -553,3 +553,47 @@ def test_a_slow_parent_alone_offering_something_new_is_taken_back() -> None:
     t, _ = _pull_with_speeds({"a": 0.1, "b": 0.1, "c": 0.12, "slow": 1.0}, until=3.0)
     t.apply("ready", n, [*views, parent("slow", others)], 3.0)
     assert t.slow == {"slow"} and "slow" not in t.picker.parents()
+
+
+def bits(pieces: str) -> Bitfield:
+    return Bitfield.from_indexes(len(pieces), [i for i, c in enumerate(pieces) if c == "1"])
+
+
+def test_a_parents_own_bitfield_offers_its_new_pieces_at_once() -> None:
+    # The supernode's view of a parent lags its announces; the parent's piece response says
+    # what it holds now (p2pd.peers.HAVE_HEADER), and its new pieces are asked for at once.
+    s = session()
+    s.apply("ready", 8, [parent("a", "10000000")], 0.0)
+    (first,) = s.poll(0.0).fetch
+    assert s.on_piece(first, True, 0.1, parent_has=bits("11100000"))
+    assert sorted(r.index for r in s.poll(0.1).fetch) == [1, 2]
+
+
+def test_a_later_reply_does_not_take_back_what_the_parent_said_it_holds() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "10000000")], 0.0)
+    (first,) = s.poll(0.0).fetch
+    assert s.on_piece(first, True, 0.1, parent_has=bits("11100000"))
+    s.poll(0.1)
+    s.apply("ready", 8, [parent("a", "10010000")], 0.2)  # announced before it got 1 and 2
+    assert s.picker.offers("a") == bits("11110000").bits
+
+
+def test_what_a_dropped_parent_said_is_forgotten() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "10000000")], 0.0)
+    (first,) = s.poll(0.0).fetch
+    assert s.on_piece(first, True, 0.1, parent_has=bits("11000000"))
+    s.apply("ready", 8, [], 0.2)
+    s.poll(0.2)
+    assert s.picker.parents() == []
+    s.apply("ready", 8, [parent("a", "10000000")], 0.3)  # named again, as the supernode saw it
+    assert s.picker.offers("a") == bits("10000000").bits
+
+
+def test_a_bitfield_of_another_length_is_ignored() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "10000000")], 0.0)
+    (first,) = s.poll(0.0).fetch
+    assert s.on_piece(first, True, 0.1, parent_has=bits("1111"))
+    assert s.picker.offers("a") == bits("10000000").bits

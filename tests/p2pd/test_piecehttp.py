@@ -27,7 +27,14 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import SMALLEST_PIECE_SIZE, PieceLayout
 from p2pd.daemon import Running, run_daemon
 from p2pd.http.server import Request, Response, ServerLimits, bound_port, serve
-from p2pd.peers import PieceClient, PieceFetchError, PieceServer
+from p2pd.peers import (
+    HAVE_HEADER,
+    PieceClient,
+    PieceFetchError,
+    PieceServer,
+    decode_have,
+    encode_have,
+)
 from p2pd.store import BlobStore
 from tests.test_peers import SIZE, put_complete
 
@@ -425,6 +432,15 @@ async def test_a_download_in_progress_serves_the_pieces_it_holds(
         assert [r.split(b" ", 2)[1] for r in lean] == [b"404", b"200", b"400"]
         assert b"not held yet" in lean[0]
         assert lean[1].endswith(s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE])
+        # it names what it holds so far, for the child to ask for more (HAVE_HEADER)
+        assert f"\r\n{HAVE_HEADER}: {encode_have(have)}\r\n".encode() in lean[1]
+        head = lean[1].split(b"\r\n\r\n", 1)[0]
+        (value,) = [
+            v
+            for k, _, v in (line.partition(b": ") for line in head.split(b"\r\n"))
+            if k == HAVE_HEADER.encode()
+        ]
+        assert decode_have(value, layout.count) == have
         assert s.server.busy == 0
         assert s.handed == []
 
@@ -505,6 +521,8 @@ async def test_a_complete_blob_is_served_in_the_layout_the_requester_names(
     assert [r.split(b" ", 2)[1] for r in lean] == [b"200", b"200", b"400", b"200", b"200", b"400"]
     for answer, (offset, length) in zip(lean[:2], map(small.span, (5, 8)), strict=True):
         assert answer.endswith(b"\r\n\r\n" + s.data[offset : offset + length])
+        # a complete blob: every piece, in the layout asked for
+        assert f"{HAVE_HEADER}: {encode_have(Bitfield.full(small.count))}\r\n".encode() in answer
     held = s.data[SMALLEST_PIECE_SIZE : 2 * SMALLEST_PIECE_SIZE]
     assert lean[3].endswith(b"\r\n\r\n" + held) and lean[4].endswith(b"\r\n\r\n" + held)
     assert b"not a power of two" in lean[5]
