@@ -236,6 +236,11 @@ class Download:
                 return released
             await self._changed.wait()
 
+    async def wait_pieces(self, beyond: int) -> None:
+        """Wait until more than `beyond` pieces are written, or the download ends."""
+        while self.state is DownloadState.RUNNING and self.partial.have.count() <= beyond:
+            await self._changed.wait()
+
     # -- life-cycle ---------------------------------------------------------------------------
 
     def fail(self, reason: str, *, keep_partial: bool = False) -> None:

@@ -45,7 +45,9 @@ from p2pd.http.server import FileRegion, HTTPError, Request, Response
 log = logging.getLogger(__name__)
 
 PIECE_PATH = re.compile(r"/pieces/([0-9a-f]{64})/(0|[1-9][0-9]{0,8})")
+HAVE_PATH = re.compile(r"/have/([0-9a-f]{64})")
 _PIECE_SIZE_VALUE = re.compile(r"[1-9][0-9]{0,9}")
+_KNOWN_VALUE = re.compile(r"0|[1-9][0-9]{0,8}")
 _MAX_HEAD = 8192
 _HEAD_READ = 65536  # a response head is read with what follows of the body, up to this
 
@@ -89,6 +91,7 @@ class PieceServer:
         upload_slots: int,
         limiter: RateLimiter | None = None,
         auth: ClusterAuth | None = None,
+        max_watching: int = 1024,
     ) -> None:
         self.blobs = blobs
         self.auth = auth or ClusterAuth(None)
@@ -96,10 +99,20 @@ class PieceServer:
         self.busy = 0
         self.limiter = limiter or RateLimiter(0)
         self.bytes_served = 0
+        self.watching = 0  # watches waiting for a piece (`watch`)
+        self.max_watching = max_watching
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/healthz":
             return Response(200, [("content-type", "text/plain")], b"ok\n")
+        watched = HAVE_PATH.fullmatch(request.path)
+        if watched is not None:
+            if request.method != "GET":
+                raise HTTPError(405, "a watch is a GET", [("allow", "GET")])
+            have = await self.watch(
+                request.target, watched.group(1), request.header(HEADER), _known(request)
+            )
+            return Response(200, [(HAVE_HEADER, have)])
         match = PIECE_PATH.fullmatch(request.path)
         if match is None:
             raise HTTPError(
@@ -187,6 +200,33 @@ class PieceServer:
         offset, length = layout.span(index)
         return fd, offset, length, encode_have(held)
 
+    async def watch(self, target: str, hex_digest: str, auth: str | None, known: int) -> str:
+        """The `HAVE_HEADER` value for blob `hex_digest` once this host holds more than
+        `known` of its pieces, or after `WATCH_SECONDS` at the latest (a child that has
+        taken all this parent offered waits here for its next piece instead of for the
+        supernode to hear of it). 401, 404 (not held here), 503 (too many watches)."""
+        try:
+            self.auth.check(auth, "GET", target)
+        except ClusterAuthError as exc:
+            raise HTTPError(401, str(exc)) from None
+        digest = Digest(hex_digest)
+        download = self.blobs.active(digest)
+        if download is None:
+            layout = self.blobs.store.layout_of(digest)
+            if layout is None:
+                raise HTTPError(404, f"{digest} is not on this host")
+            return encode_have(Bitfield.full(layout.count))
+        if download.have.count() <= known:
+            if self.watching >= self.max_watching:
+                raise HTTPError(503, "too many watches", [("retry-after", "1")])
+            self.watching += 1
+            try:
+                with trio.move_on_after(WATCH_SECONDS):
+                    await download.wait_pieces(known)
+            finally:
+                self.watching -= 1
+        return encode_have(download.have)
+
     def _complete_layout(self, digest: Digest, piece_size: int | None) -> PieceLayout:
         """The layout to serve complete blob `digest` in: the one named, else the one it was
         downloaded with (`BlobStore.layout_of`, kept in memory)."""
@@ -233,6 +273,14 @@ def decode_have(value: bytes | str, count: int) -> Bitfield | None:
         return Bitfield.from_bytes(count, data)
     except (binascii.Error, ValueError):
         return None
+
+
+def _known(request: Request) -> int:
+    """The piece count a watch names (`KNOWN_HEADER`); 400 if absent or malformed."""
+    named = [v for k, v in request.headers if k == KNOWN_HEADER]
+    if len(named) != 1 or not _KNOWN_VALUE.fullmatch(named[0]):
+        raise HTTPError(400, f"want one {KNOWN_HEADER}, a decimal")
+    return int(named[0])
 
 
 def named_piece_size(request: Request) -> int | None:
@@ -308,6 +356,15 @@ UPLOADS_HEADER = "x-p2p-uploads"
 # not send it (its offers are the supernode's rare-piece claims). Absent or unreadable: the
 # supernode's word alone, as before.
 HAVE_HEADER = "x-p2p-have"
+# A child that has taken every piece its parent offered watches it: ``GET /have/<digest>``
+# with `KNOWN_HEADER` (how many pieces it knows the parent holds) is answered, empty, with
+# `HAVE_HEADER` once the parent holds more, or after WATCH_SECONDS. Without it such a child
+# waited for the parent's announce and then for its own next call to the supernode (both
+# paced in a large fleet). Storm simulator, Storm-A with `HAVE_HEADER` already: 1000 hosts
+# 1.089 / 1.100 / 1.104 -> 1.080 / 1.091 / 1.098 of the bound, 3000 hosts 1.175 / 1.199 /
+# 1.219 -> 1.153 / 1.175 / 1.194. A server holds at most `max_watching` at once (503 past).
+KNOWN_HEADER = "x-p2p-known"
+WATCH_SECONDS = 5.0
 # The piece size the requester cuts the blob by (see the module docstring).
 PIECE_SIZE_HEADER = "x-p2p-piece-size"
 
@@ -434,6 +491,18 @@ class PieceClient:
         if piece_size is not None:
             auth_line += f"{PIECE_SIZE_HEADER}: {piece_size}\r\n"
         request = f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}\r\n".encode("ascii")
+        return await self._send(address, request, index, buffer, nearly_done)
+
+    async def _send(
+        self,
+        address: str,
+        request: bytes,
+        index: int,
+        buffer: memoryview,
+        nearly_done: Callable[[], None] | None,
+    ) -> bytes | None:
+        """`request` on a pooled connection to `address`, else on a new one (see the class
+        docstring); the response's body into `buffer`, its `HAVE_HEADER` value returned."""
         conn = self._pooled(address)
         if conn is not None:
             try:
@@ -451,6 +520,24 @@ class PieceClient:
             raise PieceFetchError(
                 f"{address}: connection closed before a response", unreachable=True
             ) from exc
+
+    async def watch(self, address: str, digest: Digest, known: int) -> bytes | None:
+        """Wait for the parent at `address` to hold more than `known` pieces of `digest`
+        (at most `WATCH_SECONDS`, see `KNOWN_HEADER`); its `HAVE_HEADER` value, or None if
+        it sent none. `PieceFetchError` if it failed or refused."""
+        target = f"/have/{digest.hex}"
+        signature = self.auth.sign("GET", target)
+        auth_line = f"{HEADER}: {signature}\r\n" if signature else ""
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}"
+            f"{KNOWN_HEADER}: {known}\r\n\r\n"
+        ).encode("ascii")
+        empty = memoryview(bytearray())
+        try:
+            with trio.fail_after(WATCH_SECONDS + self.connect_timeout):
+                return await self._send(address, request, -1, empty, None)
+        except trio.TooSlowError:
+            raise PieceFetchError(f"{address}: no answer to a watch in time") from None
 
     async def _attempt(
         self,
@@ -534,7 +621,7 @@ class PieceClient:
         body = head[end + 4 :]
         if status != 200:
             raise PieceFetchError(
-                f"{address}: piece {index} answered {status}",
+                f"{address}: {f'piece {index}' if index >= 0 else 'watch'} answered {status}",
                 # 409: it holds the blob cut otherwise (PIECE_SIZE_HEADER), so not this piece
                 not_found=status in (404, 409),
                 busy=status == 503,

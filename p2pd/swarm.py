@@ -59,6 +59,8 @@ _POOLED_BUFFERS = 8
 # piece keeps its slot until written: when the disk is slower than the network, the backlog
 # (threads, buffers) stays bounded instead of growing.
 _EARLY_RELEASES = 2
+# After a failed watch of a parent, this long before it is watched again.
+_WATCH_RETRY = 1.0
 # Longest wait for a background announce's reply before the loop looks at its timers again.
 _ANNOUNCE_WAIT = 1.0
 
@@ -80,6 +82,15 @@ class _Reply:
     assignment: wire.Assignment | None
     want_parents: bool
     error: FillerGaveUp | None = None
+
+
+@dataclass(slots=True)
+class _Watched:
+    """A watch of a parent ended: what it says it holds now (None: it failed or said
+    nothing)."""
+
+    parent: str
+    have: Bitfield | None
 
 
 @dataclass(slots=True)
@@ -219,10 +230,13 @@ class _Run:
         # Parents the last reply named in our zone: offered in full, so what their piece
         # responses say they hold is taken (`HAVE_HEADER`, `DownloadSession.on_piece`).
         self.full_offer: frozenset[str] = frozenset()
+        # Parents of full_offer that offered nothing we lack, being watched for their next
+        # piece (`PieceClient.watch`), and each watch's scope.
+        self.watching: dict[str, trio.CancelScope] = {}
         self.announcing = False  # an announce is in flight (`_announce_in_background`)
         self.awaiting_hash = 0  # transfers whose bytes are in, waiting for their hash
         self.hashes = trio.Event()  # set (and replaced) when the manifest grows
-        self.send, self.receive = trio.open_memory_channel[_Result | _Reply](math.inf)
+        self.send, self.receive = trio.open_memory_channel[_Result | _Reply | _Watched](math.inf)
 
     async def run(self, assignment: wire.Assignment) -> None:
         self._extend_manifest(assignment)
@@ -294,6 +308,7 @@ class _Run:
                 return
             if out.announce and not self.announcing:
                 self._announce_in_background(now)
+            self._watch_exhausted(nursery)
             wake = session.next_wakeup()
             if self.announcing and wake <= now:
                 # the announce timer is due, but one is in flight: its reply wakes the loop
@@ -302,11 +317,15 @@ class _Run:
                 deadline = session.picker.next_deadline()
                 if deadline is not None and deadline < wake:
                     wake = deadline
-            message: _Result | _Reply | None = None
+            message: _Result | _Reply | _Watched | None = None
             with trio.move_on_at(wake):
                 message = await self.receive.receive()
             if isinstance(message, _Reply):
                 self._handle_reply(message)
+            elif isinstance(message, _Watched):
+                self.watching.pop(message.parent, None)
+                if message.have is not None:
+                    session.on_have(message.parent, message.have)
             elif message is not None:
                 self._handle(message)
 
@@ -347,6 +366,8 @@ class _Run:
         parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
         zone = self.config.zone
         self.full_offer = frozenset(p.peer_id for p in assignment.parents if p.zone == zone)
+        for parent in [p for p in self.watching if p not in self.full_offer]:
+            self.watching.pop(parent).cancel()
         self.session.apply(
             assignment.state, self.manifest.known, parents, now, assignment.pace_ms / 1000
         )
@@ -413,6 +434,35 @@ class _Run:
             raise FillerGaveUp(f"no supernode answers: {exc}") from exc
         if want_parents:
             self._apply(assignment, now)
+
+    # -- watching parents ----------------------------------------------------------------------
+
+    def _watch_exhausted(self, nursery: trio.Nursery) -> None:
+        """Watch each parent of our zone that offers nothing we lack (one watch at a time
+        each): its next piece is news the supernode would bring only after its announce and
+        our next call (`p2pd.peers.KNOWN_HEADER`)."""
+        assert self.session is not None
+        for parent in self.session.exhausted():
+            if parent in self.full_offer and parent not in self.watching:
+                scope = trio.CancelScope()
+                self.watching[parent] = scope
+                known = self.session.picker.offers(parent).bit_count()
+                nursery.start_soon(self._watch, parent, known, scope)
+
+    async def _watch(self, parent: str, known: int, scope: trio.CancelScope) -> None:
+        assert self.session is not None
+        address = self.session.addresses[parent]
+        with scope:
+            have: Bitfield | None = None
+            try:
+                value = await self.swarm.pieces.watch(address, self.download.digest, known)
+                if value is not None:
+                    have = decode_have(value, self.layout.count)
+            except PieceFetchError as exc:
+                # (a parent that is gone fails its transfers, which count; this does not)
+                log.debug("watch of %s: %s", parent, exc)
+                await trio.sleep(_WATCH_RETRY)
+            self.send.send_nowait(_Watched(parent, have))
 
     # -- transfers ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import h11
@@ -15,7 +16,8 @@ import httpx
 import pytest
 import trio
 
-from p2pd.blobs import BlobManager
+from p2pd import peers
+from p2pd.blobs import BlobManager, Download
 from p2pd.clusterauth import ClusterAuth
 from p2pd.core.bitfield import Bitfield
 from p2pd.core.digest import Digest
@@ -25,6 +27,7 @@ from p2pd.peers import (
     BODY_LOWAT,
     HAVE_HEADER,
     UPLOADS_HEADER,
+    WATCH_SECONDS,
     PieceClient,
     PieceFetchError,
     PieceServer,
@@ -372,6 +375,99 @@ async def test_an_unreadable_have_header_is_ignored_not_an_error(
     assert buf == b"x" * 10 and have == value
     assert decode_have(have, 3) is None
     await client.aclose()
+
+
+async def start_watchable(
+    nursery: trio.Nursery, tmp_path: Path, auth: ClusterAuth | None = None
+) -> tuple[str, PieceServer, Download, Digest]:
+    """A piece server holding one complete blob and one download in progress (nothing
+    written yet): its address, the server, the download and the complete blob's digest."""
+    store = BlobStore(tmp_path)
+    complete = put_complete(store, random.Random(1).randbytes(SIZE))
+    manager = BlobManager(store, nursery, [])
+    digest = Digest("ef" * 32)
+    download = Download(digest, store.open_partial(digest, PieceLayout.for_size(SIZE)))
+    manager.downloads[digest] = download
+    server = PieceServer(manager, upload_slots=2, auth=auth, max_watching=1)
+    listeners = await nursery.start(
+        lambda task_status: serve(server.handle, "127.0.0.1", 0, task_status=task_status)
+    )
+    return f"127.0.0.1:{bound_port(listeners)}", server, download, complete
+
+
+async def test_a_watch_is_answered_once_the_parent_holds_more_than_the_child_knows(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    address, server, download, complete = await start_watchable(nursery, tmp_path)
+    client = PieceClient()
+    count = download.layout.count
+    answers: list[Bitfield | None] = []
+
+    async def watch(known: int) -> None:
+        value = await client.watch(address, download.digest, known)
+        answers.append(None if value is None else decode_have(value, count))
+
+    with trio.fail_after(WATCH_SECONDS / 2):
+        nursery.start_soon(watch, 0)
+        await wait_until(lambda: server.watching == 1)
+        assert answers == []  # nothing held yet: it waits
+        download.mark_written(2, "test")
+        await wait_until(lambda: answers != [])
+        assert answers == [Bitfield.from_indexes(count, [2])] and server.watching == 0
+        # knowing less than it holds: answered at once
+        await watch(0)
+        assert answers[-1] == Bitfield.from_indexes(count, [2])
+        # a complete blob: everything, at once
+        value = await client.watch(address, complete, 10**6)
+        assert value is not None and decode_have(value, count) == Bitfield.full(count)
+    await client.aclose()
+
+
+async def test_a_watch_is_answered_after_watch_seconds_with_what_is_held(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peers, "WATCH_SECONDS", 0.2)
+    address, server, download, _ = await start_watchable(nursery, tmp_path)
+    client = PieceClient()
+    with trio.fail_after(5):
+        value = await client.watch(address, download.digest, 0)
+    assert value is not None and decode_have(value, download.layout.count) == Bitfield(
+        download.layout.count
+    )
+    assert server.watching == 0
+    await client.aclose()
+
+
+async def test_watches_that_cannot_be_answered_are_refused_clearly(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    auth = ClusterAuth(b"s" * 32)
+    address, server, download, _ = await start_watchable(nursery, tmp_path, auth)
+    client = PieceClient(auth=auth)
+    with trio.fail_after(WATCH_SECONDS / 2):
+        with pytest.raises(PieceFetchError, match="watch answered 404"):
+            await client.watch(address, Digest("ab" * 32), 0)  # not on this host
+        with pytest.raises(PieceFetchError, match="watch answered 401"):
+            await PieceClient().watch(address, download.digest, 0)  # unsigned
+        nursery.start_soon(client.watch, address, download.digest, 0)
+        await wait_until(lambda: server.watching == 1)
+        with pytest.raises(PieceFetchError, match="watch answered 503"):  # max_watching 1
+            await PieceClient(auth=auth).watch(address, download.digest, 0)
+        async with await trio.open_tcp_stream("127.0.0.1", int(address.rpartition(":")[2])) as s:
+            await s.send_all(
+                f"GET /have/{download.digest.hex} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            answer = await s.receive_some(4096)
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"want one x-p2p-known" in answer
+        download.mark_written(0, "test")  # frees the watch
+        await wait_until(lambda: server.watching == 0)
+    await client.aclose()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """(The server's counters have no event to wait on.)"""
+    while not condition():  # noqa: ASYNC110
+        await trio.sleep(0.01)
 
 
 async def test_nearly_done_comes_at_the_end_of_a_short_body_and_never_on_an_error(

@@ -80,6 +80,11 @@ class FakePieces(PieceClient):
         self.starts: dict[int, float] = {}
         self.ends: dict[int, float] = {}
 
+    async def watch(self, address: str, digest: Digest, known: int) -> bytes | None:
+        """No parent here is ever watched over the network: the watch waits, unanswered."""
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
     async def fetch(
         self,
         address: str,
@@ -328,6 +333,11 @@ class CutPieces(PieceClient):
         super().__init__()
         self.named: set[int | None] = set()
 
+    async def watch(self, address: str, digest: Digest, known: int) -> bytes | None:
+        """No parent here is ever watched over the network: the watch waits, unanswered."""
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
     async def fetch(
         self,
         address: str,
@@ -456,3 +466,41 @@ async def test_a_parent_in_another_zone_is_asked_only_for_what_the_supernode_off
         await fill(tmp_path, Outdated(zone="z1"), pieces)
     assert raised.group_contains(FillerGaveUp, match="no piece arrived")
     assert sorted(pieces.starts) == [0]
+
+
+class Watchable(FakePieces):
+    """A parent whose piece responses name nothing; a watch of it says, after `delay`
+    seconds, that it holds the whole blob."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(body=0.1, tail=0.0)
+        self.delay = delay
+        self.watches: list[tuple[float, str, int]] = []
+
+    async def watch(self, address: str, digest: Digest, known: int) -> bytes | None:
+        self.watches.append((trio.current_time(), address, known))
+        await trio.sleep(self.delay)
+        return encode_have(Bitfield.full(LAYOUT.count)).encode()
+
+
+async def test_a_parent_that_offers_nothing_more_is_watched_for_its_next_piece(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    pieces = Watchable(delay=0.5)
+    download = await fill(tmp_path, Outdated(zone=""), pieces)
+    assert download.have.is_full()
+    # piece 0 took 0.1 s; then the parent, offering nothing more, was watched (knowing of
+    # one piece), and its answer at 0.6 s brought the rest
+    assert pieces.watches[0] == (pytest.approx(0.1), "10.0.0.8:65003", 1)
+    assert sorted(pieces.starts) == list(range(LAYOUT.count))
+    assert min(t for i, t in pieces.starts.items() if i) == pytest.approx(0.6)
+
+
+async def test_a_parent_in_another_zone_is_not_watched(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    pieces = Watchable(delay=0.5)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await fill(tmp_path, Outdated(zone="z1"), pieces)
+    assert raised.group_contains(FillerGaveUp, match="no piece arrived")
+    assert pieces.watches == [] and sorted(pieces.starts) == [0]

@@ -6,7 +6,9 @@ What is real: every scheduling decision. Each virtual host runs one `DownloadSes
 fetch from the registry completes them, as the real seeder does; sessions batch announces at
 the daemon's intervals and report bad or unreachable parents, and a piece from a peer of the
 child's zone brings that peer's bitfield as it was when the transfer started, as the daemon's
-piece responses do (`p2pd.peers.HAVE_HEADER`; ``piggyback=False`` leaves it out).
+piece responses do (`p2pd.peers.HAVE_HEADER`; ``piggyback=False`` leaves it out), and a pull
+watches each parent of its zone that offers it nothing it lacks, hearing of that parent's next
+piece half a round trip after it (`p2pd.peers.KNOWN_HEADER`; ``watch=False`` leaves it out).
 
 What is simulated: bytes. A transfer is a flow of a size on `Network` (per-host upload and
 download capacity shared among active flows, the registry's egress, zone links), and time is a
@@ -111,6 +113,7 @@ class _Pull:
     calling: bool = False  # waiting for a supernode's reply (latency / a busy supernode)
     call: _Call | None = None  # that call, while no supernode has decided it
     asked: dict[Request, int] = field(default_factory=dict)  # requests not flowing yet: token
+    watching: set[str] = field(default_factory=set)  # parents it watches (`Sim._watch`)
 
 
 @dataclass
@@ -150,11 +153,16 @@ class Sim:
         scheduler_config: SchedulerConfig | None = None,
         upload_slots: int = 8,
         piggyback: bool = True,
+        watch: bool = True,
         batch: bool = True,
         progress: Callable[[int, float], None] | None = None,
     ) -> None:
         self.s = scenario
         self.piggyback = piggyback
+        self.watch = watch
+        # (parent peer id, layer index) -> pulls waiting for that parent's next piece
+        self.watchers: dict[tuple[str, int], list[_Pull]] = {}
+        self.watches = 0  # watches answered: peer-to-peer calls, not the supernode's
         self.batch = batch  # a host's announces to one supernode in one call (module doc)
         self.rng = random.Random(scenario.seed)
         self.session_config = session_config or SessionConfig()
@@ -311,6 +319,9 @@ class Sim:
         elif kind == "nearly":
             assert isinstance(payload, tuple)
             self._nearly_received(*payload)
+        elif kind == "watched":
+            assert isinstance(payload, tuple)
+            self._watched(*payload)
 
     # -- the seeder ---------------------------------------------------------------------------
 
@@ -400,6 +411,8 @@ class Sim:
         if pull.calling:
             return  # the reply drives it on
         if not pull.done:
+            if self.watch:
+                self._watch(pull)
             wake = session.next_wakeup()
             if wake < pull.wake:
                 pull.wake = wake
@@ -728,8 +741,10 @@ class Sim:
                     return
             holds = tag[2]
             assert holds is None or isinstance(holds, Bitfield)
-            piece_pull.session.on_piece(request, True, self.now, holds)
+            fresh = piece_pull.session.on_piece(request, True, self.now, holds)
             self._drive(piece_pull)
+            if fresh and self.watch:
+                self._tell_watchers(piece_pull)
             return
         if tag[0] == "seed":
             layer = tag[1]
@@ -761,6 +776,52 @@ class Sim:
             return None
         index = pull.layer.index
         return parent.pulls[index].session.have if len(parent.pulls) > index else None
+
+    def _watch(self, pull: _Pull) -> None:
+        """Watch each parent of the pull's zone that offers it nothing it lacks, as the
+        daemon does (`p2pd.peers.KNOWN_HEADER`): the parent answers once it holds more
+        pieces than the child knows of, at once if it already does."""
+        node = self.nodes[pull.node]
+        index = pull.layer.index
+        session = pull.session
+        for name in session.exhausted():
+            if name in pull.watching or name == SEEDER:
+                continue
+            parent = self.by_peer[name]
+            if parent.zone != node.zone or len(parent.pulls) <= index:
+                continue
+            pull.watching.add(name)
+            known = session.picker.offers(name).bit_count()
+            if parent.pulls[index].session.picker.have_count() > known:
+                self._answer_watch(pull, name, self.s.latency)  # a round trip
+            else:
+                self.watchers.setdefault((name, index), []).append(pull)
+
+    def _tell_watchers(self, pull: _Pull) -> None:
+        """`pull`'s host has a new piece: answer those watching it (half a round trip)."""
+        waiting = self.watchers.pop((self.nodes[pull.node].peer_id, pull.layer.index), None)
+        if waiting:
+            name = self.nodes[pull.node].peer_id
+            for child in waiting:
+                self._answer_watch(child, name, self.s.latency / 2)
+
+    def _answer_watch(self, child: _Pull, parent: str, delay: float) -> None:
+        if delay > 0:
+            self._push(self.now + delay, "watched", (child, parent))
+        else:
+            self._watched(child, parent)
+
+    def _watched(self, child: _Pull, parent: str) -> None:
+        child.watching.discard(parent)
+        if child.done or self.nodes[child.node].gone:
+            return
+        self.watches += 1
+        holder = self.by_peer[parent]
+        if holder.gone:
+            return  # (its transfers fail and tell the child)
+        child.session.on_have(parent, holder.pulls[child.layer.index].session.have)
+        if not child.calling:
+            self._drive(child)
 
     def _fall_back(self, pull: _Pull) -> None:
         """The swarm gave up on this layer: fetch the missing bytes from the registry."""

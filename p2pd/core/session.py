@@ -306,9 +306,7 @@ class DownloadSession:
             and request.parent in self.picker.parents()
             and request.parent not in self.leaving
         ):
-            parent = request.parent
-            self._fresh[parent] = self._fresh.get(parent, 0) | parent_has.bits
-            self.picker.add_pieces(parent, parent_has.bits)
+            self._merge(request.parent, parent_has.bits)
         for action in self.picker.on_piece(request.parent, request.index, ok, now):
             if isinstance(action, Cancel):
                 self._cancel(Request(action.parent, action.index))
@@ -325,6 +323,32 @@ class DownloadSession:
             if now > asked:
                 self._judge_speed(request.parent, self.layout.length(request.index) / (now - asked))
         return ok
+
+    def on_have(self, parent: str, pieces: Bitfield) -> None:
+        """A parent's bitfield, sent when it got a piece while we were watching it (see
+        `exhausted`); taken as `on_piece`'s `parent_has` is."""
+        if (
+            pieces.length == self.layout.count
+            and parent in self.addresses
+            and parent in self.picker.parents()
+            and parent not in self.leaving
+        ):
+            self._merge(parent, pieces.bits)
+
+    def exhausted(self) -> list[str]:
+        """Parents offering nothing we lack: to watch for their next piece."""
+        if self.picker.is_complete():
+            return []
+        lack = ~self.picker.have.bits
+        return [
+            p
+            for p in self.picker.parents()
+            if p not in self.leaving and not self.picker.offers(p) & lack
+        ]
+
+    def _merge(self, parent: str, bits: int) -> None:
+        self._fresh[parent] = self._fresh.get(parent, 0) | bits
+        self.picker.add_pieces(parent, bits)
 
     def on_failure(
         self, request: Request, not_found: bool, now: float, *, busy: bool = False

@@ -597,3 +597,17 @@ def test_a_bitfield_of_another_length_is_ignored() -> None:
     (first,) = s.poll(0.0).fetch
     assert s.on_piece(first, True, 0.1, parent_has=bits("1111"))
     assert s.picker.offers("a") == bits("10000000").bits
+
+
+def test_parents_offering_nothing_we_lack_are_exhausted_until_they_say_they_have_more() -> None:
+    s = session()
+    s.apply("ready", 8, [parent("a", "10000000"), parent("b", "11000000")], 0.0)
+    for request in s.poll(0.0).fetch:
+        s.on_piece(request, True, 0.1)
+    assert s.have == bits("11000000")
+    assert s.exhausted() == ["a", "b"]
+    s.on_have("b", bits("11100000"))  # b watched, and got piece 2
+    assert s.exhausted() == ["a"]
+    assert [r.index for r in s.poll(0.2).fetch] == [2]
+    s.on_have("x", bits("11111111"))  # not a parent of ours: nothing
+    assert "x" not in s.picker.parents()
