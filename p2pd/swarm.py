@@ -440,13 +440,15 @@ class _Run:
     def _watch_exhausted(self, nursery: trio.Nursery) -> None:
         """Watch each parent of our zone that offers nothing we lack (one watch at a time
         each): its next piece is news the supernode would bring only after its announce and
-        our next call (`p2pd.peers.KNOWN_HEADER`)."""
+        our next call (`p2pd.peers.KNOWN_HEADER`). The count we name is of all it was said
+        to hold, so a parent answers at once only with a piece we did not know it had: the
+        watches of one parent cannot spin."""
         assert self.session is not None
         for parent in self.session.exhausted():
             if parent in self.full_offer and parent not in self.watching:
                 scope = trio.CancelScope()
                 self.watching[parent] = scope
-                known = self.session.picker.offers(parent).bit_count()
+                known = self.session.picker.reported(parent).bit_count()
                 nursery.start_soon(self._watch, parent, known, scope)
 
     async def _watch(self, parent: str, known: int, scope: trio.CancelScope) -> None:
@@ -458,6 +460,9 @@ class _Run:
                 value = await self.swarm.pieces.watch(address, self.download.digest, known)
                 if value is not None:
                     have = decode_have(value, self.layout.count)
+                if have is None:
+                    # nothing we can read (another layout, an older peer): not again at once
+                    await trio.sleep(_WATCH_RETRY)
             except PieceFetchError as exc:
                 # (a parent that is gone fails its transfers, which count; this does not)
                 log.debug("watch of %s: %s", parent, exc)

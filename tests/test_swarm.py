@@ -472,15 +472,16 @@ class Watchable(FakePieces):
     """A parent whose piece responses name nothing; a watch of it says, after `delay`
     seconds, that it holds the whole blob."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, answer: bytes | None = None) -> None:
         super().__init__(body=0.1, tail=0.0)
         self.delay = delay
+        self.answer = answer or encode_have(Bitfield.full(LAYOUT.count)).encode()
         self.watches: list[tuple[float, str, int]] = []
 
     async def watch(self, address: str, digest: Digest, known: int) -> bytes | None:
         self.watches.append((trio.current_time(), address, known))
         await trio.sleep(self.delay)
-        return encode_have(Bitfield.full(LAYOUT.count)).encode()
+        return self.answer
 
 
 async def test_a_parent_that_offers_nothing_more_is_watched_for_its_next_piece(
@@ -504,3 +505,15 @@ async def test_a_parent_in_another_zone_is_not_watched(
         await fill(tmp_path, Outdated(zone="z1"), pieces)
     assert raised.group_contains(FillerGaveUp, match="no piece arrived")
     assert pieces.watches == [] and sorted(pieces.starts) == [0]
+
+
+async def test_a_watch_answered_with_nothing_readable_is_not_repeated_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    pieces = Watchable(delay=0.0, answer=b"not base64!")
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await fill(tmp_path, Outdated(zone=""), pieces)
+    assert raised.group_contains(FillerGaveUp, match="no piece arrived for 15 s")
+    times = [t for t, _, _ in pieces.watches]
+    assert 10 <= len(times) <= 16  # one a second until the download gave up
+    assert all(b - a > 1.0 - 1e-6 for a, b in itertools.pairwise(times))

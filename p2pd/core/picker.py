@@ -278,6 +278,10 @@ class PiecePicker:
         """What we may ask `parent` for, as bits (piece i is bit i)."""
         return self._parent(parent).bits
 
+    def reported(self, parent: str) -> int:
+        """What `parent` was said to hold, as bits, corrupt pieces from it included."""
+        return self._parent(parent).reported
+
     def in_flight(self, parent: str) -> int:
         return len(self._parent(parent).inflight)
 
