@@ -278,6 +278,13 @@ class PiecePicker:
         """What we may ask `parent` for, as bits (piece i is bit i)."""
         return self._parent(parent).bits
 
+    def exhausted(self) -> list[str]:
+        """Parents offering nothing we lack, in name order."""
+        if not self._left:
+            return []
+        have, parents = self._have.bits, self._parents
+        return [name for name in self._names if not parents[name].bits & ~have]
+
     def reported(self, parent: str) -> int:
         """What `parent` was said to hold, as bits, corrupt pieces from it included."""
         return self._parent(parent).reported

@@ -337,14 +337,10 @@ class DownloadSession:
 
     def exhausted(self) -> list[str]:
         """Parents offering nothing we lack: to watch for their next piece."""
-        if self.picker.is_complete():
-            return []
-        lack = ~self.picker.have.bits
-        return [
-            p
-            for p in self.picker.parents()
-            if p not in self.leaving and not self.picker.offers(p) & lack
-        ]
+        exhausted = self.picker.exhausted()
+        if self.leaving:
+            return [p for p in exhausted if p not in self.leaving]
+        return exhausted
 
     def _merge(self, parent: str, bits: int) -> None:
         self._fresh[parent] = self._fresh.get(parent, 0) | bits
