@@ -462,6 +462,10 @@ class PieceClient:
         self.idle_per_parent = idle_per_parent
         self.idle_seconds = idle_seconds
         self._idle: dict[str, list[_Conn]] = {}
+        # Watches keep connections of their own: a parent's lean piece path hands a
+        # connection that carried anything but a piece GET to its general server for good
+        # (`p2pd.piecehttp`), and piece GETs should not follow a watch there.
+        self._idle_watches: dict[str, list[_Conn]] = {}
         self.bytes_received = 0
         self.lead_seconds = lead_seconds
 
@@ -491,7 +495,7 @@ class PieceClient:
         if piece_size is not None:
             auth_line += f"{PIECE_SIZE_HEADER}: {piece_size}\r\n"
         request = f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}\r\n".encode("ascii")
-        return await self._send(address, request, index, buffer, nearly_done)
+        return await self._send(address, request, index, buffer, nearly_done, self._idle)
 
     async def _send(
         self,
@@ -500,21 +504,23 @@ class PieceClient:
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None,
+        pool: dict[str, list[_Conn]],
     ) -> bytes | None:
-        """`request` on a pooled connection to `address`, else on a new one (see the class
-        docstring); the response's body into `buffer`, its `HAVE_HEADER` value returned."""
-        conn = self._pooled(address)
+        """`request` on a connection to `address` from `pool`, else on a new one (see the
+        class docstring), kept in `pool` after; the response's body into `buffer`, its
+        `HAVE_HEADER` value returned."""
+        conn = self._pooled(address, pool)
         if conn is not None:
             try:
                 return await self._attempt(
-                    conn, address, request, index, buffer, nearly_done, pooled=True
+                    conn, address, request, index, buffer, nearly_done, pool, pooled=True
                 )
             except _Stale:
                 pass
         conn = await self._connect(address)
         try:
             return await self._attempt(
-                conn, address, request, index, buffer, nearly_done, pooled=False
+                conn, address, request, index, buffer, nearly_done, pool, pooled=False
             )
         except _Stale as exc:
             raise PieceFetchError(
@@ -535,7 +541,7 @@ class PieceClient:
         empty = memoryview(bytearray())
         try:
             with trio.fail_after(WATCH_SECONDS + self.connect_timeout):
-                return await self._send(address, request, -1, empty, None)
+                return await self._send(address, request, -1, empty, None, self._idle_watches)
         except trio.TooSlowError:
             raise PieceFetchError(f"{address}: no answer to a watch in time") from None
 
@@ -547,6 +553,7 @@ class PieceClient:
         index: int,
         buffer: memoryview,
         nearly_done: Callable[[], None] | None,
+        pool: dict[str, list[_Conn]],
         *,
         pooled: bool,
     ) -> bytes | None:
@@ -560,21 +567,22 @@ class PieceClient:
                 raise _Stale from exc
             raise PieceFetchError(f"{address}: {exc}", unreachable=True) from exc
         finally:
-            if reusable and len(self._idle.setdefault(address, [])) < self.idle_per_parent:
+            if reusable and len(pool.setdefault(address, [])) < self.idle_per_parent:
                 conn.idle_since = trio.current_time()
-                self._idle[address].append(conn)
+                pool[address].append(conn)
             else:
                 with trio.CancelScope(shield=True):
                     await conn.stream.aclose()
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, {}
-        for conns in idle.values():
+        for idle in (self._idle, self._idle_watches):
+            conns = [conn for pooled in idle.values() for conn in pooled]
+            idle.clear()
             for conn in conns:
                 await conn.stream.aclose()
 
-    def _pooled(self, address: str) -> _Conn | None:
-        idle = self._idle.get(address)
+    def _pooled(self, address: str, pool: dict[str, list[_Conn]]) -> _Conn | None:
+        idle = pool.get(address)
         oldest_ok = trio.current_time() - self.idle_seconds
         while idle:
             conn = idle.pop()

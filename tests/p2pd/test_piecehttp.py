@@ -559,3 +559,26 @@ async def test_a_download_cut_otherwise_is_refused_and_the_client_takes_it_as_no
             await wait_until(lambda: s.server.busy == 0)
     finally:
         await client.aclose()
+
+
+async def test_a_watch_does_not_send_the_piece_gets_after_it_to_the_general_server(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # the lean path hands a connection that carried a watch to the general server for good:
+    # the client keeps watch connections apart from piece connections
+    s = await start(nursery, tmp_path)
+    address = f"127.0.0.1:{s.lean}"
+    client = PieceClient()
+    layout = PieceLayout.for_size(SIZE)
+    with trio.fail_after(10):
+        have = await client.watch(address, s.digest, 0)
+        assert have is not None and decode_have(have, layout.count) == Bitfield.full(layout.count)
+        for index in (0, 1, 0):
+            buffer = bytearray(layout.length(index))
+            await client.fetch(address, s.digest, index, memoryview(buffer))
+            offset, length = layout.span(index)
+            assert buffer == s.data[offset : offset + length]
+        await client.watch(address, s.digest, 0)
+    assert s.handed == [f"/have/{s.digest.hex}"] * 2  # the piece GETs stayed on the lean path
+    assert len(client._idle_watches[address]) == len(client._idle[address]) == 1
+    await client.aclose()
