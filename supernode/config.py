@@ -19,6 +19,7 @@ The file (every key optional unless marked; `load_config` documents the override
     max_parents = 8
     seeder_upload_slots = 64
     seeder_elders = 64                # first children it serves in full once it holds a blob
+    even_out = true                   # a host's last download takes parents from richer hosts
     peer_ttl = 60.0
     max_blame = 1
     control_rate = 7800.0             # messages/s it paces downloading peers to; 0 = no pacing
@@ -123,6 +124,11 @@ OPTIONS: tuple[Option, ...] = (
         "scheduler.seeder_elders",
         int,
         "first children served in full once the seeder holds a blob; 0 = none (64)",
+    ),
+    _option(
+        "scheduler.even_out",
+        bool,
+        "a host's only download takes parents from hosts with two more (true)",
     ),
     _option("scheduler.peer_ttl", float, "seconds a silent peer is kept (60)"),
     _option("scheduler.max_blame", int, "bad pieces before a parent is banned (1)"),
@@ -440,6 +446,7 @@ def _scheduler_config(section: _Section) -> SchedulerConfig:
             max_parents=section.get("max_parents", int, d.max_parents),
             seeder_upload_slots=section.get("seeder_upload_slots", int, d.seeder_upload_slots),
             seeder_elders=section.get("seeder_elders", int, d.seeder_elders),
+            even_out=section.get("even_out", bool, d.even_out),
             peer_ttl=section.number("peer_ttl", d.peer_ttl, positive=True),
             max_blame=section.get("max_blame", int, d.max_blame),
             control_rate=section.number("control_rate", d.control_rate, positive=False),

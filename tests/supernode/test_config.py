@@ -35,6 +35,7 @@ zone = "eu-1"
 max_parents = 6
 peer_ttl = 20
 seeder_elders = 0
+even_out = false
 
 [fetch]
 retries = 0
@@ -50,6 +51,7 @@ read_timeout = 2.5
     assert (config.scheduler.max_parents, config.scheduler.peer_ttl) == (6, 20.0)
     assert config.scheduler.seeder_upload_slots == 64  # default kept
     assert config.scheduler.seeder_elders == 0
+    assert config.scheduler.even_out is False
     assert (config.fetch.retries, config.fetch.read_timeout) == (0, 2.5)
 
     flagged = load_config(
