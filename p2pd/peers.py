@@ -543,7 +543,9 @@ class PieceClient:
             with trio.fail_after(WATCH_SECONDS + self.connect_timeout):
                 return await self._send(address, request, -1, empty, None, self._idle_watches)
         except trio.TooSlowError:
-            raise PieceFetchError(f"{address}: no answer to a watch in time") from None
+            raise PieceFetchError(
+                f"{address}: no answer to a watch in time", unreachable=True
+            ) from None
 
     async def _attempt(
         self,

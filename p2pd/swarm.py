@@ -34,6 +34,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -59,7 +60,8 @@ _POOLED_BUFFERS = 8
 # piece keeps its slot until written: when the disk is slower than the network, the backlog
 # (threads, buffers) stays bounded instead of growing.
 _EARLY_RELEASES = 2
-# After a failed watch of a parent, this long before it is watched again.
+# After a watch of a parent that failed (busy, unreachable, too slow), this long before it
+# is watched again.
 _WATCH_RETRY = 1.0
 # Longest wait for a background announce's reply before the loop looks at its timers again.
 _ANNOUNCE_WAIT = 1.0
@@ -84,6 +86,15 @@ class _Reply:
     error: FillerGaveUp | None = None
 
 
+def _host_port(url: str) -> str:
+    """``host:port`` of a supernode's base URL, as its seeder's address would read."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
 @dataclass(slots=True)
 class _Watched:
     """A watch of a parent ended: what it says it holds now (None: it failed or said
@@ -91,6 +102,7 @@ class _Watched:
 
     parent: str
     have: Bitfield | None
+    unwatchable: bool = False  # it cannot be watched: do not ask it again
 
 
 @dataclass(slots=True)
@@ -227,12 +239,15 @@ class _Run:
         self.live: dict[Request, tuple[int, trio.CancelScope]] = {}
         self.tokens = 0
         self.released: set[Request] = set()  # slots freed early, verdicts pending
-        # Parents the last reply named in our zone: offered in full, so what their piece
-        # responses say they hold is taken (`HAVE_HEADER`, `DownloadSession.on_piece`).
+        # Peers the last reply named in our zone: offered in full, so what their piece
+        # responses say they hold is taken (`HAVE_HEADER`, `DownloadSession.on_piece`). Not
+        # the seeder (the parent at the supernode's own address): it offers claims.
         self.full_offer: frozenset[str] = frozenset()
         # Parents of full_offer that offered nothing we lack, being watched for their next
-        # piece (`PieceClient.watch`), and each watch's scope.
+        # piece (`PieceClient.watch`), and each watch's scope; parents that cannot be
+        # watched (they refused or answered with nothing readable): not asked again.
         self.watching: dict[str, trio.CancelScope] = {}
+        self.unwatchable: set[str] = set()
         self.announcing = False  # an announce is in flight (`_announce_in_background`)
         self.awaiting_hash = 0  # transfers whose bytes are in, waiting for their hash
         self.hashes = trio.Event()  # set (and replaced) when the manifest grows
@@ -326,6 +341,8 @@ class _Run:
                 self.watching.pop(message.parent, None)
                 if message.have is not None:
                     session.on_have(message.parent, message.have)
+                elif message.unwatchable:
+                    self.unwatchable.add(message.parent)
             elif message is not None:
                 self._handle(message)
 
@@ -365,7 +382,10 @@ class _Run:
             self._extend_manifest(assignment)
         parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
         zone = self.config.zone
-        self.full_offer = frozenset(p.peer_id for p in assignment.parents if p.zone == zone)
+        seeder = _host_port(self.tracker.current) if self.tracker.current else None
+        self.full_offer = frozenset(
+            p.peer_id for p in assignment.parents if p.zone == zone and p.address != seeder
+        )
         for parent in [p for p in self.watching if p not in self.full_offer]:
             self.watching.pop(parent).cancel()
         self.session.apply(
@@ -445,7 +465,11 @@ class _Run:
         watches of one parent cannot spin."""
         assert self.session is not None
         for parent in self.session.exhausted():
-            if parent in self.full_offer and parent not in self.watching:
+            if (
+                parent in self.full_offer
+                and parent not in self.watching
+                and parent not in self.unwatchable
+            ):
                 scope = trio.CancelScope()
                 self.watching[parent] = scope
                 known = self.session.picker.reported(parent).bit_count()
@@ -456,18 +480,21 @@ class _Run:
         address = self.session.addresses[parent]
         with scope:
             have: Bitfield | None = None
+            unwatchable = False
             try:
                 value = await self.swarm.pieces.watch(address, self.download.digest, known)
                 if value is not None:
                     have = decode_have(value, self.layout.count)
-                if have is None:
-                    # nothing we can read (another layout, an older peer): not again at once
-                    await trio.sleep(_WATCH_RETRY)
+                # nothing we can read (another layout, another version): not again
+                unwatchable = have is None
             except PieceFetchError as exc:
-                # (a parent that is gone fails its transfers, which count; this does not)
                 log.debug("watch of %s: %s", parent, exc)
-                await trio.sleep(_WATCH_RETRY)
-            self.send.send_nowait(_Watched(parent, have))
+                if exc.busy or exc.unreachable:
+                    # (a parent that is gone fails its transfers, which count; this does not)
+                    await trio.sleep(_WATCH_RETRY)
+                else:
+                    unwatchable = True  # refused (404: no such route or blob there)
+            self.send.send_nowait(_Watched(parent, have, unwatchable))
 
     # -- transfers ----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.layout import PieceLayout
 from p2pd.core.manifest import piece_hash
 from p2pd.core.session import SessionConfig
-from p2pd.peers import PieceClient, encode_have
+from p2pd.peers import PieceClient, PieceFetchError, encode_have
 from p2pd.store import BlobStore
 from p2pd.swarm import Swarm, SwarmConfig
 from p2pd.tracker import ControlClient
@@ -406,9 +406,10 @@ async def test_a_nonsense_layout_hands_the_blob_to_the_registry(
 class Outdated(FakeSupernode):
     """Names one parent, in `zone`, and says it holds piece 0 only, however often asked."""
 
-    def __init__(self, zone: str) -> None:
+    def __init__(self, zone: str, address: str = "10.0.0.8:65003") -> None:
         super().__init__()
         self.zone = zone
+        self.address = address
 
     async def post(
         self, base: str, path: str, body: bytes, headers: dict[str, str]
@@ -424,9 +425,7 @@ class Outdated(FakeSupernode):
             manifest_start=0,
             hashes=HASHES,
             sealed=True,
-            parents=(
-                wire.ParentInfo("peer", "10.0.0.8:65003", self.zone, Bitfield(LAYOUT.count, 1)),
-            ),
+            parents=(wire.ParentInfo("peer", self.address, self.zone, Bitfield(LAYOUT.count, 1)),),
         )
         return 200, wire.encode(reply)
 
@@ -507,13 +506,58 @@ async def test_a_parent_in_another_zone_is_not_watched(
     assert pieces.watches == [] and sorted(pieces.starts) == [0]
 
 
-async def test_a_watch_answered_with_nothing_readable_is_not_repeated_at_once(
+async def test_a_parent_whose_watch_says_nothing_readable_is_not_watched_again(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     pieces = Watchable(delay=0.0, answer=b"not base64!")
     with pytest.raises(BaseExceptionGroup) as raised:
         await fill(tmp_path, Outdated(zone=""), pieces)
     assert raised.group_contains(FillerGaveUp, match="no piece arrived for 15 s")
+    assert len(pieces.watches) == 1
+
+
+class Refusing(Watchable):
+    """A watch is refused as `error` says."""
+
+    def __init__(self, error: PieceFetchError) -> None:
+        super().__init__(delay=0.0)
+        self.error = error
+
+    async def watch(self, address: str, digest: Digest, known: int) -> bytes | None:
+        self.watches.append((trio.current_time(), address, known))
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "again"),
+    [
+        (PieceFetchError("404", not_found=True), False),  # an older peer, or no such blob
+        (PieceFetchError("400"), False),
+        (PieceFetchError("503", busy=True), True),  # once a second until it gives up
+        (PieceFetchError("refused", unreachable=True), True),
+    ],
+)
+async def test_a_refused_watch_is_tried_again_only_if_the_parent_was_busy_or_unreachable(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, error: PieceFetchError, again: bool
+) -> None:
+    pieces = Refusing(error)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await fill(tmp_path, Outdated(zone=""), pieces)
+    assert raised.group_contains(FillerGaveUp, match="no piece arrived for 15 s")
     times = [t for t, _, _ in pieces.watches]
-    assert 10 <= len(times) <= 16  # one a second until the download gave up
-    assert all(b - a > 1.0 - 1e-6 for a, b in itertools.pairwise(times))
+    if again:
+        assert 10 <= len(times) <= 16
+        assert all(b - a > 1.0 - 1e-6 for a, b in itertools.pairwise(times))
+    else:
+        assert len(times) == 1
+
+
+async def test_the_seeder_is_not_watched(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # the parent at the supernode's own address is its seeder: its offers are claims
+    pieces = Watchable(delay=0.5)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await fill(tmp_path, Outdated(zone="", address="sn.test:80"), pieces)
+    assert raised.group_contains(FillerGaveUp, match="no piece arrived")
+    assert pieces.watches == [] and sorted(pieces.starts) == [0]
