@@ -114,6 +114,10 @@ class _Pull:
     call: _Call | None = None  # that call, while no supernode has decided it
     asked: dict[Request, int] = field(default_factory=dict)  # requests not flowing yet: token
     watching: set[str] = field(default_factory=set)  # parents it watches (`Sim._watch`)
+    # Replies applied, and (pieces held, replies applied) when `Sim._watch` last looked:
+    # only a new piece or a new reply can leave another parent offering nothing we lack.
+    applied: int = 0
+    looked: tuple[int, int] = (-1, -1)
 
 
 @dataclass
@@ -369,6 +373,7 @@ class Sim:
             self._drive(pull)
 
     def _apply(self, pull: _Pull, assignment: Assignment) -> None:
+        pull.applied += 1
         pull.session.apply(
             assignment.state.value, pull.layer.known, assignment.parents, self.now, assignment.pace
         )
@@ -781,9 +786,13 @@ class Sim:
         """Watch each parent of the pull's zone that offers it nothing it lacks, as the
         daemon does (`p2pd.peers.KNOWN_HEADER`): the parent answers once it holds more
         pieces than the child knows of, at once if it already does."""
+        session = pull.session
+        state = (session.picker.have_count(), pull.applied)
+        if state == pull.looked:
+            return
+        pull.looked = state
         node = self.nodes[pull.node]
         index = pull.layer.index
-        session = pull.session
         for name in session.exhausted():
             if name in pull.watching or name == SEEDER:
                 continue
@@ -813,6 +822,7 @@ class Sim:
 
     def _watched(self, child: _Pull, parent: str) -> None:
         child.watching.discard(parent)
+        child.looked = (-1, -1)  # it may offer nothing more still: look again
         if child.done or self.nodes[child.node].gone:
             return
         self.watches += 1
