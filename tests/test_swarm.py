@@ -106,7 +106,9 @@ class FakePieces(PieceClient):
         return None
 
 
-async def fill(tmp_path: Path, control: FakeSupernode, pieces: FakePieces) -> Download:
+async def fill(
+    tmp_path: Path, control: FakeSupernode, pieces: FakePieces, *, watch: bool = True
+) -> Download:
     store = BlobStore(tmp_path)
     download = Download(DIGEST, store.open_partial(DIGEST, LAYOUT))
     source = BlobSource("http://registry.test", "library/x", None, LAYOUT.total_size)
@@ -122,6 +124,7 @@ async def fill(tmp_path: Path, control: FakeSupernode, pieces: FakePieces) -> Do
             announce_interval=1.0,
             min_announce_gap=0.05,
         ),
+        watch_parents=watch,
     )
     with offload.inline():
         async with trio.open_nursery() as nursery:
@@ -561,3 +564,14 @@ async def test_the_seeder_is_not_watched(
         await fill(tmp_path, Outdated(zone="", address="sn.test:80"), pieces)
     assert raised.group_contains(FillerGaveUp, match="no piece arrived")
     assert pieces.watches == [] and sorted(pieces.starts) == [0]
+
+
+async def test_no_parent_is_watched_unless_the_daemon_is_told_to(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    pieces = Watchable(delay=0.5)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await fill(tmp_path, Outdated(zone=""), pieces, watch=False)
+    assert raised.group_contains(FillerGaveUp, match="no piece arrived")
+    assert pieces.watches == [] and sorted(pieces.starts) == [0]
+    assert SwarmConfig(peer_id="me", advertise="10.0.0.1:65003").watch_parents is False

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="every announce a message of its own, and pacing that counts each download as "
         "a caller (as before batching; fast engine only)",
     )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="children watch parents that offer nothing more (p2pd's watch_parents, off by "
+        "default: see p2pd.swarm.SwarmConfig; fast engine only)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--engine",
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.no_batch:
         fast_only.append("announces without batching")
+    if args.watch:
+        fast_only.append("watches")
     if args.engine != "fast" and fast_only:
         print(
             f"p2p-bench storm: {', '.join(fast_only)}: modelled by the fast engine only",
@@ -233,8 +241,10 @@ def _run(scenario: Scenario, engine: str, args: argparse.Namespace) -> StormResu
             ).run()
         if args.no_batch:
             config = SchedulerConfig(message_overhead=0.0)
-            return Sim(scenario, progress=progress, batch=False, scheduler_config=config).run()
-        return Sim(scenario, progress=progress).run()
+            return Sim(
+                scenario, progress=progress, batch=False, scheduler_config=config, watch=args.watch
+            ).run()
+        return Sim(scenario, progress=progress, watch=args.watch).run()
     finally:
         if bar is not None:
             bar.close()

@@ -8,7 +8,8 @@ the daemon's intervals and report bad or unreachable parents, and a piece from a
 child's zone brings that peer's bitfield as it was when the transfer started, as the daemon's
 piece responses do (`p2pd.peers.HAVE_HEADER`; ``piggyback=False`` leaves it out), and a pull
 watches each parent of its zone that offers it nothing it lacks, hearing of that parent's next
-piece half a round trip after it (`p2pd.peers.KNOWN_HEADER`; ``watch=False`` leaves it out).
+piece half a round trip after it (`p2pd.peers.KNOWN_HEADER`), with ``watch=True`` (off, as
+in the daemon: `p2pd.swarm.SwarmConfig.watch_parents`).
 
 What is simulated: bytes. A transfer is a flow of a size on `Network` (per-host upload and
 download capacity shared among active flows, the registry's egress, zone links), and time is a
@@ -157,7 +158,7 @@ class Sim:
         scheduler_config: SchedulerConfig | None = None,
         upload_slots: int = 8,
         piggyback: bool = True,
-        watch: bool = True,
+        watch: bool = False,
         batch: bool = True,
         progress: Callable[[int, float], None] | None = None,
     ) -> None:
