@@ -18,7 +18,8 @@ Driving it::
         if session.is_complete(): done
         wait for a transfer result or session.next_wakeup()
         session.on_received(request)               # bytes here, being verified (optional)
-        session.on_piece(request, ok, now) / session.on_failure(request, not_found, now)
+        session.on_piece(request, ok, now, parent_has) / session.on_failure(request, not_found, now)
+        session.exhausted() -> parents to watch; session.on_have(parent, pieces)  # (optional)
 
 Rules:
 - Pieces become fetchable only once their hash is known (``known`` of the manifest), or,
