@@ -490,12 +490,15 @@ class PieceClient:
         parent's reaction time after every piece. The transfer may still fail after it.
         """
         target = f"/pieces/{digest.hex}/{index}"
+        extra = f"{PIECE_SIZE_HEADER}: {piece_size}\r\n" if piece_size is not None else ""
+        request = self._get(address, target, extra)
+        return await self._send(address, request, index, buffer, nearly_done, self._idle)
+
+    def _get(self, address: str, target: str, extra: str) -> bytes:
+        """A signed GET of `target` from `address` with `extra` header lines."""
         signature = self.auth.sign("GET", target)
         auth_line = f"{HEADER}: {signature}\r\n" if signature else ""
-        if piece_size is not None:
-            auth_line += f"{PIECE_SIZE_HEADER}: {piece_size}\r\n"
-        request = f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}\r\n".encode("ascii")
-        return await self._send(address, request, index, buffer, nearly_done, self._idle)
+        return f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}{extra}\r\n".encode("ascii")
 
     async def _send(
         self,
@@ -531,13 +534,7 @@ class PieceClient:
         """Wait for the parent at `address` to hold more than `known` pieces of `digest`
         (at most `WATCH_SECONDS`, see `KNOWN_HEADER`); its `HAVE_HEADER` value, or None if
         it sent none. `PieceFetchError` if it failed or refused."""
-        target = f"/have/{digest.hex}"
-        signature = self.auth.sign("GET", target)
-        auth_line = f"{HEADER}: {signature}\r\n" if signature else ""
-        request = (
-            f"GET {target} HTTP/1.1\r\nHost: {address}\r\n{auth_line}"
-            f"{KNOWN_HEADER}: {known}\r\n\r\n"
-        ).encode("ascii")
+        request = self._get(address, f"/have/{digest.hex}", f"{KNOWN_HEADER}: {known}\r\n")
         empty = memoryview(bytearray())
         try:
             with trio.fail_after(WATCH_SECONDS + self.connect_timeout):

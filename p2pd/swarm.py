@@ -480,7 +480,7 @@ class _Run:
             ):
                 scope = trio.CancelScope()
                 self.watching[parent] = scope
-                known = self.session.picker.reported(parent).bit_count()
+                known = self.session.known_of(parent)
                 nursery.start_soon(self._watch, parent, known, scope)
 
     async def _watch(self, parent: str, known: int, scope: trio.CancelScope) -> None:

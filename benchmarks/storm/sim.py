@@ -801,7 +801,7 @@ class Sim:
             if parent.zone != node.zone or len(parent.pulls) <= index:
                 continue
             pull.watching.add(name)
-            known = session.picker.reported(name).bit_count()
+            known = session.known_of(name)
             if parent.pulls[index].session.picker.have_count() > known:
                 self._answer_watch(pull, name, self.s.latency)  # a round trip
             else:

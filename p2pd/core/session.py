@@ -343,6 +343,11 @@ class DownloadSession:
             return [p for p in exhausted if p not in self.leaving]
         return exhausted
 
+    def known_of(self, parent: str) -> int:
+        """How many pieces `parent` was said to hold, corrupt ones included: what a watch of
+        it names, so that its answer at once always brings a piece we did not know of."""
+        return self.picker.reported(parent).bit_count()
+
     def _merge(self, parent: str, bits: int) -> None:
         self._fresh[parent] = self._fresh.get(parent, 0) | bits
         self.picker.add_pieces(parent, bits)
