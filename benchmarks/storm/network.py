@@ -358,6 +358,11 @@ class Network:
     def bytes_received(self, host: int) -> float:
         return self._received[host]
 
+    def receiving(self, host: int) -> float:
+        """Bytes/s flowing into ``host`` now."""
+        self._flush()
+        return sum(f.rate for f in self._downs[host].values())
+
     def uploads(self, host: int) -> int:
         """Flows ``host`` is sending now (zero-size flows hold no share and do not count)."""
         return len(self._ups[host])

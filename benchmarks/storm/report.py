@@ -136,6 +136,12 @@ class StormResult:
     wall_seconds: float
     # Per node: its zone. Optional; without it the zones term stays out of the bound.
     node_zone: list[int] = field(default_factory=list)
+    # How the download links of the nodes still pulling were used, sampled every
+    # `download_use_step` seconds (fast engine; empty otherwise): (time, nodes pulling, links
+    # in use in node-equivalents -- the sum of each one's receive rate over its capacity --,
+    # nodes receiving nothing). See `download_use`.
+    download_use: list[tuple[float, int, float, int]] = field(default_factory=list)
+    download_use_step: float = 0.0
 
 
 # -- the bound --------------------------------------------------------------------------------
@@ -380,12 +386,53 @@ def summarize(result: StormResult) -> dict[str, Any]:
             "total": result.control_messages,
             "per_node": result.control_messages / n if n else None,
         },
+        "download_use": download_use(result, t),
         "wall_seconds": result.wall_seconds,
         "goals": goals,
         "all_goals_met": all(g["met"] for g in goals.values()),
     }
     out: dict[str, Any] = jsonable(summary)
     return out
+
+
+# The share of the bound counted as a storm's start in `download_use`.
+EARLY_SHARE = 0.2
+
+
+def download_use(result: StormResult, bound: float) -> dict[str, Any] | None:
+    """Where the time over the bound went: download capacity the pulling nodes left unused.
+
+    A node that receives its image at full speed from its start needs F/d; every second its
+    link is not full is what its completion adds to that (less what it received twice).
+    So ``per_node`` -- unused download in seconds of a whole link, summed over the samples
+    and divided by the nodes -- is about the mean completion time minus F/d in a storm of
+    equal hosts: it splits the miss of the goals into *when* (``early_share``: the part in
+    the first `EARLY_SHARE` of the bound after the first start, the swarm's ramp) and *how*
+    (``idle_share``: links that received nothing at all, against links partly used). None
+    without samples (the full engine)."""
+    samples, step = result.download_use, result.download_use_step
+    if not samples or not step > 0:
+        return None
+    t0 = min(result.start) if result.start else 0.0
+    early_until = t0 + EARLY_SHARE * bound
+    lost = idle = early = 0.0
+    for at, pulling, used, nothing in samples:
+        unused = (pulling - used) * step
+        lost += unused
+        idle += nothing * step
+        if at < early_until:
+            early += unused
+    n = len(result.start)
+    return {
+        "step": step,
+        "samples": len(samples),
+        "node_seconds": lost,
+        "per_node": lost / n if n else None,
+        "per_node_ratio": _ratio(lost / n, bound) if n else None,
+        "early_seconds": early_until - t0,
+        "early_share": _ratio(early, lost),
+        "idle_share": _ratio(idle, lost),
+    }
 
 
 def naive_durations(result: StormResult) -> list[float]:
@@ -472,6 +519,16 @@ def format_table(summary: dict[str, Any]) -> str:
         ("supernode upload", _mib(sn["bytes"]), f"{_x(sn['ratio_to_image'])} image"),
         ("control messages", str(summary["control_messages"]["total"]), _per_node(summary)),
     ]
+    use = summary.get("download_use")
+    if use and use["per_node"] is not None:
+        rows.append(
+            (
+                "unused download",
+                f"{_sec(use['per_node'])} s/node",
+                f"{_x(use['per_node_ratio'])} bound; {_pct(use['early_share'])} in the first "
+                f"{_sec(use['early_seconds'])} s, {_pct(use['idle_share'])} on idle links",
+            )
+        )
     lines += [f"{name:<24}{a:>16}   {b_}" for name, a, b_ in rows]
     lines += ["", "goals"]
     labels = {
@@ -487,6 +544,10 @@ def format_table(summary: dict[str, Any]) -> str:
             f"  {labels.get(key, key):<30}{_x(g['value']):>10}  <= {g['limit']:.2f}x  {verdict}"
         )
     return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def _per_node(summary: dict[str, Any]) -> str:
@@ -522,6 +583,8 @@ def write_json(summary: dict[str, Any], result: StormResult, path: str | Path) -
             "zone": result.node_zone,
         },
         "registry_egress_timeline": result.registry_egress_timeline,
+        # (time, nodes pulling, download links in use in node-equivalents, links idle)
+        "download_use": result.download_use,
     }
     with Path(path).open("w", encoding="utf-8") as out:
         json.dump(jsonable(doc), out, allow_nan=False, indent=1)
@@ -529,7 +592,8 @@ def write_json(summary: dict[str, Any], result: StormResult, path: str | Path) -
 
 
 def plot_png(result: StormResult, path: str | Path) -> None:
-    """Completion-time CDF (p2p, naive, the bound) and registry egress over time, as a PNG."""
+    """Completion-time CDF (p2p, naive, the bound), registry egress over time and, from the
+    fast engine, how the pulling nodes' download links were used over time, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
@@ -542,7 +606,9 @@ def plot_png(result: StormResult, path: str | Path) -> None:
     p2p = sorted(_duration(result, i) for i, c in enumerate(result.completion) if c is not None)
     naive = sorted(naive_durations(result))
 
-    fig, (cdf, egress) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    panels = 3 if result.download_use else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), layout="constrained")
+    cdf, egress = axes[0], axes[1]
     try:
         for values, label, colour in ((p2p, "p2p", "tab:blue"), (naive, "naive", "tab:orange")):
             if values:
@@ -584,6 +650,34 @@ def plot_png(result: StormResult, path: str | Path) -> None:
         egress.set_title("registry egress")
         egress.grid(True, alpha=0.3)
         egress.legend(loc="best")
+
+        if result.download_use:
+            use = axes[2]
+            n = len(result.start)
+            xs = [at - t0 for at, _, _, _ in result.download_use]
+            use.plot(
+                xs,
+                [used / pulling if pulling else 1.0 for _, pulling, used, _ in result.download_use],
+                label="capacity in use (nodes pulling)",
+                color="tab:blue",
+            )
+            use.plot(
+                xs,
+                [pulling / n for _, pulling, _, _ in result.download_use],
+                label="nodes pulling",
+                color="tab:grey",
+                linestyle=":",
+            )
+            if t:
+                use.axvline(
+                    EARLY_SHARE * t, color="black", linestyle="--", label="first 20 % of the bound"
+                )
+            use.set_ylim(0, 1.05)
+            use.set_xlabel("seconds from the first start")
+            use.set_ylabel("share")
+            use.set_title("download links of the nodes still pulling")
+            use.grid(True, alpha=0.3)
+            use.legend(loc="lower right")
 
         fig.suptitle(
             f"{result.scenario.name}: {len(result.start)} nodes, engine {result.engine}"

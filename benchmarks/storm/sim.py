@@ -74,6 +74,8 @@ from p2pd.core.uplink import upload_slots_for
 from p2pd.peers import LEAD_SECONDS
 
 SEEDER = "supernode"
+# Samples of the download links' use per lower bound (`Sim._sample`)
+USE_SAMPLES = 100
 
 
 @dataclass
@@ -230,6 +232,8 @@ class Sim:
         self.tokens = 0
         leavers = self.rng.sample(range(scenario.nodes), round(scenario.churn * scenario.nodes))
         self.leave_at = {i: -1.0 for i in leavers}  # decided once the naive time is known
+        self.download_use: list[tuple[float, int, float, int]] = []
+        self.use_step = 0.0  # the lower bound / USE_SAMPLES, once the run starts
 
     # -- event plumbing -----------------------------------------------------------------------
 
@@ -263,6 +267,9 @@ class Sim:
             self._push(self.leave_at[i], "leave", self.nodes[i])
         for node in self.nodes:
             self._push(node.start, "start", node)
+        if 0 < horizon < math.inf and self.nodes:
+            self.use_step = horizon / USE_SAMPLES
+            self._push(min(n.start for n in self.nodes), "sample", None)
         if self.s.supernode_failure_at is not None:
             self._push(self.s.supernode_failure_at, "supernode_fails", 0)
         while True:
@@ -295,6 +302,8 @@ class Sim:
             control_messages=self.control_messages,
             naive_completion=naive,
             wall_seconds=time.monotonic() - wall,
+            download_use=self.download_use,
+            download_use_step=self.use_step,
         )
 
     def _dispatch(self, kind: str, payload: object) -> None:
@@ -327,6 +336,29 @@ class Sim:
         elif kind == "watched":
             assert isinstance(payload, tuple)
             self._watched(*payload)
+        elif kind == "sample":
+            self._sample()
+
+    def _sample(self) -> None:
+        """Note how the download links of the nodes still pulling are used now
+        (`StormResult.download_use`); again in `use_step` while anything else is to come."""
+        pulling = idle = 0
+        used = 0.0
+        for node in self.nodes:
+            if node.completion is not None or node.gone or node.start > self.now:
+                continue
+            down = self.node_down[node.index]
+            if not down > 0:
+                continue
+            pulling += 1
+            rate = self.net.receiving(node.host)
+            if rate > 0:
+                used += min(1.0, rate / down)
+            else:
+                idle += 1
+        self.download_use.append((self.now, pulling, used, idle))
+        if self.events or self.net.active_flows():
+            self._push(self.now + self.use_step, "sample", None)
 
     # -- the seeder ---------------------------------------------------------------------------
 

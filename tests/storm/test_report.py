@@ -215,6 +215,35 @@ def test_summary_numbers() -> None:
     assert s["wall_seconds"] == 0.25
 
 
+def test_download_use_splits_the_unused_capacity_by_when_and_how() -> None:
+    # bound 10 s, samples every 0.5 s: the first 2 s (20 % of the bound) are the ramp
+    samples = [
+        (0.0, 11, 0.0, 11),  # nobody receives yet: 11 links unused, all idle
+        (0.5, 11, 5.5, 3),  # half the capacity in use, 3 links idle
+        (1.5, 11, 10.0, 0),
+        (2.0, 11, 11.0, 0),  # from here on, the early part is over
+        (6.0, 10, 9.0, 1),
+    ]
+    use = summarize(small_result(download_use=samples, download_use_step=0.5))["download_use"]
+    lost = (11 + 5.5 + 1 + 0 + 1) * 0.5
+    assert use["node_seconds"] == pytest.approx(lost)
+    assert use["per_node"] == pytest.approx(lost / 11)
+    assert use["per_node_ratio"] == pytest.approx(lost / 11 / 10)
+    assert use["early_seconds"] == pytest.approx(2.0)
+    assert use["early_share"] == pytest.approx((11 + 5.5 + 1) * 0.5 / lost)
+    assert use["idle_share"] == pytest.approx((11 + 3 + 1) * 0.5 / lost)
+    assert use["samples"] == 5
+    table = format_table(summarize(small_result(download_use=samples, download_use_step=0.5)))
+    assert "unused download" in table and "in the first 2.00 s" in table
+    # without samples (the full engine) there is nothing to say, and the table says nothing
+    assert summarize(small_result())["download_use"] is None
+    assert "unused download" not in format_table(summarize(small_result()))
+    # every link full all along: nothing lost, and no shares of nothing
+    full = summarize(small_result(download_use=[(0.0, 11, 11.0, 0)], download_use_step=1.0))
+    assert full["download_use"]["per_node"] == 0.0
+    assert full["download_use"]["early_share"] is None
+
+
 def test_goal_flags() -> None:
     goals = summarize(small_result())["goals"]
     assert set(goals) == {"p50", "p99", "max", "registry_egress"}
@@ -346,6 +375,11 @@ def test_json_round_trip(tmp_path: Path) -> None:
     assert doc["per_node"]["own_bound"][2] == pytest.approx(10.0)
     assert doc["per_node"]["naive_duration"][10] == 60.0
     assert doc["registry_egress_timeline"][-1] == [6.0, 1005.0]
+    assert doc["download_use"] == []  # no samples in this result
+    sampled = small_result(download_use=[(0.0, 11, 2.5, 7)], download_use_step=0.1)
+    write_json(summarize(sampled), sampled, path)
+    with path.open() as f:
+        assert json.load(f)["download_use"] == [[0.0, 11, 2.5, 7]]
 
 
 def test_png(tmp_path: Path) -> None:
@@ -354,6 +388,12 @@ def test_png(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1000
+    # the fast engine's samples add a third panel: how the download links were used
+    wide = tmp_path / "wide.png"
+    samples = [(0.0, 11, 0.0, 11), (5.0, 11, 9.0, 1), (10.0, 5, 5.0, 0)]
+    plot_png(small_result(download_use=samples, download_use_step=5.0), wide)
+    width = int.from_bytes(wide.read_bytes()[16:20], "big")  # IHDR
+    assert width > int.from_bytes(data[16:20], "big") * 1.4
 
 
 # -- the progress bar -------------------------------------------------------------------------

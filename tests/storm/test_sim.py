@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.storm import sim as sim_module
 from benchmarks.storm.presets import GBIT, MBIT, PRESETS, MiB
 from benchmarks.storm.report import StormResult, lower_bound, summarize
 from benchmarks.storm.sim import Sim, naive_completion
@@ -31,6 +32,31 @@ def test_everyone_completes_and_each_layer_leaves_the_registry_once() -> None:
     # the swarm beats every host pulling from the registry on the same network
     assert max(durations) < max(r.naive_completion)
     assert r.control_messages > 0
+
+
+def test_the_unused_download_is_the_time_each_host_took_over_f_over_d(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sim = Sim(SMALL)
+    r = sim.run()
+    use = summarize(r)["download_use"]
+    assert use is not None and use["samples"] >= 100  # one per 1 % of the bound, to the end
+    # Hosts all starting at 0: a host whose link were full from its start would be done once
+    # its bytes were in (received / d: the image, and what endgame fetched twice); every
+    # second its link is not full adds a second. The samples (each counting for a step) and
+    # the completions must tell the same story.
+    over = [
+        c - sim.net.bytes_received(node.host) / SMALL.node_down
+        for c, node in zip(r.completion, sim.nodes, strict=True)
+        if c is not None
+    ]
+    assert use["per_node"] == pytest.approx(sum(over) / len(over), rel=0.03, abs=use["step"])
+    assert 0 < use["early_share"] <= 1 and 0 <= use["idle_share"] <= 1
+    # Sampling only looks: other steps, same storm.
+    monkeypatch.setattr(sim_module, "USE_SAMPLES", 7)
+    again = run()
+    assert again.completion == r.completion and again.control_messages == r.control_messages
+    assert 7 <= len(again.download_use) < use["samples"]
 
 
 def test_same_seed_same_run_other_seed_other_run() -> None:
