@@ -76,10 +76,11 @@ class SwarmConfig:
     seed_time: float = 600.0
     session: SessionConfig = field(default_factory=SessionConfig)
     # Watch parents that offer nothing more (`p2pd.peers.KNOWN_HEADER`). Off: in the
-    # namespace fleet (8 hosts and their containerds on 2 cores, CPU-bound) the watches
-    # cost the p2pd 17-19 -> 22.5 CPU-s and the storm 21-23 -> 24.5-25 s, against a small
-    # gain in the simulator (Storm-A 1.089 -> 1.082 of the bound, 3000 hosts 1.175 ->
-    # 1.156). To be turned on once a watch costs less than a general-server request.
+    # namespace fleet (8 hosts and their containerds on 2 cores, CPU-bound; four balanced
+    # pairs) the watches, 3000-3700 a storm, cost the p2pd ~2 ms of CPU each (80.8 -> 109.4
+    # CPU-s in all) and the storm 24.1 -> 27.8 s, against a small gain in the simulator
+    # (Storm-A 1.089 -> 1.082 of the bound, 3000 hosts 1.175 -> 1.156). To be turned on
+    # once news of a parent's pieces costs far less than a general-server request.
     watch_parents: bool = False
 
 
