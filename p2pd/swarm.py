@@ -246,13 +246,11 @@ class _Run:
         self.live: dict[Request, tuple[int, trio.CancelScope]] = {}
         self.tokens = 0
         self.released: set[Request] = set()  # slots freed early, verdicts pending
-        # Peers the last reply named in our zone: offered in full, so what their piece
-        # responses say they hold is taken (`HAVE_HEADER`, `DownloadSession.on_piece`). Not
-        # the seeder (the parent at the supernode's own address): it offers claims.
-        self.full_offer: frozenset[str] = frozenset()
-        # Parents of full_offer that offered nothing we lack, being watched for their next
-        # piece (`PieceClient.watch`), and each watch's scope; parents that cannot be
-        # watched (they refused or answered with nothing readable): not asked again.
+        # Parents offered in full (`DownloadSession.offered_in_full`: peers of our zone,
+        # not the seeder, which is the parent at the supernode's own address) that offered
+        # nothing we lack, being watched for their next piece (`PieceClient.watch`), and each
+        # watch's scope; parents that cannot be watched (they refused or answered with
+        # nothing readable): not asked again.
         self.watching: dict[str, trio.CancelScope] = {}
         self.unwatchable: set[str] = set()
         self.announcing = False  # an announce is in flight (`_announce_in_background`)
@@ -274,6 +272,7 @@ class _Run:
             self.config.session,
             have=self.download.have.copy(),
             now=now,
+            zone=self.config.zone,
         )
         self.session.completed.extend(good)  # the supernode learns them with the first announce
         self._apply(assignment, now)
@@ -387,17 +386,18 @@ class _Run:
             )
         if assignment.state != "failed":
             self._extend_manifest(assignment)
-        parents = [ParentView(p.peer_id, p.address, p.pieces) for p in assignment.parents]
-        zone = self.config.zone
-        seeder = _host_port(self.tracker.current) if self.tracker.current else None
-        self.full_offer = frozenset(
-            p.peer_id for p in assignment.parents if p.zone == zone and p.address != seeder
+        parents = [ParentView(p.peer_id, p.address, p.pieces, p.zone) for p in assignment.parents]
+        session = self.session
+        session.apply(
+            assignment.state,
+            self.manifest.known,
+            parents,
+            now,
+            assignment.pace_ms / 1000,
+            _host_port(self.tracker.current) if self.tracker.current else None,
         )
-        for parent in [p for p in self.watching if p not in self.full_offer]:
+        for parent in [p for p in self.watching if not session.offered_in_full(p)]:
             self.watching.pop(parent).cancel()
-        self.session.apply(
-            assignment.state, self.manifest.known, parents, now, assignment.pace_ms / 1000
-        )
 
     def _announce_in_background(self, now: float) -> None:
         """Send an announce without holding up the loop; the reply comes back as a `_Reply`.
@@ -474,11 +474,7 @@ class _Run:
         if not self.config.watch_parents:
             return
         for parent in self.session.exhausted():
-            if (
-                parent in self.full_offer
-                and parent not in self.watching
-                and parent not in self.unwatchable
-            ):
+            if parent not in self.watching and parent not in self.unwatchable:
                 scope = trio.CancelScope()
                 self.watching[parent] = scope
                 known = self.session.known_of(parent)
@@ -551,7 +547,7 @@ class _Run:
                 finally:
                     piece.release()
                 parent_has = None
-                if have is not None and request.parent in self.full_offer:
+                if have is not None and self.session.offered_in_full(request.parent):
                     parent_has = decode_have(have, self.layout.count)
                 self.send.send_nowait(_Result(request, token, ok=ok, parent_has=parent_has))
         finally:

@@ -189,6 +189,7 @@ class Sim:
                     random.Random(self.rng.random()),
                     self.scheduler_config,
                     seeder_id=SEEDER,
+                    seeder_address=SEEDER,  # how sessions tell it from the peers
                     seeder_zone="z0",  # the zone of its host, as the supernode's `zone`
                 ),
             )
@@ -394,6 +395,7 @@ class Sim:
                 random.Random(self.rng.random()),
                 self.session_config,
                 now=self.now,
+                zone=node.zone,
             )
             pull = _Pull(node.index, layer, session, supernode=layer.supernode)
             node.pulls.append(pull)
@@ -408,7 +410,12 @@ class Sim:
     def _apply(self, pull: _Pull, assignment: Assignment) -> None:
         pull.applied += 1
         pull.session.apply(
-            assignment.state.value, pull.layer.known, assignment.parents, self.now, assignment.pace
+            assignment.state.value,
+            pull.layer.known,
+            assignment.parents,
+            self.now,
+            assignment.pace,
+            SEEDER,
         )
 
     def _drive(self, pull: _Pull) -> None:
@@ -804,33 +811,31 @@ class Sim:
 
     def _holds(self, pull: _Pull, request: Request) -> Bitfield | None:
         """The parent's bitfield as its piece response carries it (the response's headers,
-        so as it was when the transfer starts): only a peer of the child's zone sends it
-        (`p2pd.peers.HAVE_HEADER`; not the seeder, not a parent in another zone: their
-        offers are the supernode's to ration). Off with ``piggyback=False``."""
+        so as it was when the transfer starts): a peer sends it (`p2pd.peers.HAVE_HEADER`),
+        the seeder does not; the child's session takes it only from a peer of its own zone
+        (`DownloadSession.offered_in_full`). Off with ``piggyback=False``."""
         if not self.piggyback or request.parent == SEEDER:
             return None
         parent = self.by_peer[request.parent]
-        if parent.zone != self.nodes[pull.node].zone:
-            return None
         index = pull.layer.index
         return parent.pulls[index].session.have if len(parent.pulls) > index else None
 
     def _watch(self, pull: _Pull) -> None:
-        """Watch each parent of the pull's zone that offers it nothing it lacks, as the
-        daemon does (`p2pd.peers.KNOWN_HEADER`): the parent answers once it holds more
-        pieces than the child knows of, at once if it already does."""
+        """Watch each parent offered in full that offers the pull nothing it lacks
+        (`DownloadSession.exhausted`: peers of its zone), as the daemon does
+        (`p2pd.peers.KNOWN_HEADER`): the parent answers once it holds more pieces than the
+        child knows of, at once if it already does."""
         session = pull.session
         state = (session.picker.have_count(), pull.applied)
         if state == pull.looked:
             return
         pull.looked = state
-        node = self.nodes[pull.node]
         index = pull.layer.index
         for name in session.exhausted():
-            if name in pull.watching or name == SEEDER:
+            if name in pull.watching:
                 continue
             parent = self.by_peer[name]
-            if parent.zone != node.zone or len(parent.pulls) <= index:
+            if len(parent.pulls) <= index:
                 continue
             pull.watching.add(name)
             known = session.known_of(name)

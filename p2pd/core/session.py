@@ -8,7 +8,7 @@ supernode; the storm simulator drives it with simulated ones. Same code, two dri
 
 Driving it::
 
-    session.apply(state, known, parents, now)  # each supernode reply: register, announce, report
+    session.apply(state, known, parents, now, pace, seeder_address)  # each supernode reply
     loop:
         out = session.poll(now)                    # advance timers, collect decisions
         cancel out.cancel; start out.fetch         # transfers
@@ -68,6 +68,10 @@ Rules:
   whose bytes are in: those are checked, and the parent dropped once their verdicts are in.
   Which comes first, a reply or the verdict of bytes that arrived at the same moment, is a
   race in the daemon; neither rule lets the outcome hang on it.
+- What a parent says of itself (its bitfield in a piece response or a watch's answer) is taken
+  only from a parent the supernode offers in full: a peer of this host's zone that is not the
+  seeder (`offered_in_full`; the seeder's offers are its rare-piece claims, a parent's in
+  another zone are rationed by zone claims: `Scheduler._assignment`). Only those are watched.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class ParentView:
     peer_id: str
     address: str
     pieces: Bitfield
+    zone: str = ""
 
 
 class Parent(Protocol):
@@ -134,6 +139,9 @@ class Parent(Protocol):
 
     @property
     def pieces(self) -> Bitfield: ...
+
+    @property
+    def zone(self) -> str: ...
 
 
 class Outbox:
@@ -161,9 +169,11 @@ class DownloadSession:
         config: SessionConfig | None = None,
         have: Bitfield | None = None,
         now: float = 0.0,
+        zone: str = "",
     ) -> None:
         self.layout = layout
         self.peer_id = peer_id
+        self.zone = zone  # this host's: parents of it are offered in full (`offered_in_full`)
         self.config = config or SessionConfig()
         self.picker = PiecePicker(layout, rng, self.config.picker, have=have)
         self.addresses: dict[str, str] = {}
@@ -180,6 +190,8 @@ class DownloadSession:
         # Pieces parents' own responses showed them to hold (`on_piece`'s parent_has), by
         # parent: a reply's older view of them must not take these back.
         self._fresh: dict[str, int] = {}
+        # Parents of the last reply the supernode offers in full (`offered_in_full`)
+        self._in_full: set[str] = set()
         self.known = 0
         self.requestable = 0  # >= known: also the pieces parents stream (see apply)
         self.failed_task = False
@@ -225,13 +237,15 @@ class DownloadSession:
         parents: Iterable[Parent],
         now: float,
         pace: float = 0.0,
+        seeder_address: str | None = None,
     ) -> None:
         """A supernode reply: the task's state, how many hashes are known, the parents, and
         the fewest seconds it wants between our calls (`pace`: it is busy; 0 = our timing).
         Pacing stretches the announce timers of a peer with transfers under way; not the
         calls of an idle one (it needs new parents, and its back-off doubles anyway: churn
         storm, p99 2.08x -> 1.77x the bound), not reports of bad or unreachable parents, and
-        never beyond MAX_PACE."""
+        never beyond MAX_PACE. `seeder_address`: where the supernode's seeder is (its own
+        address), to tell it from the peers (`offered_in_full`)."""
         self.awaiting_reply = False
         self.pace = min(max(0.0, pace), MAX_PACE)
         if self.pace:
@@ -266,7 +280,11 @@ class DownloadSession:
             if parent not in wanted:
                 self._let_go(parent)
         fresh = self._fresh
+        zone, in_full = self.zone, self._in_full
+        in_full.clear()
         for parent_id, info in wanted.items():
+            if info.zone == zone and info.address != seeder_address:
+                in_full.add(parent_id)
             self.addresses[parent_id] = info.address
             self.leaving.discard(parent_id)
             self.picker.add_parent(parent_id, info.pieces)
@@ -291,23 +309,15 @@ class DownloadSession:
         wrote them). `parent_has` is the parent's bitfield as its response carried it: fresher
         than the supernode's, which lags by an announce interval; what it adds is kept
         whatever later replies say of the parent (a parent's pieces only grow while it is
-        ours). The driver passes it only for a parent the supernode offers in full (a peer
-        of our zone: not the seeder, whose offers are its rare-piece claims, nor a parent in
-        another zone, whose offers are rationed). Returns True when this was a new verified
-        piece."""
+        ours). Taken only from a parent the supernode offers in full (`offered_in_full`).
+        Returns True when this was a new verified piece."""
         if request not in self.live:
             return False  # cancelled meanwhile: the picker has already moved on
         self.live.discard(request)
         asked = self._asked.pop(request, now)
         self.failures.pop(request.parent, None)
-        if (
-            parent_has is not None
-            and parent_has.length == self.layout.count
-            and request.parent in self.addresses
-            and request.parent in self.picker.parents()
-            and request.parent not in self.leaving
-        ):
-            self._merge(request.parent, parent_has.bits)
+        if parent_has is not None:
+            self._take_word(request.parent, parent_has)
         for action in self.picker.on_piece(request.parent, request.index, ok, now):
             if isinstance(action, Cancel):
                 self._cancel(Request(action.parent, action.index))
@@ -328,25 +338,36 @@ class DownloadSession:
     def on_have(self, parent: str, pieces: Bitfield) -> None:
         """A parent's bitfield, sent when it got a piece while we were watching it (see
         `exhausted`); taken as `on_piece`'s `parent_has` is."""
-        if (
-            pieces.length == self.layout.count
-            and parent in self.addresses
-            and parent in self.picker.parents()
-            and parent not in self.leaving
-        ):
-            self._merge(parent, pieces.bits)
+        self._take_word(parent, pieces)
+
+    def offered_in_full(self, parent: str) -> bool:
+        """Whether the last reply offered all `parent` holds, so that what it says of itself
+        may be taken: a peer of our zone, not the seeder. The seeder's offers are its
+        rare-piece claims and a parent's in another zone are rationed by zone claims
+        (`Scheduler._assignment`): their own word would undo that rationing."""
+        return parent in self._in_full
 
     def exhausted(self) -> list[str]:
-        """Parents offering nothing we lack: to watch for their next piece."""
-        exhausted = self.picker.exhausted()
-        if self.leaving:
-            return [p for p in exhausted if p not in self.leaving]
-        return exhausted
+        """Parents offered in full that offer nothing we lack: to watch for their next
+        piece."""
+        in_full, leaving = self._in_full, self.leaving
+        return [p for p in self.picker.exhausted() if p in in_full and p not in leaving]
 
     def known_of(self, parent: str) -> int:
         """How many pieces `parent` was said to hold, corrupt ones included: what a watch of
         it names, so that its answer at once always brings a piece we did not know of."""
         return self.picker.reported(parent).bit_count()
+
+    def _take_word(self, parent: str, pieces: Bitfield) -> None:
+        """What `parent` said it holds: kept (`_fresh`) and offered to the picker, if it is
+        a parent of ours offered in full and the bitfield is of this blob's layout."""
+        if (
+            pieces.length == self.layout.count
+            and parent in self._in_full
+            and parent in self.picker.parents()
+            and parent not in self.leaving
+        ):
+            self._merge(parent, pieces.bits)
 
     def _merge(self, parent: str, bits: int) -> None:
         self._fresh[parent] = self._fresh.get(parent, 0) | bits

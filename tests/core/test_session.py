@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -611,3 +612,40 @@ def test_parents_offering_nothing_we_lack_are_exhausted_until_they_say_they_have
     assert [r.index for r in s.poll(0.2).fetch] == [2]
     s.on_have("x", bits("11111111"))  # not a parent of ours: nothing
     assert "x" not in s.picker.parents()
+
+
+def test_only_a_parent_offered_in_full_is_taken_at_its_word_or_watched() -> None:
+    # The seeder's offers are its rare-piece claims and a parent's in another zone are
+    # rationed by zone claims: what they say they hold must not undo that. Only a peer of our
+    # own zone (here "z1") that is not the seeder (the parent at the supernode's address).
+    s = DownloadSession(LAYOUT, "me", random.Random(1), CONFIG, zone="z1")
+    peer, far = parent("peer", "10000000"), parent("far", "01000000")
+    seeder = ParentView("seeder", "sn:1", bits("00100000"), "z1")
+    near = ParentView(peer.peer_id, peer.address, peer.pieces, "z1")
+    s.apply("ready", 8, [near, replace(far, zone="z2"), seeder], 0.0, seeder_address="sn:1")
+    assert [s.offered_in_full(p) for p in ("peer", "far", "seeder")] == [True, False, False]
+    for request in s.poll(0.0).fetch:
+        s.on_piece(request, True, 0.1, parent_has=bits("11111111"))
+    assert s.have == bits("11100000")
+    assert s.picker.offers("peer") == bits("11111111").bits  # its word taken
+    assert s.picker.offers("far") == bits("01000000").bits  # theirs not
+    assert s.picker.offers("seeder") == bits("00100000").bits
+    s.on_have("far", bits("11111111"))
+    s.on_have("seeder", bits("11111111"))
+    assert s.picker.offers("far") == bits("01000000").bits
+    assert s.picker.offers("seeder") == bits("00100000").bits
+    # the supernode moved: the parent at the old address is a peer now like any other
+    s.apply("ready", 8, [near, seeder], 0.3, seeder_address="sn2:1")
+    assert s.offered_in_full("seeder") and not s.offered_in_full("far")
+
+
+def test_only_parents_offered_in_full_are_named_to_watch() -> None:
+    s = DownloadSession(LAYOUT, "me", random.Random(1), CONFIG, zone="z1")
+    names = {"peer": ("peer:1", "z1"), "far": ("far:1", "z2"), "seeder": ("sn:1", "z1")}
+    parents = [ParentView(n, a, bits("10000000"), z) for n, (a, z) in names.items()]
+    s.apply("ready", 8, parents, 0.0, seeder_address="sn:1")
+    fetch = s.poll(0.0).fetch  # piece 0, from more than one of them (endgame)
+    assert s.on_piece(fetch[0], True, 0.1)
+    s.poll(0.1)
+    assert sorted(s.picker.exhausted()) == ["far", "peer", "seeder"]  # nothing more anywhere
+    assert s.exhausted() == ["peer"]
