@@ -352,9 +352,9 @@ UPLOADS_HEADER = "x-p2p-uploads"
 # (each paced by the supernode in a large fleet). Storm simulator, Storm-A: 1000 hosts
 # 1.098 / 1.108 / 1.117 -> 1.089 / 1.100 / 1.104 of the bound (71 -> 63 messages per host),
 # 3000 hosts 1.204 / 1.229 / 1.240 -> 1.175 / 1.199 / 1.219 (59 -> 43). The child takes it
-# only from a parent the supernode offers in full (a peer of its own zone); the seeder does
-# not send it (its offers are the supernode's rare-piece claims). Absent or unreadable: the
-# supernode's word alone, as before.
+# only from a parent the supernode offers in full (a peer of its own zone:
+# `DownloadSession.offered_in_full`); the seeder does not send it (its offers are the
+# supernode's rare-piece claims). Absent or unreadable: the supernode's word alone, as before.
 HAVE_HEADER = "x-p2p-have"
 # A child that has taken every piece its parent offered watches it: ``GET /have/<digest>``
 # with `KNOWN_HEADER` (how many pieces it knows the parent holds) is answered, empty, with
