@@ -358,7 +358,9 @@ class Sim:
             else:
                 idle += 1
         self.download_use.append((self.now, pulling, used, idle))
-        if self.events or self.net.active_flows():
+        # as long as the run itself goes on (`_run`'s loop): a flow that never ends (no
+        # capacity) must not keep a run with nothing else to come alive
+        if self.events or self.net.next_completion() is not None:
             self._push(self.now + self.use_step, "sample", None)
 
     # -- the seeder ---------------------------------------------------------------------------
