@@ -190,7 +190,8 @@ class DownloadSession:
         # Pieces parents' own responses showed them to hold (`on_piece`'s parent_has), by
         # parent: a reply's older view of them must not take these back.
         self._fresh: dict[str, int] = {}
-        # Parents of the last reply the supernode offers in full (`offered_in_full`)
+        # Parents of the last reply the supernode offers in full (`offered_in_full`), less
+        # those dropped since: never a parent let go, nor one off the picker's books
         self._in_full: set[str] = set()
         self.known = 0
         self.requestable = 0  # >= known: also the pieces parents stream (see apply)
@@ -350,8 +351,8 @@ class DownloadSession:
     def exhausted(self) -> list[str]:
         """Parents offered in full that offer nothing we lack: to watch for their next
         piece."""
-        in_full, leaving = self._in_full, self.leaving
-        return [p for p in self.picker.exhausted() if p in in_full and p not in leaving]
+        in_full = self._in_full
+        return [p for p in self.picker.exhausted() if p in in_full]
 
     def known_of(self, parent: str) -> int:
         """How many pieces `parent` was said to hold, corrupt ones included: what a watch of
@@ -361,12 +362,7 @@ class DownloadSession:
     def _take_word(self, parent: str, pieces: Bitfield) -> None:
         """What `parent` said it holds: kept (`_fresh`) and offered to the picker, if it is
         a parent of ours offered in full and the bitfield is of this blob's layout."""
-        if (
-            pieces.length == self.layout.count
-            and parent in self._in_full
-            and parent in self.picker.parents()
-            and parent not in self.leaving
-        ):
+        if pieces.length == self.layout.count and parent in self._in_full:
             self._merge(parent, pieces.bits)
 
     def _merge(self, parent: str, bits: int) -> None:
@@ -587,6 +583,7 @@ class DownloadSession:
             self._fresh.pop(parent, None)
 
     def _drop_parent(self, parent: str) -> None:
+        self._in_full.discard(parent)
         self.leaving.discard(parent)
         self._fresh.pop(parent, None)
         if parent in self.picker.parents():
