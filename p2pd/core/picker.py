@@ -327,18 +327,22 @@ class PiecePicker:
         self._free |= new
         self._free_r |= self._to_rank(new)
 
-    def add_parent(self, parent: str, pieces: Bitfield) -> None:
-        """A new parent, or a known one's bitfield replaced."""
+    def add_parent(self, parent: str, pieces: Bitfield, extra: int = 0) -> None:
+        """A new parent, or a known one's bitfield replaced; `extra`: pieces it holds besides,
+        by its own word (as `add_pieces` adds them, in one change of its pieces)."""
         self._check_bitfield(pieces)
+        reported = pieces.bits | extra
+        if extra and (extra < 0 or extra >> self._n):
+            raise PickerError(f"bits set beyond the blob's {self._n} pieces")
         p = self._parents.get(parent)
         if p is None:
             p = self._parents[parent] = _Parent()
             bisect.insort(self._names, parent)
             self._by_avail_r.append(0)
-        elif p.reported == pieces.bits:
+        elif p.reported == reported:
             return  # the same as before: every reply names every parent again
-        p.reported = pieces.bits
-        self._set_bits(p, p.reported & ~p.banned)
+        p.reported = reported
+        self._set_bits(p, reported & ~p.banned)
 
     def update_parent(self, parent: str, pieces: Bitfield) -> None:
         """A parent's fresh bitfield; its requests in flight stay in flight either way."""
@@ -371,6 +375,11 @@ class PiecePicker:
         if depth and self._names:
             limit = max(limit, -(-depth // len(self._names)))
         return limit
+
+    def pass_turn(self) -> None:
+        """What a `pick` that can ask for nothing does: the next pick starts one parent on."""
+        if self._names:
+            self._turn += 1
 
     def pick(self, now: float) -> list[Request]:
         """Fill every parent's free slots; each piece picked becomes DOWNLOADING."""

@@ -183,6 +183,7 @@ class DownloadSession:
         self.slow: set[str] = set()  # parents set aside as slow (`_judge_speed`); not reported
         self._asked: dict[Request, float] = {}  # when each live request was made
         self._rates: dict[str, tuple[float, int]] = {}  # parent -> (bytes/s, pieces measured)
+        self._fastest = 0.0  # the highest of those averages ever: above any median of them
         # Parents the supernode took away while pieces of theirs were being checked: kept on
         # the picker's books, offering nothing, until those verdicts are in (see `_let_go`).
         self.leaving: set[str] = set()
@@ -206,6 +207,11 @@ class DownloadSession:
         # early_bytes in whole pieces (rounded up; the blob's last piece may be shorter)
         self._early_pieces = -(-self.config.early_bytes // max(1, layout.piece_size))
         self._out = Outbox()
+        # Inputs taken (each input method counts one), and when the last poll that left
+        # nothing pending was, with that count: a poll again at that instant with no input
+        # since has nothing to hand over (see `poll`).
+        self._inputs = 0
+        self._quiet: tuple[float, int] = (-1.0, -1)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -247,6 +253,7 @@ class DownloadSession:
         storm, p99 2.08x -> 1.77x the bound), not reports of bad or unreachable parents, and
         never beyond MAX_PACE. `seeder_address`: where the supernode's seeder is (its own
         address), to tell it from the peers (`offered_in_full`)."""
+        self._inputs += 1
         self.awaiting_reply = False
         self.pace = min(max(0.0, pace), MAX_PACE)
         if self.pace:
@@ -288,9 +295,7 @@ class DownloadSession:
                 in_full.add(parent_id)
             self.addresses[parent_id] = info.address
             self.leaving.discard(parent_id)
-            self.picker.add_parent(parent_id, info.pieces)
-            if parent_id in fresh:
-                self.picker.add_pieces(parent_id, fresh[parent_id])
+            self.picker.add_parent(parent_id, info.pieces, fresh.get(parent_id, 0))
 
     def on_received(self, request: Request) -> None:
         """A transfer's bytes arrived, or their last ones are about to (the daemon calls it
@@ -300,6 +305,7 @@ class DownloadSession:
         request to that parent; the starved announce in `poll`): drivers that model the
         daemon (the storm simulator) call it and poll before `on_piece` even when the
         verdict is due at the same instant."""
+        self._inputs += 1
         if request in self.live:
             self.picker.on_received(request.parent, request.index)
 
@@ -312,6 +318,7 @@ class DownloadSession:
         whatever later replies say of the parent (a parent's pieces only grow while it is
         ours). Taken only from a parent the supernode offers in full (`offered_in_full`).
         Returns True when this was a new verified piece."""
+        self._inputs += 1
         if request not in self.live:
             return False  # cancelled meanwhile: the picker has already moved on
         self.live.discard(request)
@@ -339,6 +346,7 @@ class DownloadSession:
     def on_have(self, parent: str, pieces: Bitfield) -> None:
         """A parent's bitfield, sent when it got a piece while we were watching it (see
         `exhausted`); taken as `on_piece`'s `parent_has` is."""
+        self._inputs += 1
         self._take_word(parent, pieces)
 
     def offered_in_full(self, parent: str) -> bool:
@@ -374,6 +382,7 @@ class DownloadSession:
     ) -> None:
         """A transfer failed. `not_found`: the parent answered it lacks the piece; `busy`: it
         had no free upload slot. Neither counts against the parent; anything else does."""
+        self._inputs += 1
         if request not in self.live:
             return
         self.live.discard(request)
@@ -393,7 +402,17 @@ class DownloadSession:
     # -- outputs ------------------------------------------------------------------------------
 
     def poll(self, now: float) -> Outbox:
-        """Advance timers to `now` and hand over every decision made since the last poll."""
+        """Advance timers to `now` and hand over every decision made since the last poll.
+
+        A poll at the instant of the last one, with no input since and nothing left pending
+        by it (no announce taken nor give-up acted on), finds nothing new: the drivers poll
+        again after every fetch, in case starting it failed at once, and most do not."""
+        if self._quiet == (now, self._inputs):
+            if self.live:
+                self.last_busy = now
+            if not self.picker.is_complete():
+                self.picker.pass_turn()
+            return Outbox()
         for request in self.picker.expire(now):
             self.live.discard(request)
             self._asked.pop(request, None)
@@ -451,11 +470,14 @@ class DownloadSession:
             if now >= self.next_announce:
                 self._out.announce = True
         out, self._out = self._out, Outbox()
+        if not out.announce and out.gave_up is None:
+            self._quiet = (now, self._inputs)
         return out
 
     def hashes_wanted(self, now: float) -> None:
         """Call the supernode as soon as pacing allows: pieces wait for news from it (their
         hashes, or more pieces on offer)."""
+        self._inputs += 1
         soonest = self.last_announce + max(self.config.min_announce_gap, self.pace)
         self.next_announce = min(self.next_announce, max(now, soonest))
 
@@ -474,6 +496,7 @@ class DownloadSession:
 
     def take_announce(self, now: float) -> tuple[list[int], bool]:
         """The pieces completed since the last announce; restarts the announce timer."""
+        self._inputs += 1
         if not self.live:
             self.idle_gap = min(2 * self.idle_gap, self.config.announce_interval)
         interval = self.config.announce_interval
@@ -538,9 +561,14 @@ class DownloadSession:
         average = rate if not count else (old + rate) / 2
         count += 1
         self._rates[parent] = (average, count)
+        self._fastest = max(self._fastest, average)
         config = self.config
-        if not config.slow_parent_ratio or count < config.slow_parent_samples:
-            return
+        if (
+            not config.slow_parent_ratio
+            or count < config.slow_parent_samples
+            or average >= config.slow_parent_ratio * self._fastest
+        ):
+            return  # (no median of our parents' rates is above the fastest ever measured)
         picker = self.picker
         current = picker.parents()
         if parent in self.leaving or parent not in current or len(current) <= 2:

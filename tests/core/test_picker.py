@@ -217,6 +217,37 @@ def test_add_pieces_only_adds_and_keeps_availability_in_step() -> None:
         picker.add_pieces("x", 1)
 
 
+def test_a_parent_named_with_pieces_it_said_it_holds_changes_in_one_step() -> None:
+    picker = make(4)
+    picker.add_parent("a", bf("1..."), extra=bf(".1..").bits)
+    assert picker.offers("a") == bf("11..").bits
+    assert [picker.availability(i) for i in range(4)] == [1, 1, 0, 0]
+    picker.add_parent("a", bf("..1."), extra=bf(".1..").bits)  # the reply's view replaced
+    assert picker.offers("a") == bf(".11.").bits
+    assert [picker.availability(i) for i in range(4)] == [0, 1, 1, 0]
+    with pytest.raises(PickerError):
+        picker.add_parent("a", bf("1..."), extra=1 << 4)  # past the blob's end
+    assert picker.offers("a") == bf(".11.").bits  # a refused call changes nothing
+
+
+def test_a_pick_with_nothing_to_ask_passes_the_turn_on() -> None:
+    """`pass_turn` is what a pick that finds every slot taken does to the rotation."""
+    picked = []
+    for skip in (False, True):
+        picker = make(4, max_in_flight_per_parent=1, prefix_window=4)
+        picker.add_parent("a", bf("1111"))
+        picker.add_parent("b", bf("1111"))
+        assert pairs(picker.pick(0.0)) == [("a", 0), ("b", 1)]
+        if skip:
+            picker.pass_turn()
+        else:
+            assert picker.pick(0.0) == []  # every slot taken
+        picker.on_piece("a", 0, True, 1.0)
+        picker.on_piece("b", 1, True, 1.0)
+        picked.append(pairs(picker.pick(1.0)))
+    assert picked[0] == picked[1] == [("a", 2), ("b", 3)]
+
+
 def test_remove_parent_restores_its_pieces() -> None:
     picker = make(4, max_in_flight_per_parent=2, prefix_window=4)
     picker.add_parent("a", bf("1111"))

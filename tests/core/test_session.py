@@ -57,6 +57,63 @@ def test_fetches_only_known_pieces_and_batches_announces() -> None:
     assert not s.poll(1.5).announce
 
 
+def test_a_poll_again_at_the_same_instant_with_nothing_new_hands_over_nothing() -> None:
+    s = session(now=4.0)
+    s.apply("ready", 8, [parent("a"), parent("b")], 4.0)
+    first = s.poll(4.5)
+    assert len(first.fetch) == 4
+    assert s.last_busy == 4.0  # nothing was in flight when it looked
+    again = s.poll(4.5)
+    assert (again.fetch, again.cancel, again.reports, again.announce) == ([], [], [], False)
+    assert s.last_busy == 4.5  # as a full poll: transfers are in flight now
+    s.on_failure(first.fetch[0], False, 4.5)  # an input: acted on at the same instant
+    assert [r.index for r in s.poll(4.5).fetch] == [first.fetch[0].index]
+    assert s.poll(5.0).announce
+    assert s.poll(5.0).announce  # an announce not taken is still due
+    s.take_announce(5.0)
+    assert not s.poll(5.0).announce
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_polls_again_at_one_instant_decide_as_full_polls_would(seed: int) -> None:
+    """The quiet path of `poll` changes nothing a full poll would have decided: two sessions
+    driven alike, one made to take every poll the full way (a no-op input before it),
+    make the same requests, announces and reports throughout."""
+    rng = random.Random(seed)
+    n = 64
+    layout = PieceLayout(n, 1)
+    cfg = replace(CONFIG, picker=PickerConfig(max_in_flight_per_parent=2, prefix_window=4))
+    holdings = {f"p{i}": rng.getrandbits(n) for i in range(5)}
+    views = [ParentView(name, f"{name}:1", Bitfield(n, bits)) for name, bits in holdings.items()]
+    sessions = [DownloadSession(layout, "me", random.Random(seed), cfg) for _ in range(2)]
+    logs: list[list[object]] = [[], []]
+    for s in sessions:
+        s.apply("ready", n, views, 0.0)
+    for step in range(300):
+        now = step * 0.05
+        for k, s in enumerate(sessions):
+            for _ in range(3):  # a driver polls again after acting
+                if k:
+                    s.on_received(Request("nobody", 0))  # counts as an input, does nothing
+                out = s.poll(now)
+                logs[k].append((now, out.fetch, out.cancel, out.reports, out.announce, out.gave_up))
+                if out.announce:
+                    s.take_announce(now)
+                    s.apply("ready", n, views, now)
+        # the same results reach both, decided once
+        live = sorted(sessions[0].live)
+        assert live == sorted(sessions[1].live)
+        for request in live:
+            roll = rng.random()
+            for s in sessions:
+                if roll < 0.6:
+                    s.on_piece(request, True, now)
+                elif roll < 0.65:
+                    s.on_failure(request, False, now)
+    assert logs[0] == logs[1]
+    assert sessions[0].have == sessions[1].have
+
+
 def test_idle_session_asks_soon_then_backs_off() -> None:
     s = session()
     s.apply("fetching", 0, [], 0.0)
