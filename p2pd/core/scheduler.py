@@ -296,6 +296,7 @@ class _Task:
         "claims",
         "digest",
         "elders",
+        "ended",
         "free",
         "holders",
         "joined",
@@ -304,6 +305,7 @@ class _Task:
         "peers",
         "piece_time",
         "progress_at",
+        "pruned",
         "queue",
         "ranked",
         "rare",
@@ -345,6 +347,11 @@ class _Task:
         # seeder's zone: those the complete seeder serves in full (Scheduler._elder)
         self.queue: deque[_Peer] = deque()
         self.elders: dict[str, _Peer] = {}
+        # Downloads of the task that ended (complete, or the peer went) or may have (a
+        # re-register), counted, and that count when the elders were last pruned: with no
+        # end since, pruning would find nothing (Scheduler._elder)
+        self.ended = 0
+        self.pruned = -1
         # peers that held a piece when they called, in that order (some may have left since):
         # where Scheduler._borrow samples from
         self.holders: list[_Peer] = []
@@ -578,6 +585,7 @@ class Scheduler:
         if peer.pieces.bits and not peer.held:
             peer.held = True
             task.holders.append(peer)
+        task.ended += 1  # (a re-register may have replaced its pieces)
         self._count(peer, not peer.pieces.is_full())
         self._reindex(task, peer)
         self._revise(task, peer)
@@ -620,6 +628,8 @@ class Scheduler:
         if peer.pieces.bits and not peer.held:
             peer.held = True
             task.holders.append(peer)
+        if downloading and peer.pieces.is_full():
+            task.ended += 1
         self._count(peer, not peer.pieces.is_full())
         self._reindex(task, peer)  # its pieces place it among the free peers
         if want_parents:
@@ -1147,7 +1157,11 @@ class Scheduler:
         ):
             return False
         elders = task.elders
-        if len(elders) >= limit and child.peer_id not in elders:
+        if len(elders) >= limit and child.peer_id not in elders and task.pruned != task.ended:
+            # (with no download ended since the last look, none of them is done or gone: a
+            # look at all of them on every call was a fifth of the supernode's CPU once the
+            # seeder had the blob, `p2p-bench dataplane --control-only`)
+            task.pruned = task.ended
             for peer_id, peer in list(elders.items()):
                 if task.peers.get(peer_id) is not peer or peer.pieces.is_full():
                     del elders[peer_id]  # done or gone: its place goes to the next in line
@@ -1172,6 +1186,7 @@ class Scheduler:
         return (1 << end) - (1 << known) if end > known else 0
 
     def _drop(self, task: _Task, peer: _Peer) -> None:
+        task.ended += 1
         self._count(peer, False)
         self._claim(task, peer, 0)  # its zone may be offered those pieces from outside again
         self._lose(task, peer.pieces.bits, peer.zone, peer.peer_id, peer.slots)

@@ -1333,6 +1333,18 @@ def test_the_complete_seeder_serves_the_first_children_still_downloading_everyth
     check_books(s, D)
 
 
+def test_a_first_child_that_registers_again_complete_gives_its_place_on() -> None:
+    s = sched(seeder_elders=1)
+    s.register(D, "full", "", "", 0.0, upload_slots=8, have=bf("1111"))
+    s.register(D, "c0", "", "", 0.0)
+    s.register(D, "c1", "", "", 0.0)
+    assert offers(s.announce(D, "c0", [], 1.0))[SEEDER] == [0, 1, 2, 3]
+    assert SEEDER not in offers(s.announce(D, "c1", [], 1.0))  # the place is taken
+    s.register(D, "c0", "", "", 2.0, have=bf("1111"))  # restarted with the whole blob cached
+    assert offers(s.announce(D, "c1", [], 2.0))[SEEDER] == [0, 1, 2, 3]
+    check_books(s, D)
+
+
 def test_the_seeder_serves_first_children_in_full_only_with_the_blob_and_nothing_rare() -> None:
     s = sched(seeder_elders=2, ready=False)
     s.seeder_progress(D, 2, 0.0)  # pieces 0 and 1 in
