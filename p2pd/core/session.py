@@ -404,9 +404,10 @@ class DownloadSession:
     def poll(self, now: float) -> Outbox:
         """Advance timers to `now` and hand over every decision made since the last poll.
 
-        A poll at the instant of the last one, with no input since and nothing left pending
-        by it (no announce taken nor give-up acted on), finds nothing new: the drivers poll
-        again after every fetch, in case starting it failed at once, and most do not."""
+        A poll at the instant of the last one, with no input since and nothing handed over
+        by that one that stays due (an announce, a give-up), finds nothing new and returns at
+        once: the drivers poll again after every fetch, in case starting it failed at once,
+        and most do not."""
         if self._quiet == (now, self._inputs):
             if self.live:
                 self.last_busy = now
