@@ -1264,6 +1264,45 @@ def test_seeder_slots_past_half_go_to_hosts_it_feeds_nowhere_else() -> None:
     assert s._fed == fed(s) == {"h3": 1, "h4": 1}
 
 
+def kids_by_zone(s: Scheduler, digest: Digest = D) -> dict[str, int]:
+    """The seeder's children in each zone, counted from the links."""
+    task = s._tasks[digest]
+    counts: dict[str, int] = {}
+    for kid in s.children(digest, SEEDER):
+        zone = task.peers[kid].zone
+        counts[zone] = counts.get(zone, 0) + 1
+    return counts
+
+
+def test_the_zones_share_the_seeders_slots_equally() -> None:
+    s = sched(seeder_upload_slots=6, max_parents=0)  # every child needs the seeder
+    for zone in "bc":
+        s.register(D, f"{zone}0", "", zone, 0.0)
+    for n in range(4):
+        s.register(D, f"a{n}", "", "a", 0.0)
+    # peers in three zones: zone a's children take 6 / 3 of the slots, the rest wait
+    assert s.children(D, SEEDER) == ["b0", "c0", "a0", "a1"]
+    assert names(s.announce(D, "a2", [], 1.0)) == []
+    # the other zones' shares stay free for them
+    assert names(s.register(D, "b1", "", "b", 1.0)) == [SEEDER]
+    # a child of zone a that completes frees a place for the next one of its zone
+    s.announce(D, "a0", [0, 1, 2, 3], 2.0)
+    assert names(s.announce(D, "a2", [], 2.0)) == [SEEDER]
+    # a child that moves to another zone (re-register) is counted there
+    s.register(D, "a1", "", "c", 3.0)
+    assert {k: v for k, v in s._tasks[D].seeder_kids.items() if v} == kids_by_zone(s)
+    assert kids_by_zone(s) == {"a": 1, "b": 2, "c": 2}
+    s.leave(D, "b0")
+    assert {k: v for k, v in s._tasks[D].seeder_kids.items() if v} == kids_by_zone(s)
+
+
+def test_one_zone_takes_every_slot_of_the_seeder() -> None:
+    s = sched(seeder_upload_slots=6, max_parents=0)
+    for n in range(7):
+        s.register(D, f"a{n}", "", "a", 0.0)
+    assert len(s.children(D, SEEDER)) == 6
+
+
 def test_seeder_spread_zero_is_first_come() -> None:
     assert SchedulerConfig().seeder_spread == 0.5  # see Scheduler._seeder_slot
     s = sched(seeder_upload_slots=2, seeder_spread=0.0)
