@@ -1033,7 +1033,8 @@ class Scheduler:
         behind a 3258 messages/s supernode, against 1.63x).
 
         With peers in several zones, the children of one zone hold at most an equal share of
-        the task's slots (slots / zones that have peers in it). Why: a piece enters another
+        the task's slots (slots / the zones that peers with upload slots registered from).
+        Why: a piece enters another
         zone once (``zone_claims``), through the one child there that has it on offer, while
         the seeder's own zone takes many copies; with every slot open to all, that child's
         flow was one of ~190 sharing the seeder's uplink, the pieces entering each other zone
