@@ -1032,21 +1032,20 @@ class Scheduler:
         the slot of one fed in several layers (the displaced host's transfer is lost: 1.68x
         behind a 3258 messages/s supernode, against 1.63x).
 
-        With peers in several zones, the children of one zone hold at most an equal share of
-        the task's slots (slots / the zones that peers with upload slots registered from).
-        Why: a piece enters another
-        zone once (``zone_claims``), through the one child there that has it on offer, while
-        the seeder's own zone takes many copies; with every slot open to all, that child's
-        flow was one of ~190 sharing the seeder's uplink, the pieces entering each other zone
-        crossed at 1-1.5 of the zone link's 10 Gbit/s in the storm's first second and those
-        zones' hosts used half their downlinks (storm simulator, zones preset, 1000 hosts,
-        median of the bound: the seeder's zone 1.076, the two others 1.162 and 1.144). Capping
-        the seeder's zone at a share of the slots -- 1/2, 1/3, 1/4, 1/5, 1/8: p50 1.111,
-        1.104, 1.103, 1.109, 1.121 (the seeder's zone itself 1.092 / 1.092 / 1.103 / 1.114 /
-        1.165) -- the equal share gives 1.144 / 1.170 / 1.174 -> 1.104 / 1.121 / 1.131 (zones
-        1.092, 1.109, 1.106), crossing 1.031x (zones - 1) x the image, not 1.002x. Swarms in
-        one zone are unchanged. The rule's limit: a share the other zones leave idle stays
-        idle, so with many zones the children of one may not fill the seeder's uplink alone.
+        With peers in several zones, the children of one zone hold at most an equal share of the
+        task's slots (slots / the zones that peers with upload slots registered from). Why: a piece
+        enters another zone once (``zone_claims``), through the one child there that has it on
+        offer, while the seeder's own zone takes many copies; with every slot open to all, that
+        child's flow was one of ~190 sharing the seeder's uplink, the pieces entering each other
+        zone crossed at 1-1.5 of the zone link's 10 Gbit/s in the storm's first second and those
+        zones' hosts used half their downlinks (storm simulator, zones preset, 1000 hosts, median of
+        the bound: the seeder's zone 1.076, the two others 1.162 and 1.144). Capping the seeder's
+        zone at a share of the slots -- 1/2, 1/3, 1/4, 1/5, 1/8: p50 1.111, 1.104, 1.103, 1.109,
+        1.121 (the seeder's zone itself 1.092 / 1.092 / 1.103 / 1.114 / 1.165) -- the equal share
+        gives 1.144 / 1.170 / 1.174 -> 1.104 / 1.121 / 1.131 (zones 1.092, 1.109, 1.106), crossing
+        1.031x (zones - 1) x the image, not 1.002x. Swarms in one zone are unchanged. The rule's
+        limit: a share the other zones leave idle stays idle, so with many zones the children of one
+        may not fill the seeder's uplink alone.
         """
         free = seeder.slots - len(seeder.children)
         if free <= 0:
