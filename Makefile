@@ -1,4 +1,4 @@
-.PHONY: install test demo bench-micro
+.PHONY: install test demo bench-micro native
 
 # Create .venv and install the project with its test extras.
 install:
@@ -15,3 +15,7 @@ demo:
 # Core microbenchmarks: prints JSON and writes bench-out/micro.json.
 bench-micro: install
 	.venv/bin/p2p-bench micro --out bench-out/micro.json
+
+# The core and the storm simulator compiled with mypyc into build/native (see p2pd/native.py).
+native: install
+	.venv/bin/python -m p2pd.native build

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the integration and end-to-end tests run for real: a registry, the
 # container clients that pull through p2pd, systemd-analyze for the unit files and chromium
-# for the status page. Installs only what is missing; needs root.
+# for the status page, and a C compiler with Python's headers for the compiled core
+# (p2pd.native). Installs only what is missing; needs root.
 set -euo pipefail
 
 need=()
@@ -12,6 +13,9 @@ command -v podman >/dev/null || need+=(podman)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v chromium >/dev/null || need+=(chromium)
 command -v ip >/dev/null || need+=(iproute2)
+command -v gcc >/dev/null || need+=(gcc)
+include="$("${PYTHON:-python3}" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+[ -f "$include/Python.h" ] || need+=(python3-dev)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -72,6 +72,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from p2pd import native
+
 GOAL_P50 = 1.05
 GOAL_P99 = 1.20
 GOAL_MAX = 1.35
@@ -388,6 +390,9 @@ def summarize(result: StormResult) -> dict[str, Any]:
         },
         "download_use": download_use(result, t),
         "wall_seconds": result.wall_seconds,
+        # which scheduling core and model ran (the compiled ones decide identically; wall
+        # times differ about twofold): see p2pd.native
+        "core": native.status(),
         "goals": goals,
         "all_goals_met": all(g["met"] for g in goals.values()),
     }
@@ -498,7 +503,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [
         f"storm {summary['scenario']['name']!r}  engine {summary['engine']}  "
         f"{summary['nodes']} nodes ({summary['completed']} completed, {summary['left']} left)  "
-        f"image {_mib(summary['image_bytes'])}  wall {_sec(summary['wall_seconds'])} s",
+        f"image {_mib(summary['image_bytes'])}  wall {_sec(summary['wall_seconds'])} s "
+        f"({'compiled' if summary.get('core') == native.COMPILED else 'Python'} core)",
         f"lower bound {_sec(b['seconds'])} s  ({b['dominant']} dominates; {terms})",
         _control_model(summary["scenario"]),
         "",

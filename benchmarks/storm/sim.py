@@ -996,7 +996,7 @@ def _naive_symmetric(scenario: Scenario, down: float) -> list[float]:
         active = len(sizes) - k
         rate = min(scenario.registry_up / (n * active), down / active)
         now += (size - done_bytes) / rate
-        done_bytes = size
+        done_bytes = float(size)
     return [now] * n
 
 

@@ -13,3 +13,8 @@ Modules:
     picker     -- the peer-side piece picker (which piece to ask which parent for).
     scheduler  -- the supernode's scheduling state and parent selection.
 """
+
+from p2pd import native
+
+# The daemons use the compiled core only when asked to (P2P_NATIVE=1); see p2pd.native.
+native.activate(default=False)

@@ -9,6 +9,7 @@ size. On the wire it is ``ceil(length / 8)`` bytes, little-endian: byte ``k`` bi
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Iterator
 
 
@@ -52,7 +53,10 @@ class Bitfield:
         return self._bits.to_bytes((self._length + 7) // 8, "little")
 
     def copy(self) -> Bitfield:
-        # no checks: this one passed them (the scheduler copies a bitfield per parent per reply)
+        # no checks: this one passed them (the scheduler copies a bitfield per parent per reply);
+        # compiled (p2pd.native), the constructor is the fast way and the only one
+        if _COMPILED:
+            return Bitfield(self._length, self._bits)
         other = object.__new__(Bitfield)
         other._length = self._length
         other._bits = self._bits
@@ -142,3 +146,6 @@ def iter_bits(bits: int) -> Iterator[int]:
         low = bits & -bits
         yield low.bit_length() - 1
         bits ^= low
+
+
+_COMPILED = not isinstance(iter_bits, types.FunctionType)  # by mypyc: see p2pd.native

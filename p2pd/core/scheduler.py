@@ -83,9 +83,11 @@ from __future__ import annotations
 import enum
 import heapq
 import random
+import types
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from p2pd.core.bitfield import Bitfield, BitfieldError, iter_bits
 from p2pd.core.digest import Digest
@@ -219,7 +221,9 @@ def _parent_info(peer_id: str, address: str, zone: str, pieces: Bitfield) -> Par
     """``ParentInfo(...)`` through its slots' own setters: the frozen dataclass's
     ``__init__`` sets each field with ``object.__setattr__`` by name, twice the time, and
     `Scheduler._assignment` makes one per parent of every reply (most of a supernode's
-    objects)."""
+    objects). Compiled (p2pd.native), the class is a C struct and its constructor is used."""
+    if _PARENT_INFO_SETTERS is None:
+        return ParentInfo(peer_id, address, zone, pieces)
     info = object.__new__(ParentInfo)
     set_peer_id, set_address, set_zone, set_pieces = _PARENT_INFO_SETTERS
     set_peer_id(info, peer_id)
@@ -229,8 +233,10 @@ def _parent_info(peer_id: str, address: str, zone: str, pieces: Bitfield) -> Par
     return info
 
 
-_PARENT_INFO_SETTERS = tuple(
-    ParentInfo.__dict__[name].__set__ for name in ("peer_id", "address", "zone", "pieces")
+_PARENT_INFO_SETTERS: tuple[Any, ...] | None = (
+    None
+    if not isinstance(_parent_info, types.FunctionType)  # compiled by mypyc
+    else tuple(vars(ParentInfo)[name].__set__ for name in ("peer_id", "address", "zone", "pieces"))
 )
 
 
