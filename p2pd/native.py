@@ -11,7 +11,7 @@ Build (needs mypy, from the test extras, and a C compiler; ~1 minute)::
 The extensions never sit beside the sources, so an edited module is never shadowed by a stale
 build: `activate` uses a build only when every source file of the compiled packages still
 hashes as it did when it was built (and for this interpreter), all of it or none of it, and
-then puts the build's folder first on those packages' search paths.
+then imports those modules, by their exact names, from the build.
 
 Who uses it: the storm simulator (`benchmarks.storm`) by default; the daemons (p2pd, the
 supernode) only with ``P2P_NATIVE=1`` in their environment -- their tests run on the Python
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
@@ -29,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,18 +121,36 @@ def activate(*, default: bool) -> bool:
     if early:
         _found["status"] = f"pure Python ({', '.join(early)} imported before the build was)"
         return False
-    runtime = folder / f"{GROUP}__mypyc{importlib.machinery.EXTENSION_SUFFIXES[0]}"
-    spec = importlib.util.spec_from_file_location(f"{GROUP}__mypyc", runtime)
-    if spec is None or spec.loader is None or not runtime.exists():
-        _found["status"] = f"pure Python (no {runtime.name} in {folder})"
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    files = {name: folder / (name.replace(".", "/") + suffix) for name in MODULES}
+    # the group's shared library, which each module's extension imports by this name
+    files[f"{GROUP}__mypyc"] = folder / f"{GROUP}__mypyc{suffix}"
+    missing = [path.name for path in files.values() if not path.is_file()]
+    if missing:
+        _found["status"] = f"pure Python ({', '.join(missing)} missing in {folder})"
         return False
-    # the group's shared library, which each module's own extension imports by this name
-    sys.modules[spec.name] = runtime_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runtime_module)
-    for package in PACKAGES:
-        importlib.import_module(package).__path__.insert(0, str(folder / package.replace(".", "/")))
+    sys.meta_path.insert(0, _Finder(files))
     _found["status"] = COMPILED
     return True
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds the compiled modules (and their group's library) in the build, by exact name;
+    every other module is left to the usual finders."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self._files = files
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        file = self._files.get(fullname)
+        if file is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, file)
 
 
 def build(out: Path) -> None:
