@@ -49,6 +49,9 @@ Rules:
   supernode) 1.222 / 1.268 / 1.292 -> 1.209 / 1.221 / 1.224, for 35 -> 63 messages per host.
   With the supernode at 7600 messages per second they made `storm-a-cpu` no faster (its
   queue grew): they pay only with a supernode fast enough for them.
+- A download with nothing in flight is not paced (it needs parents) unless the supernode's
+  replies come back later than ``slow_reply``: its calls queue, and the idle downloads' quick
+  calls are what overrun it (see `apply`).
 - A parent that served a bad piece, or failed ``max_connect_failures`` transfers in a row
   (refused, reset, garbled), is dropped, reported (bad piece / unreachable) and never taken
   back from an assignment.
@@ -113,6 +116,13 @@ class SessionConfig:
     # streaming them); 0 = only hashed pieces. The daemon takes its seeder's cut-through
     # (p2pd.peers.STREAM_AHEAD); the storm simulator does not model it.
     stream_ahead: int = 0
+    # A reply to an announce slower than this tells of calls queueing at the supernode:
+    # until one comes back faster, a download with nothing in flight waits the supernode's
+    # pace between calls too (see `apply`); 0: never. Above a round trip on a LAN or within
+    # a region, so that only a queue crosses it. Storm simulator, `storm-10k-cpu`: 0.05 s
+    # 2.52x the bound at the median, 0.1 s 2.59x, any reply (always paced) 2.67x, never
+    # 2.86x; `storm-a-cpu` (1000 hosts): 0.02 / 0.05 / 0.2 s alike (1.119-1.122x; never 1.129x).
+    slow_reply: float = 0.05
     picker: PickerConfig = field(default_factory=PickerConfig)
 
 
@@ -204,6 +214,7 @@ class DownloadSession:
         self.idle_gap = self.config.min_announce_gap
         self.awaiting_reply = False  # an announce was taken and its reply not applied yet
         self.pace = 0.0  # the supernode's floor on the gap between our calls
+        self.queued = False  # the last announce's reply was slow: the supernode is behind
         # early_bytes in whole pieces (rounded up; the blob's last piece may be shorter)
         self._early_pieces = -(-self.config.early_bytes // max(1, layout.piece_size))
         self._out = Outbox()
@@ -250,10 +261,25 @@ class DownloadSession:
         the fewest seconds it wants between our calls (`pace`: it is busy; 0 = our timing).
         Pacing stretches the announce timers of a peer with transfers under way; not the
         calls of an idle one (it needs new parents, and its back-off doubles anyway: churn
-        storm, p99 2.08x -> 1.77x the bound), not reports of bad or unreachable parents, and
-        never beyond MAX_PACE. `seeder_address`: where the supernode's seeder is (its own
-        address), to tell it from the peers (`offered_in_full`)."""
+        storm, p99 2.08x -> 1.77x the bound) while the supernode keeps up, not reports of bad
+        or unreachable parents, and never beyond MAX_PACE. `seeder_address`: where the
+        supernode's seeder is (its own address), to tell it from the peers (`offered_in_full`).
+
+        The reply to an announce that took longer than ``slow_reply`` to come back says the
+        supernode's calls queue: it gets more than it answers, and every reply, to every
+        peer, is late by the queue. Then an idle download waits the pace too, until a reply
+        comes back in time again. Idle downloads are what overruns it: the pace is reckoned
+        for calls once per interval, while a download waiting for parents calls every 0.01 to
+        0.2 s (storm simulator, 10 000 hosts behind one supernode answering 10 400 messages
+        per second: ~26 000 messages/s asked; replies a second late). A supernode that keeps
+        up is not slowed by it: the same download's calls are what spread the first pieces
+        (session 14, Storm-A with idle downloads paced whatever the reply time: 1.089 -> 1.135
+        the bound at the median). The last reply alone decides, so a download lets go as soon
+        as the queue drains: with the reply time smoothed (1/8 per reply, as TCP does) every
+        download stayed paced at 10 000 hosts, 2.67x the bound against 2.52x."""
         self._inputs += 1
+        if self.awaiting_reply and self.config.slow_reply:
+            self.queued = now - self.last_announce > self.config.slow_reply
         self.awaiting_reply = False
         self.pace = min(max(0.0, pace), MAX_PACE)
         if self.pace:
@@ -460,7 +486,10 @@ class DownloadSession:
                 # or 0.342 s from run to run).
                 pass
             elif not self.live:
-                self.next_announce = min(self.next_announce, now + self.idle_gap)
+                gap = self.idle_gap
+                if self.queued and self.pace > gap:
+                    gap = self.pace
+                self.next_announce = min(self.next_announce, now + gap)
             elif self.completed and not fresh and not self.picker.receiving():
                 # Starved: every request in flight has its bytes (being checked) and no
                 # parent offers anything more. The supernode may be waiting for news of what

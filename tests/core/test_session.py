@@ -347,6 +347,36 @@ def test_an_idle_peer_is_not_paced_it_needs_parents() -> None:
     assert s.next_wakeup() == pytest.approx(CONFIG.min_announce_gap)
 
 
+def test_an_idle_peer_waits_the_pace_while_the_supernodes_replies_come_late() -> None:
+    slow = CONFIG.slow_reply
+    s = session()
+    s.apply("fetching", 8, [], 0.0, pace=3.0)  # the register's reply: no announce timed
+    assert not s.poll(0.0).announce
+    assert s.next_wakeup() == pytest.approx(CONFIG.min_announce_gap)
+    assert s.poll(0.1).announce
+    s.take_announce(0.1)
+    # the reply comes back late: the supernode's calls queue
+    s.apply("fetching", 8, [], 0.1 + 2 * slow, pace=3.0)
+    assert not s.poll(0.1 + 2 * slow).announce
+    assert s.next_wakeup() == pytest.approx(0.1 + 2 * slow + 3.0)
+    assert not s.poll(3.0).announce
+    now = 0.1 + 2 * slow + 3.0
+    assert s.poll(now).announce
+    s.take_announce(now)
+    # a reply in time again: back to its own back-off
+    s.apply("fetching", 8, [], now + slow / 2, pace=3.0)
+    assert not s.poll(now + slow / 2).announce
+    assert s.next_wakeup() < now + 1.0
+    # off: never paced while idle, however late the replies
+    off = DownloadSession(LAYOUT, "me", random.Random(1), replace(CONFIG, slow_reply=0.0))
+    off.apply("fetching", 8, [], 0.0, pace=3.0)
+    off.poll(0.0)
+    off.take_announce(0.1)
+    off.apply("fetching", 8, [], 5.0, pace=3.0)
+    assert not off.poll(5.0).announce
+    assert off.next_wakeup() < 5.0 + 1.0
+
+
 def test_a_starved_peer_tells_the_supernode_what_it_finished_at_once() -> None:
     # One parent (the seeder under its one-copy rule) offers two pieces at a time: once both
     # are in, the next ones come only with a reply to news of them, so that news goes out
