@@ -37,8 +37,9 @@ PRESETS: dict[str, Scenario] = {
     # 7600 with it, 10 400 since its per-message work was cut); fast engine only
     "storm-a-cpu": replace(STORM_A, name="storm-a-cpu", latency=0.0005, supernode_rate=10400.0),
     # the same at 10 000 hosts: `storm-10k`'s supernode answers every call at once, and there
-    # a host's idle downloads (not paced, see p2pd.core.session) call far more often than it
-    # could (session 14: 2.86x the bound here against 1.41x there)
+    # a host's downloads waiting for parents call far more often than it could (session 14:
+    # 2.86x the bound here against 1.41x there; since session 15 they wait the pace while
+    # replies are slow, see p2pd.core.session: 2.52x)
     "storm-10k-cpu": replace(
         STORM_A, name="storm-10k-cpu", nodes=10_000, latency=0.0005, supernode_rate=10400.0
     ),
